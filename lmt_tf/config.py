@@ -1,0 +1,129 @@
+"""gin at the edge: the one place where configurables are registered, config files and
+bindings are parsed, and the bound parameters are read back as flat params.
+
+Library modules (data, models, training, runtime) never import gin; their functions and
+config dataclasses are registered here explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import tf_keras as keras
+
+import gin
+from lmt_tf.data import sources
+from lmt_tf.errors import ConfigError
+from lmt_tf.models import cnn, mlp
+from lmt_tf.runtime import strategy
+from lmt_tf.tracking import TrackingConfig
+from lmt_tf.training.export import ExportConfig
+from lmt_tf.training.trainer import TrainConfig
+
+_PROJECT = {
+    "lmt": [TrainConfig, TrackingConfig, ExportConfig],
+    "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
+                 sources.load_npz, sources.load_csv],
+    "lmt.models": [mlp.build_mlp, cnn.build_cnn],
+    "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
+                       strategy.mirrored_strategy],
+}
+_KERAS = {
+    "keras.optimizers": [keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,
+                         keras.optimizers.RMSprop, keras.optimizers.Adagrad],
+    "keras.optimizers.schedules": [keras.optimizers.schedules.ExponentialDecay,
+                                   keras.optimizers.schedules.CosineDecay,
+                                   keras.optimizers.schedules.PiecewiseConstantDecay],
+    "keras.callbacks": [keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau],
+}
+_registered: list[str] = []
+
+# The project root of a source checkout: experiments include fragments as 'gin/...'.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def register() -> None:
+    """Registers lmt_tf's and Keras's configurables with gin (idempotent)."""
+    if _registered:
+        return
+    for module, items in {**_PROJECT, **_KERAS}.items():
+        for item in items:
+            gin.external_configurable(item, module=module)
+            _registered.append(item.__name__)
+            _registered.append(f"{module}.{item.__name__}")
+
+
+def configured(cls: type) -> object:
+    """An instance of the registered config dataclass ``cls`` with its gin bindings."""
+    return gin.get_configurable(cls)()
+
+
+def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses gin files and ``a.b = v`` bindings into a fresh, finalised gin config.
+
+    Includes are looked up beside each file, one directory up, in the working directory
+    and in the project root.
+
+    Raises:
+      ConfigError: for a missing file, a syntax error, an unknown configurable or a
+        parameter the configurable does not take; the message is one line.
+    """
+    register()
+    gin.clear_config()
+    for file in config_files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"gin file not found: {file}")
+        for prefix in (path.resolve().parent, path.resolve().parent.parent):
+            gin.add_config_file_search_path(str(prefix))
+    gin.add_config_file_search_path(str(PROJECT_ROOT))
+    quiet = _NotFoundFilter()
+    logging.getLogger().addFilter(quiet)
+    try:
+        gin.parse_config_files_and_bindings(list(config_files), list(bindings),
+                                            finalize_config=True)
+    except (OSError, ValueError, TypeError, SyntaxError) as e:
+        raise ConfigError(_one_line(e)) from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _NotFoundFilter(logging.Filter):
+    """gin logs an error for every search path an include is not found under, even when
+    a later one holds it; a missing include still raises."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    unknown = re.search(r"No configurable matching (?:reference )?'@?([\w.]+)'", text)
+    if unknown:
+        close = difflib.get_close_matches(unknown.group(1), _registered, n=3)
+        if close:
+            text += f" (did you mean {' or '.join(close)}?)"
+    return text
+
+
+def bound_params() -> dict[str, str]:
+    """Every binding in the current gin config, flattened: ``{'TrainConfig.epochs': '3'}``.
+
+    Read back from ``gin.config_str()``, so values are in gin syntax (``@build_cnn``).
+    """
+    params: dict[str, str] = {}
+    statement = ""
+    for line in gin.config_str().splitlines() + [""]:
+        if line.startswith((" ", "\t")):  # continuation of a long value
+            statement += " " + line.strip()
+            continue
+        if " = " in statement:
+            key, value = statement.split(" = ", 1)
+            params[key.strip()] = " ".join(value.split())
+        skip = not line or line.startswith(("#", "import ", "from "))
+        statement = "" if skip else line.removesuffix("\\").rstrip()
+    return params

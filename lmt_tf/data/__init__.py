@@ -1,0 +1,1 @@
+"""Data: sources that return train/validation/test splits, and tf.data input pipelines."""

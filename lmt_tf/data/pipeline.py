@@ -1,0 +1,136 @@
+"""tf.data input pipelines: per-epoch seeded shuffling, batching by the global batch size,
+and an ``input_fn(input_context)`` so each worker builds its own part of every batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from lmt_tf.data.splits import Split
+from lmt_tf.errors import ConfigError
+
+InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one epoch is cut into steps."""
+
+    global_batch_size: int  # examples per optimizer step, summed over all replicas
+    replicas: int  # replicas in sync
+    steps_per_epoch: int
+
+    @property
+    def per_replica_batch_size(self) -> int:
+        return self.global_batch_size // self.replicas
+
+    @property
+    def examples_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.global_batch_size
+
+
+def plan_batches(num_examples: int, global_batch_size: int, replicas: int,
+                 steps_per_epoch: int | None = None) -> BatchPlan:
+    """Checks a global batch size against the data and the replicas.
+
+    Args:
+      num_examples: training examples available.
+      global_batch_size: examples per step over all replicas.
+      replicas: replicas in sync; must divide ``global_batch_size``.
+      steps_per_epoch: steps per epoch; None means every full batch once.
+
+    Raises:
+      ConfigError: if the batch does not divide over the replicas or does not fit the data.
+    """
+    if global_batch_size < 1 or global_batch_size % replicas:
+        raise ConfigError(
+            f"TrainConfig.global_batch_size must be a positive multiple of the {replicas} "
+            f"replicas in sync, got {global_batch_size}"
+        )
+    full = num_examples // global_batch_size
+    if full < 1:
+        raise ConfigError(f"TrainConfig.global_batch_size {global_batch_size} exceeds the "
+                          f"{num_examples} training examples")
+    if steps_per_epoch is not None and not 1 <= steps_per_epoch <= full:
+        raise ConfigError(f"TrainConfig.steps_per_epoch must be in [1, {full}] for "
+                          f"{num_examples} examples in batches of {global_batch_size}, "
+                          f"got {steps_per_epoch}")
+    return BatchPlan(global_batch_size, replicas, steps_per_epoch or full)
+
+
+def to_model_input(x: tf.Tensor) -> tf.Tensor:
+    """Images stored as uint8 become float32 in [0, 1]; float features pass unchanged."""
+    if x.dtype == tf.uint8:
+        return tf.cast(x, tf.float32) / 255.0
+    return tf.cast(x, tf.float32)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """The permutation of example ids used in ``epoch``: a pure function of (seed, epoch),
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    seeds = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64),
+                                                    seed=seeds)
+
+
+def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int,
+                   epochs: int) -> InputFn:
+    """An input function yielding epochs ``start_epoch .. epochs-1`` of ``split``.
+
+    Step ``s`` of an epoch uses examples ``order[s*B:(s+1)*B]`` of that epoch's seeded
+    permutation (B = global batch). Each input pipeline (one per worker) builds only its
+    replicas' consecutive slices of that global batch, batched by the per-replica size, so
+    the global batch is the same whatever the number of workers and replicas.
+
+    Returns:
+      A function of a ``tf.distribute.InputContext`` returning a ``tf.data.Dataset``
+      of (features, labels) per-replica batches.
+    """
+    x_all, y_all = split.x, split.y.astype(np.int64)
+    num_examples = len(split)
+
+    def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = context.get_per_replica_batch_size(plan.global_batch_size)
+        pipelines = context.num_input_pipelines
+        local_replicas = context.num_replicas_in_sync // pipelines
+        features, labels = tf.constant(x_all), tf.constant(y_all)
+
+        def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+            order = epoch_order(num_examples, seed, epoch)[: plan.examples_per_epoch]
+            grid = tf.reshape(order, [plan.steps_per_epoch, pipelines, local_replicas,
+                                      per_replica])
+            mine = tf.reshape(grid[:, context.input_pipeline_id], [-1, per_replica])
+            return tf.data.Dataset.from_tensor_slices(mine)
+
+        def gather(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return to_model_input(tf.gather(features, ids)), tf.gather(labels, ids)
+
+        dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches)
+        dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+        return _without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
+
+    return input_fn
+
+
+def eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
+    """Batches of the whole split in order, for validation or testing (last batch partial).
+
+    Preprocessed once and cached, since validation repeats every epoch.
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64)))
+    dataset = dataset.batch(global_batch_size).map(
+        lambda x, y: (to_model_input(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # In-memory data cannot be sharded by file; shard by data when several workers evaluate.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.cache().with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _without_autoshard(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    # The input function already selects this pipeline's examples.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options)

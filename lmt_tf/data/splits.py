@@ -1,0 +1,63 @@
+"""The in-memory form every data source returns: three labelled splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmt_tf.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Examples and integer labels of one split."""
+
+    x: np.ndarray  # (n, ...) features; uint8 images or float32
+    y: np.ndarray  # (n,) int labels in [0, num_classes)
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"{len(self.x)} examples but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A data set divided into train, validation and test splits."""
+
+    name: str
+    train: Split
+    validation: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation),
+                "test": len(self.test)}
+
+
+def hold_out(train: Split, size: int | float, seed: int) -> tuple[Split, Split]:
+    """Splits ``train`` into (rest, held-out) with a seeded permutation.
+
+    Args:
+      train: the examples to divide.
+      size: number of held-out examples, or a fraction in (0, 1).
+      seed: seed of the permutation; the same seed gives the same division.
+
+    Raises:
+      ConfigError: if ``size`` leaves no training examples or is negative.
+    """
+    n = len(train)
+    count = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+    if not 0 <= count < n:
+        raise ConfigError(f"a hold-out of {size!r} is not possible from {n} examples")
+    order = np.random.default_rng(seed).permutation(n)
+    rest, held = np.sort(order[: n - count]), np.sort(order[n - count :])
+    return Split(train.x[rest], train.y[rest]), Split(train.x[held], train.y[held])

@@ -1,0 +1,166 @@
+"""The one gin root: ``run_experiment`` wires data, model, strategy, trainer, tracking and
+export, and owns the MLflow run from its start to its final status."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+import gin
+from lmt_tf import config
+from lmt_tf.data.pipeline import to_model_input
+from lmt_tf.data.splits import Splits
+from lmt_tf.rundir import RunDir, latest_run_dir, new_run_dir
+from lmt_tf.runtime.env import set_seed
+from lmt_tf.runtime.strategy import StrategyInfo, default_strategy, describe
+from lmt_tf.tracking import TrackedRun, TrackingConfig, host_tags, run_links
+from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics
+from lmt_tf.training.export import ExportConfig, export_saved_model
+from lmt_tf.training.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class RunOptions:
+    """How one invocation runs an experiment; set by the CLI or a test, not by gin."""
+
+    config_files: Sequence[str] = ()  # the gin files as given, logged as artifacts
+    bindings: Sequence[str] = ()  # the --gin_param bindings as given
+    resume: bool = False  # continue the latest run of this experiment
+    dry_run: bool = False  # describe what would run, train nothing
+    callbacks: Sequence[keras.callbacks.Callback] = ()  # extra Keras callbacks
+    echo: Callable[[str], None] = print  # progress output
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_id: str
+    experiment_id: str
+    run_dir: Path
+    model: keras.Model
+    history: dict[str, list[float]] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@gin.configurable(denylist=["options"])
+def run_experiment(
+    name: str | None = None,
+    data: Callable[[], Splits] = gin.REQUIRED,
+    model: Callable[..., keras.Model] = gin.REQUIRED,
+    strategy: Callable[[], tf.distribute.Strategy] = default_strategy,
+    seed: int = 0,
+    work_dir: str = "lmt_work",
+    options: RunOptions | None = None,
+) -> RunResult | None:
+    """Runs one experiment: train, validate, test, export, all logged to MLflow.
+
+    Args:
+      name: experiment name; None takes the stem of the first gin file.
+      data: returns the data set's splits, e.g. ``@load_mnist``.
+      model: builds the Keras model from ``input_shape`` and ``num_classes``.
+      strategy: builds the distribution strategy, e.g. ``@mirrored_strategy``.
+      seed: seeds weights, data order and hold-outs.
+      work_dir: root of run directories (checkpoints, exports, resume state).
+      options: how this invocation runs (resume, dry run, extra callbacks).
+
+    Returns:
+      The run's result, or None for a dry run.
+    """
+    options = options or RunOptions()
+    echo = options.echo
+    # The strategy first: splitting the CPU into logical devices must precede any op.
+    strat = strategy()
+    info = describe(strat)
+    name = name or (Path(options.config_files[0]).stem if options.config_files else "experiment")
+    train_config: TrainConfig = config.configured(TrainConfig)
+    tracking_config: TrackingConfig = config.configured(TrackingConfig)
+    export_config: ExportConfig = config.configured(ExportConfig)
+    set_seed(seed)
+    if train_config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    splits = data()
+    trainer = Trainer(train_config, strat)
+    plan = trainer.plan(splits.train)
+    echo(f"lmt: {info.name}, {info.replicas} replica(s); global batch "
+         f"{plan.global_batch_size} = {plan.per_replica_batch_size} per replica; "
+         f"{plan.steps_per_epoch} steps per epoch")
+    sizes = splits.sizes()
+    echo(f"lmt: data {splits.name}: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
+    if options.dry_run:
+        built = trainer.build_model(model, splits)
+        echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
+        echo(f"lmt: would train {train_config.epochs} epoch(s) in {work_dir}/{name}; "
+             f"resolved config:\n{gin.config_str()}")
+        return None
+
+    run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
+    previous = run_dir.read_state().get("run_id") if options.resume else None
+    run = TrackedRun(tracking_config, name).start(run_dir.name, run_id=previous)
+    run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
+                         tracking_uri=run.uri)
+    echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) in {run.uri}")
+    with run.active():
+        built = trainer.build_model(model, splits)
+        _log_setup(run, options, info, plan, splits, built)
+        manager = trainer.checkpoint_manager(built, run_dir.checkpoints)
+        initial_epoch = trainer.restore(manager) if options.resume else 0
+        if options.resume:
+            echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
+        callbacks = [EpochMetrics(run.log_metrics),
+                     EpochCheckpoint(manager, lambda done: run_dir.update_state(epochs=done))]
+        if tracking_config.log_every_n_steps:
+            callbacks.append(StepMetrics(run.log_metrics, tracking_config.log_every_n_steps,
+                                         plan.steps_per_epoch))
+        result = trainer.fit(built, splits, seed, initial_epoch,
+                             [*callbacks, *options.callbacks])
+        test = trainer.evaluate(built, splits.test)
+        run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=train_config.epochs)
+        echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        _export(run, run_dir, built, splits, export_config, echo)
+        run.log_text(gin.operative_config_str(), "config/operative_config.gin")
+    run_url, table_url = run_links(run.uri, run.experiment_id, run.run_id)
+    hint = "" if run.uri.startswith("http") else " (start the UI with `lmt ui`)"
+    echo(f"lmt: run {run.run_id} FINISHED{hint}\n  run:  {run_url}\n  runs: {table_url}")
+    return RunResult(run.run_id, run.experiment_id, run_dir.path, built, result.history, test)
+
+
+def _log_setup(run: TrackedRun, options: RunOptions, info: StrategyInfo, plan: Any,
+               splits: Splits, model: keras.Model) -> None:
+    """Params, tags and the config as given and as resolved: logged once, before training."""
+    derived = {
+        "derived.replicas": info.replicas,
+        "derived.global_batch_size": plan.global_batch_size,
+        "derived.per_replica_batch_size": plan.per_replica_batch_size,
+        "derived.steps_per_epoch": plan.steps_per_epoch,
+        "derived.parameters": model.count_params(),
+        "derived.dataset": splits.name,
+        **{f"derived.{k}_examples": v for k, v in splits.sizes().items()},
+    }
+    run.log_params({**config.bound_params(), **derived})
+    run.set_tags({**host_tags(), "lmt.strategy": info.name, "lmt.replicas": info.replicas,
+                  "mlflow.source.name": " ".join(options.config_files) or "run_experiment"})
+    for file in options.config_files:
+        run.log_text(Path(file).read_text(), f"config/given/{Path(file).name}")
+    if options.bindings:
+        run.log_text("\n".join(options.bindings) + "\n", "config/given/bindings.gin")
+    run.log_text(gin.config_str(), "config/config.gin")
+
+
+def _export(run: TrackedRun, run_dir: RunDir, model: keras.Model, splits: Splits,
+            export_config: ExportConfig, echo: Callable[[str], None]) -> None:
+    if export_config.saved_model:
+        target = run_dir.export / "saved_model"
+        size = export_saved_model(model, target)
+        run.log_artifacts(target, "saved_model")
+        run.log_metrics({"export.saved_model_bytes": size}, step=0)
+        echo(f"lmt: SavedModel {target} ({size / 1e6:.1f} MB)")
+    if export_config.mlflow_model:
+        example = to_model_input(tf.constant(splits.test.x[:4])).numpy()
+        echo(f"lmt: MLflow model {run.log_keras_model(model, example)}")

@@ -1,0 +1,1 @@
+"""Runtime: TensorFlow start-up, devices, seeds and distribution strategies."""

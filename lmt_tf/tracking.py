@@ -1,0 +1,198 @@
+"""MLflow tracking: where runs are stored, and the lifecycle of one run.
+
+The embedded default store is a SQLite file ``./mlruns.db`` with artifacts under
+``./mlartifacts``; ``MLFLOW_TRACKING_URI`` or ``TrackingConfig.tracking_uri`` points at
+any MLflow server instead. A run always ends FINISHED, FAILED (with the error as a tag)
+or KILLED, never RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmt_tf.checks import check, check_types
+from lmt_tf.errors import LmtError
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+_MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value, in characters
+
+
+@dataclass
+class TrackingConfig:
+    """Where and how much a run logs to MLflow."""
+
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db
+    artifact_root: str = DEFAULT_ARTIFACTS  # artifacts of new experiments in a local store
+    experiment_name: str | None = None  # None: the experiment's name
+    log_every_n_steps: int = 0  # also log training metrics every N steps; 0: per epoch only
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(self.log_every_n_steps >= 0, "TrackingConfig.log_every_n_steps",
+              f"must be >= 0, got {self.log_every_n_steps}")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI in force: ``uri``, else $MLFLOW_TRACKING_URI, else the SQLite
+    file in the working directory (as an absolute URI, so it survives a ``chdir``)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fails fast on an MLflow server that does not answer, instead of MLflow's minutes
+    of retries. Local stores (sqlite, file) are not checked.
+
+    Raises:
+      LmtError: naming the URI if the server's health endpoint does not answer.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as e:
+        raise LmtError(f"MLflow tracking server {uri} is unreachable ({e})") from e
+
+
+def run_links(uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
+    """Links to the run and to the experiment's runs table in the MLflow UI (the 3.x UI
+    otherwise opens an experiment on its GenAI overview page)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return (f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+            f"{base}/#/experiments/{experiment_id}/runs")
+
+
+def git_commit(directory: Path) -> str | None:
+    """The commit checked out in ``directory``, if it is inside a git work tree."""
+    try:
+        out = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def host_tags() -> dict[str, str]:
+    """Tags that say where and with what a run was made."""
+    import tensorflow as tf
+
+    import lmt_tf
+
+    tags = {"lmt.version": lmt_tf.__version__, "tensorflow.version": tf.__version__,
+            "lmt.host": socket.gethostname()}
+    commit = git_commit(Path.cwd())
+    if commit:
+        tags["lmt.git_commit"] = commit
+    return tags
+
+
+class TrackedRun:
+    """One MLflow run, open between ``start`` and ``end``. Only the process that owns the
+    run (the chief) creates one."""
+
+    def __init__(self, config: TrackingConfig, experiment_name: str):
+        import mlflow
+
+        self._mlflow = mlflow
+        self.uri = resolve_tracking_uri(config.tracking_uri)
+        self.config = config
+        self.experiment_name = config.experiment_name or experiment_name
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def start(self, run_name: str, run_id: str | None = None) -> TrackedRun:
+        """Creates the run, or re-opens ``run_id`` (a resumed run) as RUNNING."""
+        mlflow = self._mlflow
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        if run_id is not None:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            experiment = mlflow.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                experiment_id = mlflow.create_experiment(
+                    self.experiment_name, artifact_location=self._artifact_location())
+            else:
+                experiment_id = experiment.experiment_id
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+        return self
+
+    def _artifact_location(self) -> str | None:
+        if self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri:
+            return Path(self.config.artifact_root).resolve().as_uri()
+        return None  # a server decides where its artifacts go
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Logs params not yet on the run (a resumed run keeps its original values)."""
+        existing = self._mlflow.get_run(self.run_id).data.params
+        fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
+        if fresh:
+            self._mlflow.log_params(fresh)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._mlflow.log_metrics(dict(metrics), step=step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._mlflow.log_text(text, artifact_file)
+
+    def log_artifacts(self, directory: Path, artifact_path: str) -> None:
+        self._mlflow.log_artifacts(str(directory), artifact_path)
+
+    def log_keras_model(self, model: Any, example: Any) -> str:
+        """Logs ``model`` as an MLflow TensorFlow model (tf-keras flavour) with a signature
+        inferred from ``example``; returns its ``models:/`` URI."""
+        import mlflow.tensorflow
+        import tensorflow as tf
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(example, model.predict(example, verbose=0))
+        info = mlflow.tensorflow.log_model(
+            model, name="model", signature=signature,
+            # Explicit, because inferring requirements re-loads the model in a subprocess.
+            pip_requirements=[f"tensorflow=={tf.__version__}", "tf-keras"])
+        return info.model_uri
+
+    def end(self, status: str, error: BaseException | None = None) -> None:
+        """Ends the run as FINISHED, FAILED or KILLED; a failure's message becomes the
+        ``lmt.error`` tag."""
+        if self.run_id is None:
+            return
+        with contextlib.suppress(Exception):
+            if error is not None:
+                self._mlflow.set_tag("lmt.error", f"{type(error).__name__}: {error}"[:5000])
+        self._mlflow.end_run(status=status)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[TrackedRun]:
+        """Ends the run on leaving: FINISHED, KILLED on Ctrl-C/SIGTERM, FAILED otherwise."""
+        try:
+            yield self
+        except KeyboardInterrupt as e:
+            self.end("KILLED", e)
+            raise
+        except BaseException as e:
+            self.end("FAILED", e)
+            raise
+        self.end("FINISHED")
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."

@@ -1,0 +1,1 @@
+"""Training: the Trainer (strategy scope, model.fit, evaluation), callbacks, checkpoints."""

@@ -1,0 +1,125 @@
+"""The Trainer: builds model and optimizer inside the strategy's scope, runs ``model.fit``
+on per-worker input, evaluates, and saves/restores per-epoch checkpoints.
+
+The Trainer asks the strategy how many replicas there are and never names a model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+from lmt_tf.checks import check, check_types
+from lmt_tf.data.pipeline import BatchPlan, eval_dataset, plan_batches, train_input_fn
+from lmt_tf.data.splits import Split, Splits
+
+ModelFn = Callable[..., keras.Model]
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained. Batch sizes are global: summed over all replicas."""
+
+    epochs: int = 1  # passes over the training split
+    global_batch_size: int = 128  # examples per optimizer step, all replicas together
+    steps_per_epoch: int | None = None  # None: every full global batch of the split once
+    optimizer: Callable[..., Any] = keras.optimizers.Adam  # called with no arguments
+    loss: str = "sparse_categorical_crossentropy"  # a Keras loss name
+    metrics: tuple[str, ...] = ("accuracy",)  # Keras metric names
+    steps_per_execution: int = 1  # steps per tf.function call (fewer host round trips)
+    verbose: int | None = None  # Keras verbosity; None: bar on a terminal, else per epoch
+    deterministic: bool = False  # TensorFlow op determinism (slower; bitwise repeatable)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metrics, list):
+            self.metrics = tuple(self.metrics)
+        check_types(self)
+        check(self.epochs >= 1, "TrainConfig.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.steps_per_execution >= 1, "TrainConfig.steps_per_execution",
+              f"must be >= 1, got {self.steps_per_execution}")
+
+
+@dataclass
+class TrainResult:
+    """What training produced."""
+
+    model: keras.Model
+    history: dict[str, list[float]] = field(default_factory=dict)  # per-epoch logs
+    initial_epoch: int = 0  # epochs already done when this call started (resume)
+
+
+class Trainer:
+    """Trains one model under one strategy."""
+
+    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy):
+        self.config = config
+        self.strategy = strategy
+
+    def plan(self, train_split: Split) -> BatchPlan:
+        """The batch plan for ``train_split`` under this strategy's replicas."""
+        return plan_batches(len(train_split), self.config.global_batch_size,
+                            self.strategy.num_replicas_in_sync, self.config.steps_per_epoch)
+
+    def build_model(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
+        """Builds and compiles the model; variables (optimizer slots included) are created
+        in the strategy's scope so that they are mirrored or placed on parameter servers."""
+        with self.strategy.scope():
+            model = model_fn(input_shape=splits.input_shape, num_classes=splits.num_classes)
+            optimizer = self.config.optimizer()
+            model.compile(optimizer=optimizer, loss=self.config.loss,
+                          metrics=list(self.config.metrics),
+                          steps_per_execution=self.config.steps_per_execution)
+            # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
+            optimizer.build(model.trainable_variables)
+        return model
+
+    def checkpoint_manager(self, model: keras.Model, directory: Path) -> tf.train.CheckpointManager:
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=2)
+
+    @staticmethod
+    def restore(manager: tf.train.CheckpointManager) -> int:
+        """Restores the newest checkpoint; returns the epochs it completed (0 if none)."""
+        latest = manager.latest_checkpoint
+        if latest is None:
+            return 0
+        manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        return int(latest.rsplit("-", 1)[1])
+
+    def fit(self, model: keras.Model, splits: Splits, seed: int, initial_epoch: int = 0,
+            callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
+        """Trains from ``initial_epoch`` to ``config.epochs``, validating every epoch.
+
+        Epoch ``e`` sees the same batches whatever epoch training started from, so a
+        resumed run continues exactly where the interrupted one stopped.
+        """
+        plan = self.plan(splits.train)
+        input_fn = train_input_fn(splits.train, plan, seed, initial_epoch, self.config.epochs)
+        history = model.fit(
+            keras.utils.experimental.DatasetCreator(input_fn),
+            epochs=self.config.epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=plan.steps_per_epoch,
+            validation_data=eval_dataset(splits.validation, plan.global_batch_size)
+            if len(splits.validation) else None,
+            callbacks=list(callbacks),
+            verbose=self._verbosity(),
+        )
+        return TrainResult(model, dict(history.history), initial_epoch)
+
+    def evaluate(self, model: keras.Model, split: Split) -> dict[str, float]:
+        """Loss and metrics over the whole ``split``."""
+        results = model.evaluate(eval_dataset(split, self.config.global_batch_size),
+                                 return_dict=True, verbose=0)
+        return {k: float(v) for k, v in results.items()}
+
+    def _verbosity(self) -> int:
+        if self.config.verbose is not None:
+            return self.config.verbose
+        return 1 if sys.stdout.isatty() else 2

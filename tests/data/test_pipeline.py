@@ -1,0 +1,71 @@
+"""Input pipeline: seeded per-epoch order, global batches, per-worker slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lmt_tf.data.pipeline import eval_dataset, plan_batches, train_input_fn
+from lmt_tf.data.splits import Split
+from lmt_tf.errors import ConfigError
+
+IDS = Split(np.arange(103, dtype=np.int64).reshape(103, 1), np.arange(103) % 10)
+
+
+def _ids(dataset: tf.data.Dataset) -> list[list[int]]:
+    return [x[:, 0].astype(int).tolist() for x, _ in dataset.as_numpy_iterator()]
+
+
+def test_each_epoch_is_a_seeded_permutation_without_repeats() -> None:
+    plan = plan_batches(len(IDS), 10, replicas=1)
+    assert plan.steps_per_epoch == 10  # 103 // 10: the partial batch is dropped
+    batches = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0, epochs=2)(
+        tf.distribute.InputContext()))
+    assert len(batches) == 20 and all(len(b) == 10 for b in batches)
+    first, second = sum(batches[:10], []), sum(batches[10:], [])
+    assert len(set(first)) == 100 and len(set(second)) == 100
+    assert first != second  # reshuffled every epoch
+    again = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0, epochs=1)(
+        tf.distribute.InputContext()))
+    assert sum(again, []) == first  # same seed, same order
+
+
+def test_starting_at_a_later_epoch_sees_that_epochs_batches() -> None:
+    plan = plan_batches(len(IDS), 10, replicas=1)
+    whole = _ids(train_input_fn(IDS, plan, 4, 0, 3)(tf.distribute.InputContext()))
+    later = _ids(train_input_fn(IDS, plan, 4, 2, 3)(tf.distribute.InputContext()))
+    assert later == whole[20:]
+
+
+def test_input_pipelines_split_every_global_batch_disjointly() -> None:
+    """Two workers, two replicas each: per global step, the four per-replica slices are
+    disjoint and together are exactly the single-pipeline global batch."""
+    plan = plan_batches(len(IDS), 20, replicas=4)
+    single = _ids(train_input_fn(IDS, plan, 9, 0, 1)(tf.distribute.InputContext()))
+    per_worker = [
+        _ids(train_input_fn(IDS, plan, 9, 0, 1)(
+            tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=w,
+                                       num_replicas_in_sync=4)))
+        for w in range(2)]
+    assert all(len(b) == 5 for w in per_worker for b in w)
+    for step, global_batch in enumerate(single):
+        slices = per_worker[0][2 * step: 2 * step + 2] + per_worker[1][2 * step: 2 * step + 2]
+        assert sum(slices, []) == global_batch
+
+
+def test_uint8_images_become_floats_in_unit_range() -> None:
+    images = Split(np.full((4, 2, 2), 255, np.uint8), np.zeros(4, np.int64))
+    x, y = next(iter(eval_dataset(images, 3)))
+    assert x.dtype == tf.float32 and float(tf.reduce_max(x)) == 1.0 and x.shape[0] == 3
+    assert sum(int(b[0].shape[0]) for b in eval_dataset(images, 3)) == 4  # partial batch kept
+
+
+@pytest.mark.parametrize("batch, replicas, steps, message", [
+    (10, 3, None, "multiple of the 3 replicas"),
+    (200, 1, None, "exceeds the 103"),
+    (10, 1, 11, "steps_per_epoch must be in \\[1, 10\\]"),
+])
+def test_bad_batch_plans(batch: int, replicas: int, steps: int | None, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan_batches(103, batch, replicas, steps)

@@ -1,0 +1,123 @@
+"""Data sources: real MNIST from the wheel, IDX files, digits, the user's CSV and npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmt_tf.data import sources
+from lmt_tf.data.idx import read_idx, write_idx
+from lmt_tf.data.splits import Split, hold_out
+from lmt_tf.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def mnist() -> dict[str, np.ndarray]:
+    return sources.read_mnist_arrays(verify=True)
+
+
+def test_mnist_is_the_full_verified_set(mnist) -> None:
+    assert mnist["train_images"].shape == (60000, 28, 28)
+    assert mnist["test_images"].shape == (10000, 28, 28)
+    assert mnist["train_images"].dtype == np.uint8
+    # Canonical class counts of MNIST's training and test labels.
+    assert np.bincount(mnist["train_labels"]).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(mnist["test_labels"]).tolist() == [
+        980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_mnist_checksum_mismatch_is_detected(monkeypatch) -> None:
+    monkeypatch.setitem(sources.MNIST_SHA256, "test_labels", "0" * 64)
+    with pytest.raises(DataError, match="test_labels .* has SHA-256"):
+        sources.read_mnist_arrays()
+
+
+def test_load_mnist_holds_out_validation() -> None:
+    splits = sources.load_mnist(validation_size=5000)
+    assert splits.sizes() == {"train": 55000, "validation": 5000, "test": 10000}
+    assert splits.input_shape == (28, 28) and splits.num_classes == 10
+
+
+def test_hold_out_is_seeded_disjoint_and_complete() -> None:
+    data = Split(np.arange(100), np.arange(100) % 3)
+    rest, held = hold_out(data, 20, seed=5)
+    again, _ = hold_out(data, 20, seed=5)
+    assert len(held) == 20 and len(rest) == 80
+    assert sorted([*rest.x, *held.x]) == list(range(100))
+    np.testing.assert_array_equal(rest.x, again.x)
+    with pytest.raises(ConfigError):
+        hold_out(data, 100, seed=0)
+
+
+def test_idx_round_trip(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for name in ("a-idx3-ubyte", "b-idx3-ubyte.gz"):
+        write_idx(tmp_path / name, images)
+        np.testing.assert_array_equal(read_idx(tmp_path / name), images)
+    floats = np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)
+    write_idx(tmp_path / "f.idx", floats)
+    np.testing.assert_array_equal(read_idx(tmp_path / "f.idx"), floats)
+
+
+def test_idx_rejects_truncated_and_foreign_files(tmp_path: Path) -> None:
+    write_idx(tmp_path / "x.idx", np.zeros((4, 4), np.uint8))
+    (tmp_path / "cut.idx").write_bytes((tmp_path / "x.idx").read_bytes()[:-3])
+    with pytest.raises(DataError, match="header says shape"):
+        read_idx(tmp_path / "cut.idx")
+    (tmp_path / "text.idx").write_text("hello world")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "text.idx")
+
+
+def test_idx_directory_source_reads_standard_files(tmp_path: Path, mnist) -> None:
+    """Any directory holding the four standard .gz files is a source (here MNIST's)."""
+    for key, name in sources._IDX_FILES.items():
+        write_idx(tmp_path / name, mnist[key][:600] if "train" in key else mnist[key][:100])
+    splits = sources.load_fashion_mnist(str(tmp_path), validation_size=100)
+    assert splits.sizes() == {"train": 500, "validation": 100, "test": 100}
+    np.testing.assert_array_equal(splits.test.x, mnist["test_images"][:100])
+
+
+def test_missing_fashion_mnist_directory_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        sources.load_fashion_mnist(str(tmp_path / "absent"))
+
+
+@pytest.mark.skipif(not Path(sources.FASHION_MNIST_DIR).is_dir(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_debian_package() -> None:
+    splits = sources.load_fashion_mnist()
+    assert splits.sizes() == {"train": 55000, "validation": 5000, "test": 10000}
+    assert np.bincount(splits.test.y).tolist() == [1000] * 10
+
+
+def test_digits_three_way_split() -> None:
+    splits = sources.load_digits()
+    assert sum(splits.sizes().values()) == 1797
+    assert splits.train.x.dtype == np.float32 and splits.train.x.max() <= 1.0
+
+
+def test_csv_source(tmp_path: Path) -> None:
+    rows = ["a,b,label"] + [f"{i},{i * 2},{i % 3}" for i in range(50)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    splits = sources.load_csv(str(tmp_path / "d.csv"), validation_fraction=0.2,
+                              test_fraction=0.2)
+    assert splits.sizes() == {"train": 30, "validation": 10, "test": 10}
+    assert splits.num_classes == 3 and splits.input_shape == (2,)
+    row = splits.train.x[0]
+    assert row[1] == 2 * row[0] and splits.train.y[0] == int(row[0]) % 3
+    with pytest.raises(DataError, match="no column 'target'"):
+        sources.load_csv(str(tmp_path / "d.csv"), label_column="target")
+
+
+def test_npz_source(tmp_path: Path) -> None:
+    np.savez(tmp_path / "p.npz", x_train=np.zeros((40, 3)), y_train=np.arange(40) % 4,
+             x_test=np.ones((8, 3)), y_test=np.arange(8) % 4)
+    splits = sources.load_npz(str(tmp_path / "p.npz"), validation_fraction=0.25)
+    assert splits.sizes() == {"train": 30, "validation": 10, "test": 8}
+    assert splits.num_classes == 4
+    with pytest.raises(DataError, match="npz file not found"):
+        sources.load_npz(str(tmp_path / "none.npz"))

@@ -1,0 +1,113 @@
+"""run_experiment end to end: MLflow contents, statuses, and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from lmt_tf import config
+from lmt_tf.experiment import RunOptions, run_experiment
+from tests.conftest import TINY, all_runs, mlflow_client
+
+
+def _run(files: list[str], bindings: list[str] = (), **options):
+    config.parse(files, list(bindings))
+    return run_experiment(options=RunOptions(config_files=files, bindings=list(bindings),
+                                             echo=lambda _: None, **options))
+
+
+def test_tiny_run_is_one_finished_mlflow_run_with_config_metrics_and_model(
+        gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    result = _run([exp], ["TrainConfig.epochs = 3"])
+    runs = all_runs(in_tmp)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_id == result.run_id
+    params = run.data.params
+    assert params["TrainConfig.epochs"] == "3"  # the --gin_param binding wins
+    assert params["TrainConfig.global_batch_size"] == "64"
+    assert params["build_mlp.hidden_units"] == "(32,)"
+    assert params["derived.replicas"] == "1" and params["derived.parameters"] == "2410"
+    assert run.data.tags["lmt.strategy"] == "DefaultStrategy"
+    assert run.data.tags["tensorflow.version"].startswith("2.21")
+    client = mlflow_client(in_tmp)
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert losses[-1].value < losses[0].value
+    assert 0.5 < run.data.metrics["test_accuracy"] <= 1.0
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+    config_files = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert {"config/operative_config.gin", "config/config.gin"} <= config_files
+    operative = Path(client.download_artifacts(run.info.run_id, "config/operative_config.gin",
+                                               str(in_tmp))).read_text()
+    assert "TrainConfig.epochs = 3" in operative
+    saved = {a.path for a in client.list_artifacts(run.info.run_id, "saved_model")}
+    assert "saved_model/saved_model.pb" in saved
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+
+
+class _StopAtEpoch(keras.callbacks.Callback):
+    """Interrupts training as Ctrl-C would, when ``epoch`` begins."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("test interrupt")
+
+
+def test_interrupted_run_is_killed_and_resume_matches_uninterrupted(
+        gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.epochs = 3\n")
+    whole = _run([exp], ["run_experiment.work_dir = 'whole'"])
+
+    with pytest.raises(KeyboardInterrupt):
+        _run([exp], ["run_experiment.work_dir = 'parts'"], callbacks=[_StopAtEpoch(1)])
+    killed = [r for r in all_runs(in_tmp) if r.info.run_id != whole.run_id]
+    assert [r.info.status for r in killed] == ["KILLED"]
+
+    resumed = _run([exp], ["run_experiment.work_dir = 'parts'"], resume=True)
+    assert resumed.run_id == killed[0].info.run_id  # the same MLflow run continues
+    assert len(all_runs(in_tmp)) == 2
+    run = mlflow_client(in_tmp).get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    history = mlflow_client(in_tmp).get_metric_history(resumed.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_earlier_run_is_an_error(gin_file) -> None:
+    from lmt_tf.errors import LmtError
+
+    exp = gin_file(TINY)
+    with pytest.raises(LmtError, match="nothing to resume"):
+        _run([exp], resume=True)
+
+
+def test_failure_ends_run_failed_with_error_tag(gin_file, in_tmp: Path) -> None:
+    class Boom(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("disk on fire")
+
+    exp = gin_file(TINY)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _run([exp], callbacks=[Boom()])
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FAILED"
+    assert "disk on fire" in run.data.tags["lmt.error"]
+
+
+def test_step_metrics_every_n_steps(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    result = _run([exp], ["TrackingConfig.log_every_n_steps = 5",
+                          "TrainConfig.steps_per_epoch = 10"])
+    steps = mlflow_client(in_tmp).get_metric_history(result.run_id, "step/loss")
+    assert sorted(m.step for m in steps) == [5, 10, 15, 20]

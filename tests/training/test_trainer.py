@@ -1,0 +1,43 @@
+"""Trainer configuration checks and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmt_tf.data.sources import load_digits
+from lmt_tf.errors import ConfigError
+from lmt_tf.models.mlp import build_mlp
+from lmt_tf.runtime.strategy import default_strategy
+from lmt_tf.training.callbacks import EpochCheckpoint
+from lmt_tf.training.trainer import TrainConfig, Trainer
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 0}, "TrainConfig.epochs must be >= 1"),
+    ({"epochs": 2.5}, "TrainConfig.epochs must be int"),
+    ({"global_batch_size": "64"}, "TrainConfig.global_batch_size must be int"),
+    ({"steps_per_execution": 0}, "steps_per_execution must be >= 1"),
+    ({"metrics": "accuracy"}, "TrainConfig.metrics must be"),
+])
+def test_bad_train_config(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_checkpoint_restores_weights_and_epoch(tmp_path: Path) -> None:
+    splits = load_digits()
+    trainer = Trainer(TrainConfig(epochs=2, global_batch_size=64, verbose=0),
+                      default_strategy())
+    model = trainer.build_model(build_mlp, splits)
+    manager = trainer.checkpoint_manager(model, tmp_path)
+    saved: list[int] = []
+    trainer.fit(model, splits, seed=0, callbacks=[EpochCheckpoint(manager, saved.append)])
+    assert saved == [1, 2]
+    fresh = trainer.build_model(build_mlp, splits)
+    assert Trainer.restore(trainer.checkpoint_manager(fresh, tmp_path)) == 2
+    for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert fresh.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
