@@ -4,6 +4,7 @@ sub-commands that need it, so ``lmt --help`` answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,10 +76,28 @@ def _ui(args: argparse.Namespace) -> int:
     _check_port_free(args.port)
     print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
           f"  (Ctrl-C stops it)", flush=True)
+    # Its own session, so that stopping lmt (Ctrl-C, SIGTERM) stops the whole server.
+    server = subprocess.Popen(command, start_new_session=True)
     try:
-        return subprocess.call(command)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        _stop(server)
+
+
+def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Ends ``process`` and its process group: SIGTERM, then SIGKILL after ``grace`` s."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _check_port_free(port: int) -> None:

@@ -119,7 +119,11 @@ class TrackedRun:
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         if run_id is not None:
-            run = mlflow.start_run(run_id=run_id)
+            try:
+                run = mlflow.start_run(run_id=run_id)
+            except mlflow.exceptions.MlflowException as e:
+                raise LmtError(f"cannot resume MLflow run {run_id} in {self.uri}: "
+                               f"{e.message}") from e
         else:
             experiment = mlflow.get_experiment_by_name(self.experiment_name)
             if experiment is None:

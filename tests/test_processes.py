@@ -1,0 +1,107 @@
+"""The lmt command as a process: Ctrl-C ends a run KILLED; `lmt ui` serves the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lmt_tf.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from tests.conftest import TINY, all_runs, mlflow_client
+
+LMT = str(Path(sys.executable).parent / "lmt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _reap(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+
+def _epochs_done(directory: Path) -> int:
+    states = list((directory / "lmt_work").glob("*/*/state.json"))
+    return json.loads(states[0].read_text()).get("epochs", 0) if states else 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_killed_and_keeps_its_checkpoint(in_tmp: Path) -> None:
+    (in_tmp / "exp.gin").write_text(TINY)
+    process = subprocess.Popen(
+        [LMT, "run", "exp.gin", "--gin_param", "TrainConfig.epochs = 100000"],
+        cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        _wait_for(lambda: _epochs_done(in_tmp) >= 1 or process.poll() is not None, 120,
+                  "the first epoch's checkpoint")
+        assert process.poll() is None, process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        _reap(process)
+    assert process.returncode == EXIT_INTERRUPTED
+    assert err.strip().splitlines()[-1] == "lmt: interrupted"
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED"
+    assert _epochs_done(in_tmp) >= 1  # a --resume continues from here
+
+
+@pytest.mark.slow
+def test_ui_serves_the_embedded_store_on_loopback(in_tmp: Path) -> None:
+    client = mlflow_client(in_tmp)
+    experiment_id = client.create_experiment("shown")
+    port = _free_port()
+    process = subprocess.Popen([LMT, "ui", "--port", str(port)], cwd=in_tmp,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    url = (f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+           f"?experiment_name=shown")
+
+    def answers() -> bool:
+        assert process.poll() is None, "lmt ui exited"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return json.load(response)["experiment"]["experiment_id"] == experiment_id
+        except OSError:
+            return False
+
+    try:
+        _wait_for(answers, 90, "the MLflow server")
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    finally:
+        _reap(process)
+    with socket.socket() as s:  # the server is gone with lmt: the port is free again
+        s.bind(("127.0.0.1", port))
+
+
+def test_ui_on_a_port_in_use_is_an_error(in_tmp: Path, capsys) -> None:
+    from lmt_tf.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["ui", "--port", str(busy.getsockname()[1])]) == EXIT_USER_ERROR
+    assert "is in use" in capsys.readouterr().err
