@@ -68,7 +68,8 @@ def plain_fit(splits, steps_per_epoch: int) -> float:
 
 
 def lmt_fit(steps_per_epoch: int, work: Path) -> float:
-    bindings = [f"TrainConfig.epochs = {EPOCHS}", f"TrainConfig.steps_per_epoch = {steps_per_epoch}",
+    bindings = [f"TrainConfig.epochs = {EPOCHS}",
+                f"TrainConfig.steps_per_epoch = {steps_per_epoch}",
                 f"TrainConfig.global_batch_size = {BATCH}", "TrainConfig.verbose = 0",
                 f"run_experiment.work_dir = '{work / 'lmt_work'}'",
                 f"TrackingConfig.tracking_uri = 'sqlite:///{work / 'mlruns.db'}'",
