@@ -3,6 +3,8 @@ export, and owns the MLflow run from its start to its final status."""
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,12 @@ from lmt_tf import config
 from lmt_tf.data.pipeline import to_model_input
 from lmt_tf.data.splits import Splits
 from lmt_tf.rundir import RunDir, latest_run_dir, new_run_dir
+from lmt_tf.runtime.cluster import Role
 from lmt_tf.runtime.env import set_seed
-from lmt_tf.runtime.strategy import StrategyInfo, default_strategy, describe
-from lmt_tf.tracking import TrackedRun, TrackingConfig, host_tags, run_links
+from lmt_tf.runtime.strategy import StrategyInfo, default_strategy, describe, role_of
+from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, run_links
 from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics
-from lmt_tf.training.export import ExportConfig, export_saved_model
+from lmt_tf.training.export import ExportConfig, export_saved_model, load_saved_model
 from lmt_tf.training.trainer import TrainConfig, Trainer
 
 
@@ -40,9 +43,9 @@ class RunOptions:
 class RunResult:
     """What a finished run produced."""
 
-    run_id: str
-    experiment_id: str
-    run_dir: Path
+    run_id: str | None  # None on tasks other than the chief
+    experiment_id: str | None
+    run_dir: Path | None
     model: keras.Model
     history: dict[str, list[float]] = field(default_factory=dict)
     test_metrics: dict[str, float] = field(default_factory=dict)
@@ -100,21 +103,32 @@ def run_experiment(
              f"resolved config:\n{gin.config_str()}")
         return None
 
-    run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
-    previous = run_dir.read_state().get("run_id") if options.resume else None
-    run = TrackedRun(tracking_config, name).start(run_dir.name, run_id=previous)
-    run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
-                         tracking_uri=run.uri)
-    echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) in {run.uri}")
-    with run.active():
+    role = role_of(strat)
+    if role.is_chief:
+        run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
+        previous = run_dir.read_state().get("run_id") if options.resume else None
+        run: TrackedRun | NullRun = TrackedRun(tracking_config, name).start(
+            run_dir.name, run_id=previous)
+        run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
+                             tracking_uri=run.uri)
+        echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) in {run.uri}")
+        scratch = contextlib.nullcontext(run_dir.path)
+    else:
+        # Other tasks restore from the chief's checkpoints (a shared file system) and
+        # write their own (collective) saves to a scratch directory that is removed.
+        run_dir = latest_run_dir(work_dir, name) if options.resume else None
+        run = NullRun()
+        scratch = tempfile.TemporaryDirectory(prefix=f"lmt-{role.task_type}{role.task_id}-")
+    with scratch as own_dir, run.active():
+        own = RunDir(Path(own_dir))
         built = trainer.build_model(model, splits)
-        _log_setup(run, options, info, plan, splits, built)
-        manager = trainer.checkpoint_manager(built, run_dir.checkpoints)
-        initial_epoch = trainer.restore(manager) if options.resume else 0
+        _log_setup(run, options, info, role, plan, splits, built)
+        initial_epoch = trainer.restore(built, run_dir.checkpoints) if options.resume else 0
         if options.resume:
             echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
+        saved = (lambda done: own.update_state(epochs=done)) if role.is_chief else None
         callbacks = [EpochMetrics(run.log_metrics),
-                     EpochCheckpoint(manager, lambda done: run_dir.update_state(epochs=done))]
+                     EpochCheckpoint(trainer.checkpoint_manager(built, own.checkpoints), saved)]
         if tracking_config.log_every_n_steps:
             callbacks.append(StepMetrics(run.log_metrics, tracking_config.log_every_n_steps,
                                          plan.steps_per_epoch))
@@ -123,16 +137,18 @@ def run_experiment(
         test = trainer.evaluate(built, splits.test)
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=train_config.epochs)
         echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
-        _export(run, run_dir, built, splits, export_config, echo)
+        _export(run, own, built, splits, export_config, echo)
         run.log_text(gin.operative_config_str(), "config/operative_config.gin")
+    if not role.is_chief:
+        return RunResult(None, None, None, built, result.history, test)
     run_url, table_url = run_links(run.uri, run.experiment_id, run.run_id)
     hint = "" if run.uri.startswith("http") else " (start the UI with `lmt ui`)"
     echo(f"lmt: run {run.run_id} FINISHED{hint}\n  run:  {run_url}\n  runs: {table_url}")
     return RunResult(run.run_id, run.experiment_id, run_dir.path, built, result.history, test)
 
 
-def _log_setup(run: TrackedRun, options: RunOptions, info: StrategyInfo, plan: Any,
-               splits: Splits, model: keras.Model) -> None:
+def _log_setup(run: TrackedRun | NullRun, options: RunOptions, info: StrategyInfo,
+               role: Role, plan: Any, splits: Splits, model: keras.Model) -> None:
     """Params, tags and the config as given and as resolved: logged once, before training."""
     derived = {
         "derived.replicas": info.replicas,
@@ -144,7 +160,8 @@ def _log_setup(run: TrackedRun, options: RunOptions, info: StrategyInfo, plan: A
         **{f"derived.{k}_examples": v for k, v in splits.sizes().items()},
     }
     run.log_params({**config.bound_params(), **derived})
-    run.set_tags({**host_tags(), "lmt.strategy": info.name, "lmt.replicas": info.replicas,
+    run.set_tags({**host_tags(), **role.tags(), "lmt.strategy": info.name,
+                  "lmt.replicas": info.replicas,
                   "mlflow.source.name": " ".join(options.config_files) or "run_experiment"})
     for file in options.config_files:
         run.log_text(Path(file).read_text(), f"config/given/{Path(file).name}")
@@ -153,14 +170,21 @@ def _log_setup(run: TrackedRun, options: RunOptions, info: StrategyInfo, plan: A
     run.log_text(gin.config_str(), "config/config.gin")
 
 
-def _export(run: TrackedRun, run_dir: RunDir, model: keras.Model, splits: Splits,
+def _export(run: TrackedRun | NullRun, run_dir: RunDir, model: keras.Model, splits: Splits,
             export_config: ExportConfig, echo: Callable[[str], None]) -> None:
+    """Every task saves (saving may need all workers); only the chief logs. The MLflow
+    model is logged from the SavedModel re-loaded outside any strategy, which also
+    checks that the export loads."""
+    if not (export_config.saved_model or export_config.mlflow_model):
+        return
+    target = run_dir.export / "saved_model"
+    size = export_saved_model(model, target)
+    if not run.logs:
+        return
     if export_config.saved_model:
-        target = run_dir.export / "saved_model"
-        size = export_saved_model(model, target)
         run.log_artifacts(target, "saved_model")
         run.log_metrics({"export.saved_model_bytes": size}, step=0)
         echo(f"lmt: SavedModel {target} ({size / 1e6:.1f} MB)")
     if export_config.mlflow_model:
         example = to_model_input(tf.constant(splits.test.x[:4])).numpy()
-        echo(f"lmt: MLflow model {run.log_keras_model(model, example)}")
+        echo(f"lmt: MLflow model {run.log_keras_model(load_saved_model(target), example)}")

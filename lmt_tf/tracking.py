@@ -103,6 +103,8 @@ class TrackedRun:
     """One MLflow run, open between ``start`` and ``end``. Only the process that owns the
     run (the chief) creates one."""
 
+    logs = True
+
     def __init__(self, config: TrackingConfig, experiment_name: str):
         import mlflow
 
@@ -195,6 +197,29 @@ class TrackedRun:
             self.end("FAILED", e)
             raise
         self.end("FINISHED")
+
+
+class NullRun:
+    """What tasks other than the chief log to: nothing."""
+
+    logs = False
+    run_id = experiment_id = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[NullRun]:
+        yield self
 
 
 def _param_value(value: Any) -> str:

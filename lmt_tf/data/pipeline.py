@@ -76,14 +76,19 @@ def epoch_order(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
                                                     seed=seeds)
 
 
-def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int,
-                   epochs: int) -> InputFn:
-    """An input function yielding epochs ``start_epoch .. epochs-1`` of ``split``.
+def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int) -> InputFn:
+    """An input function yielding epochs ``start_epoch, start_epoch + 1, ...`` of ``split``
+    without end (``model.fit`` takes ``steps_per_epoch`` steps of it per epoch).
 
     Step ``s`` of an epoch uses examples ``order[s*B:(s+1)*B]`` of that epoch's seeded
-    permutation (B = global batch). Each input pipeline (one per worker) builds only its
-    replicas' consecutive slices of that global batch, batched by the per-replica size, so
-    the global batch is the same whatever the number of workers and replicas.
+    permutation (B = global batch), cut into per-replica chunks. Each input pipeline
+    (one per worker) yields only its own chunks:
+
+    - synchronous strategies (replicas >= pipelines): per step, each pipeline takes its
+      replicas' consecutive chunks, so the global batch is the same whatever the number
+      of workers and replicas;
+    - parameter-server training (one replica, several worker pipelines): whole steps go
+      round-robin to the pipelines, so no two workers train on the same examples.
 
     Returns:
       A function of a ``tf.distribute.InputContext`` returning a ``tf.data.Dataset``
@@ -94,21 +99,22 @@ def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int,
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = context.get_per_replica_batch_size(plan.global_batch_size)
-        pipelines = context.num_input_pipelines
-        local_replicas = context.num_replicas_in_sync // pipelines
+        pipelines, pipeline = context.num_input_pipelines, context.input_pipeline_id
+        block = max(context.num_replicas_in_sync, pipelines)  # chunks dealt per round
+        chunks = plan.steps_per_epoch * context.num_replicas_in_sync // block * block
         features, labels = tf.constant(x_all), tf.constant(y_all)
 
         def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
-            order = epoch_order(num_examples, seed, epoch)[: plan.examples_per_epoch]
-            grid = tf.reshape(order, [plan.steps_per_epoch, pipelines, local_replicas,
-                                      per_replica])
-            mine = tf.reshape(grid[:, context.input_pipeline_id], [-1, per_replica])
+            order = epoch_order(num_examples, seed, epoch)[: chunks * per_replica]
+            grid = tf.reshape(order, [-1, pipelines, block // pipelines, per_replica])
+            mine = tf.reshape(grid[:, pipeline], [-1, per_replica])
             return tf.data.Dataset.from_tensor_slices(mine)
 
         def gather(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return to_model_input(tf.gather(features, ids)), tf.gather(labels, ids)
 
-        dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches)
+        epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+        dataset = epochs.flat_map(epoch_batches)
         dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         return _without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
 

@@ -7,11 +7,13 @@ since splitting the CPU into logical devices is only possible then.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import tensorflow as tf
 
-from lmt_tf.errors import ConfigError
+from lmt_tf.errors import ConfigError, LmtError
+from lmt_tf.runtime.cluster import SINGLE_PROCESS, Role, current_role
 from lmt_tf.runtime.env import configure_cpu_devices
 
 _CROSS_DEVICE_OPS = {
@@ -65,6 +67,89 @@ def mirrored_strategy(
     return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops)
 
 
+_COMMUNICATION = {
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+}
+
+
+def _cluster_resolver(cluster: str) -> tf.distribute.cluster_resolver.ClusterResolver:
+    if cluster == "tf_config":
+        current_role()  # validates TF_CONFIG with a clear error before TensorFlow reads it
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if cluster == "slurm":
+        if "SLURM_JOB_ID" not in os.environ:
+            raise LmtError("cluster='slurm' but this process is not inside a SLURM job "
+                           "(SLURM_JOB_ID is not set)")
+        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+    raise ConfigError(f"cluster must be 'tf_config' or 'slurm', got {cluster!r}")
+
+
+def multi_worker_mirrored_strategy(communication: str = "auto",
+                                   cluster: str = "tf_config") -> tf.distribute.Strategy:
+    """Synchronous data parallelism across workers with collective all-reduce.
+
+    Every worker runs the same ``lmt run``; each finds its place in the cluster from
+    ``TF_CONFIG`` or from the SLURM allocation. Without ``TF_CONFIG`` it is one worker.
+
+    Args:
+      communication: all-reduce implementation: ``auto``, ``ring`` (gRPC) or ``nccl``.
+      cluster: where the cluster is described: ``tf_config`` or ``slurm``.
+
+    Raises:
+      ConfigError / LmtError: for unknown settings or an invalid TF_CONFIG.
+    """
+    if communication not in _COMMUNICATION:
+        raise ConfigError(f"multi_worker_mirrored_strategy.communication must be one of "
+                          f"{sorted(_COMMUNICATION)}, got {communication!r}")
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=_COMMUNICATION[communication])
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=_cluster_resolver(cluster), communication_options=options)
+
+
+def parameter_server_strategy(max_shards: int | None = None,
+                              min_shard_bytes: int = 256 << 10) -> tf.distribute.Strategy:
+    """Asynchronous training: variables on parameter servers, steps run by workers and
+    scheduled by the coordinator (the chief task, which runs ``lmt run``).
+
+    On a worker or ps task this function serves the cluster until the process is ended
+    and never returns: those tasks only host variables and run scheduled steps.
+
+    Args:
+      max_shards: partition large variables (embedding tables) into at most this many
+        shards spread over the parameter servers; None: one shard per ps.
+      min_shard_bytes: smallest shard; smaller variables stay whole.
+
+    Raises:
+      LmtError: without a TF_CONFIG that names at least one worker and one ps.
+    """
+    # Fail a step on a lost worker at once so the coordinator can reschedule it.
+    os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+    role = current_role()
+    if role.workers < 1 or role.ps < 1:
+        raise LmtError("parameter_server_strategy needs TF_CONFIG with at least one worker "
+                       "and one ps task (`lmt launch --workers N --ps M` starts such a "
+                       "cluster locally)")
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if role.task_type in ("worker", "ps"):
+        serve(resolver)
+    partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=min_shard_bytes, max_shards=max_shards or role.ps)
+    return tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
+
+
+def serve(resolver: tf.distribute.cluster_resolver.ClusterResolver) -> None:
+    """Runs this task's gRPC server until the process is ended (worker and ps tasks)."""
+    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
+                                  task_index=resolver.task_id,
+                                  protocol=resolver.rpc_layer or "grpc", start=True)
+    print(f"lmt: {resolver.task_type}:{resolver.task_id} serving", flush=True)
+    server.join()
+    raise SystemExit(0)
+
+
 @dataclass(frozen=True)
 class StrategyInfo:
     """What a run records about its strategy."""
@@ -82,3 +167,13 @@ def describe(strategy: tf.distribute.Strategy) -> StrategyInfo:
         devices = ()
     name = type(strategy).__name__.lstrip("_").replace("DistributionStrategy", "Strategy")
     return StrategyInfo(name, strategy.num_replicas_in_sync, devices)
+
+
+def role_of(strategy: tf.distribute.Strategy) -> Role:
+    """This process's role in the strategy's cluster (a single process is a chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not spec:
+        return SINGLE_PROCESS
+    return Role(resolver.task_type, resolver.task_id or 0, len(spec.get("worker", [])),
+                len(spec.get("ps", [])), "chief" in spec)

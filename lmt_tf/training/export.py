@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import check_types
@@ -32,3 +33,9 @@ def export_saved_model(model: keras.Model, directory: Path) -> int:
     directory.parent.mkdir(parents=True, exist_ok=True)
     model.save(str(directory), save_format="tf", include_optimizer=False)
     return directory_size(directory)
+
+
+def load_saved_model(directory: Path) -> keras.Model:
+    """Loads a SavedModel written by ``export_saved_model`` under the default strategy."""
+    with tf.distribute.get_strategy().scope():
+        return keras.models.load_model(str(directory), compile=False)

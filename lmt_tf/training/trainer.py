@@ -79,17 +79,21 @@ class Trainer:
             optimizer.build(model.trainable_variables)
         return model
 
-    def checkpoint_manager(self, model: keras.Model, directory: Path) -> tf.train.CheckpointManager:
+    def checkpoint_manager(self, model: keras.Model,
+                           directory: Path) -> tf.train.CheckpointManager:
+        """Keeps the two newest per-epoch checkpoints of model and optimizer."""
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=2)
 
     @staticmethod
-    def restore(manager: tf.train.CheckpointManager) -> int:
-        """Restores the newest checkpoint; returns the epochs it completed (0 if none)."""
-        latest = manager.latest_checkpoint
+    def restore(model: keras.Model, directory: Path) -> int:
+        """Restores the newest checkpoint in ``directory`` into ``model`` and its optimizer;
+        returns the epochs it completed (0 if there is none)."""
+        latest = tf.train.latest_checkpoint(str(directory))
         if latest is None:
             return 0
-        manager.checkpoint.restore(latest).assert_existing_objects_matched()
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        checkpoint.restore(latest).assert_existing_objects_matched()
         return int(latest.rsplit("-", 1)[1])
 
     def fit(self, model: keras.Model, splits: Splits, seed: int, initial_epoch: int = 0,
@@ -100,7 +104,7 @@ class Trainer:
         resumed run continues exactly where the interrupted one stopped.
         """
         plan = self.plan(splits.train)
-        input_fn = train_input_fn(splits.train, plan, seed, initial_epoch, self.config.epochs)
+        input_fn = train_input_fn(splits.train, plan, seed, initial_epoch)
         history = model.fit(
             keras.utils.experimental.DatasetCreator(input_fn),
             epochs=self.config.epochs,

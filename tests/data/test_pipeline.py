@@ -13,28 +13,29 @@ from lmt_tf.errors import ConfigError
 IDS = Split(np.arange(103, dtype=np.int64).reshape(103, 1), np.arange(103) % 10)
 
 
-def _ids(dataset: tf.data.Dataset) -> list[list[int]]:
+def _ids(input_fn, steps: int, context: tf.distribute.InputContext | None = None
+         ) -> list[list[int]]:
+    """Example ids of the first ``steps`` batches of the (endless) input."""
+    dataset = input_fn(context or tf.distribute.InputContext()).take(steps)
     return [x[:, 0].astype(int).tolist() for x, _ in dataset.as_numpy_iterator()]
 
 
 def test_each_epoch_is_a_seeded_permutation_without_repeats() -> None:
     plan = plan_batches(len(IDS), 10, replicas=1)
     assert plan.steps_per_epoch == 10  # 103 // 10: the partial batch is dropped
-    batches = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0, epochs=2)(
-        tf.distribute.InputContext()))
+    batches = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0), 20)
     assert len(batches) == 20 and all(len(b) == 10 for b in batches)
     first, second = sum(batches[:10], []), sum(batches[10:], [])
     assert len(set(first)) == 100 and len(set(second)) == 100
     assert first != second  # reshuffled every epoch
-    again = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0, epochs=1)(
-        tf.distribute.InputContext()))
+    again = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0), 10)
     assert sum(again, []) == first  # same seed, same order
 
 
 def test_starting_at_a_later_epoch_sees_that_epochs_batches() -> None:
     plan = plan_batches(len(IDS), 10, replicas=1)
-    whole = _ids(train_input_fn(IDS, plan, 4, 0, 3)(tf.distribute.InputContext()))
-    later = _ids(train_input_fn(IDS, plan, 4, 2, 3)(tf.distribute.InputContext()))
+    whole = _ids(train_input_fn(IDS, plan, 4, 0), 30)
+    later = _ids(train_input_fn(IDS, plan, 4, 2), 10)
     assert later == whole[20:]
 
 
@@ -42,16 +43,30 @@ def test_input_pipelines_split_every_global_batch_disjointly() -> None:
     """Two workers, two replicas each: per global step, the four per-replica slices are
     disjoint and together are exactly the single-pipeline global batch."""
     plan = plan_batches(len(IDS), 20, replicas=4)
-    single = _ids(train_input_fn(IDS, plan, 9, 0, 1)(tf.distribute.InputContext()))
+    single = _ids(train_input_fn(IDS, plan, 9, 0), 5)
     per_worker = [
-        _ids(train_input_fn(IDS, plan, 9, 0, 1)(
-            tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=w,
-                                       num_replicas_in_sync=4)))
+        _ids(train_input_fn(IDS, plan, 9, 0), 10,
+             tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=w,
+                                        num_replicas_in_sync=4))
         for w in range(2)]
     assert all(len(b) == 5 for w in per_worker for b in w)
     for step, global_batch in enumerate(single):
         slices = per_worker[0][2 * step: 2 * step + 2] + per_worker[1][2 * step: 2 * step + 2]
         assert sum(slices, []) == global_batch
+
+
+def test_parameter_server_workers_take_whole_steps_round_robin() -> None:
+    """Three worker pipelines, one replica in sync: each worker gets whole global batches,
+    disjoint from the others', and together they are the epoch's batches."""
+    plan = plan_batches(len(IDS), 10, replicas=1)
+    single = _ids(train_input_fn(IDS, plan, 2, 0), 9)  # 10 steps: 9 deal evenly to 3
+    workers = [_ids(train_input_fn(IDS, plan, 2, 0), 3,
+                    tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=w,
+                                               num_replicas_in_sync=1))
+               for w in range(3)]
+    assert [workers[s % 3][s // 3] for s in range(9)] == single
+    seen = [i for w in workers for batch in w for i in batch]
+    assert len(seen) == len(set(seen)) == 90
 
 
 def test_uint8_images_become_floats_in_unit_range() -> None:

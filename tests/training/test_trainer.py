@@ -37,7 +37,7 @@ def test_checkpoint_restores_weights_and_epoch(tmp_path: Path) -> None:
     trainer.fit(model, splits, seed=0, callbacks=[EpochCheckpoint(manager, saved.append)])
     assert saved == [1, 2]
     fresh = trainer.build_model(build_mlp, splits)
-    assert Trainer.restore(trainer.checkpoint_manager(fresh, tmp_path)) == 2
+    assert Trainer.restore(fresh, tmp_path) == 2
     for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert fresh.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
