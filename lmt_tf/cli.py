@@ -25,21 +25,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmt_tf {lmt_tf.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run an experiment from gin files",
+    run_options = argparse.ArgumentParser(add_help=False)
+    run_options.add_argument("gin_file", help="experiment file, e.g. experiments/quickstart.gin")
+    run_options.add_argument("--gin_file", dest="more_files", action="append", default=[],
+                             metavar="FILE", help="another gin file, parsed after the first")
+    run_options.add_argument("--gin_param", dest="bindings", action="append", default=[],
+                             metavar="BINDING", help="a binding such as 'TrainConfig.epochs=3'")
+    run_options.add_argument("--resume", action="store_true",
+                             help="continue the latest run of this experiment from its last "
+                                  "checkpoint, in the same MLflow run")
+    run_options.add_argument("--traceback", action="store_true",
+                             help="print the full traceback of a configuration or input error")
+
+    run = commands.add_parser("run", parents=[run_options],
+                              help="run an experiment from gin files",
                               description="Train, evaluate and export one experiment; "
-                                          "every run is logged to MLflow.")
-    run.add_argument("gin_file", help="experiment file, e.g. experiments/quickstart.gin")
-    run.add_argument("--gin_file", dest="more_files", action="append", default=[],
-                     metavar="FILE", help="another gin file, parsed after the first")
-    run.add_argument("--gin_param", dest="bindings", action="append", default=[],
-                     metavar="BINDING", help="a binding such as 'TrainConfig.epochs=3'")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the latest run of this experiment from its last "
-                          "checkpoint, in the same MLflow run")
+                                          "every run is logged to MLflow. Inside a cluster "
+                                          "(TF_CONFIG set) the task's role comes from it.")
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved config, strategy, data and model; train nothing")
-    run.add_argument("--traceback", action="store_true",
-                     help="print the full traceback of a configuration or input error")
+
+    launch = commands.add_parser(
+        "launch", parents=[run_options], help="run an experiment on a local multi-process cluster",
+        description="Start a real cluster of `lmt run` processes on 127.0.0.1, one per task, "
+                    "with TF_CONFIG each. Without --ps: multi-worker mirrored training; with "
+                    "--ps: parameter-server training with a chief (coordinator).")
+    launch.add_argument("--workers", type=int, required=True, help="worker tasks (>= 1)")
+    launch.add_argument("--ps", type=int, default=0, help="parameter-server tasks")
+    launch.add_argument("--restarts", type=int, default=0,
+                        help="restart a failed cluster up to K times, resuming the run")
+    launch.add_argument("--timeout", type=float, default=0,
+                        help="seconds before an attempt is stopped (default: none)")
 
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the run store")
     ui.add_argument("--port", type=int, default=5000)
@@ -61,6 +77,22 @@ def _run(args: argparse.Namespace) -> int:
                          dry_run=args.dry_run)
     run_experiment(options=options)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from lmt_tf.runtime.launcher import launch, project_file
+
+    for file in [args.gin_file, *args.more_files]:
+        project_file(file)
+    run_args = [args.gin_file]
+    for file in args.more_files:
+        run_args += ["--gin_file", file]
+    for binding in args.bindings:
+        run_args += ["--gin_param", binding]
+    if args.resume:
+        run_args.append("--resume")
+    return launch(run_args, args.workers, args.ps, args.restarts, args.timeout,
+                  echo=lambda line: print(line, flush=True))
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -121,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A scheduler's SIGTERM ends a run like Ctrl-C: KILLED in MLflow, checkpoints kept.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        return {"run": _run, "ui": _ui}[args.command](args)
+        return {"run": _run, "launch": _launch, "ui": _ui}[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):
             traceback.print_exc()

@@ -13,9 +13,9 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import gin
 import tf_keras as keras
 
-import gin
 from lmt_tf.data import sources
 from lmt_tf.errors import ConfigError
 from lmt_tf.models import cnn, mlp
@@ -30,7 +30,8 @@ _PROJECT = {
                  sources.load_npz, sources.load_csv],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
-                       strategy.mirrored_strategy],
+                       strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
+                       strategy.parameter_server_strategy],
 }
 _KERAS = {
     "keras.optimizers": [keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,

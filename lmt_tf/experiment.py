@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gin
 import tensorflow as tf
 import tf_keras as keras
 
-import gin
 from lmt_tf import config
 from lmt_tf.data.pipeline import to_model_input
 from lmt_tf.data.splits import Splits

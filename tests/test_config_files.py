@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gin
 import pytest
 
-import gin
 from lmt_tf import config
 from tests.conftest import PROJECT_ROOT
 

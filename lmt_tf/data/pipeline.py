@@ -122,9 +122,13 @@ def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int) -
 
 
 def eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
-    """Batches of the whole split in order, for validation or testing (last batch partial).
+    """Batches of the split in order, repeated without end; ``eval_steps`` of them cover
+    the split exactly once (the last batch partial).
 
-    Preprocessed once and cached, since validation repeats every epoch.
+    Repeated, because under parameter servers every worker iterates its own copy and the
+    coordinator schedules the steps: a finite copy would run out on one worker while
+    steps remain (there, evaluation is approximate). Not cached: the arrays are in memory,
+    and a cache op looks like a one-file source to TensorFlow's auto-sharding.
     """
     dataset = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64)))
     dataset = dataset.batch(global_batch_size).map(
@@ -132,7 +136,12 @@ def eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
     options = tf.data.Options()
     # In-memory data cannot be sharded by file; shard by data when several workers evaluate.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.cache().with_options(options).prefetch(tf.data.AUTOTUNE)
+    return dataset.repeat().with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_steps(split: Split, global_batch_size: int) -> int:
+    """Batches of ``eval_dataset`` that cover ``split`` once."""
+    return -(-len(split) // global_batch_size)
 
 
 def _without_autoshard(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -166,6 +166,8 @@ def describe(strategy: tf.distribute.Strategy) -> StrategyInfo:
     except RuntimeError:  # the default strategy has no device list
         devices = ()
     name = type(strategy).__name__.lstrip("_").replace("DistributionStrategy", "Strategy")
+    name = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
+            "ParameterServerStrategyV2": "ParameterServerStrategy"}.get(name, name)
     return StrategyInfo(name, strategy.num_replicas_in_sync, devices)
 
 

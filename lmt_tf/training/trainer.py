@@ -16,7 +16,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import check, check_types
-from lmt_tf.data.pipeline import BatchPlan, eval_dataset, plan_batches, train_input_fn
+from lmt_tf.data.pipeline import BatchPlan, eval_dataset, eval_steps, plan_batches, train_input_fn
 from lmt_tf.data.splits import Split, Splits
 
 ModelFn = Callable[..., keras.Model]
@@ -112,6 +112,7 @@ class Trainer:
             steps_per_epoch=plan.steps_per_epoch,
             validation_data=eval_dataset(splits.validation, plan.global_batch_size)
             if len(splits.validation) else None,
+            validation_steps=eval_steps(splits.validation, plan.global_batch_size),
             callbacks=list(callbacks),
             verbose=self._verbosity(),
         )
@@ -119,7 +120,8 @@ class Trainer:
 
     def evaluate(self, model: keras.Model, split: Split) -> dict[str, float]:
         """Loss and metrics over the whole ``split``."""
-        results = model.evaluate(eval_dataset(split, self.config.global_batch_size),
+        batch = self.config.global_batch_size
+        results = model.evaluate(eval_dataset(split, batch), steps=eval_steps(split, batch),
                                  return_dict=True, verbose=0)
         return {k: float(v) for k, v in results.items()}
 

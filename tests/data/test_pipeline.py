@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lmt_tf.data.pipeline import eval_dataset, plan_batches, train_input_fn
+from lmt_tf.data.pipeline import eval_dataset, eval_steps, plan_batches, train_input_fn
 from lmt_tf.data.splits import Split
 from lmt_tf.errors import ConfigError
 
@@ -73,7 +73,9 @@ def test_uint8_images_become_floats_in_unit_range() -> None:
     images = Split(np.full((4, 2, 2), 255, np.uint8), np.zeros(4, np.int64))
     x, y = next(iter(eval_dataset(images, 3)))
     assert x.dtype == tf.float32 and float(tf.reduce_max(x)) == 1.0 and x.shape[0] == 3
-    assert sum(int(b[0].shape[0]) for b in eval_dataset(images, 3)) == 4  # partial batch kept
+    steps = eval_steps(images, 3)
+    assert steps == 2  # the second batch is partial: the split is covered exactly once
+    assert [int(b[0].shape[0]) for b in eval_dataset(images, 3).take(steps)] == [3, 1]
 
 
 @pytest.mark.parametrize("batch, replicas, steps, message", [
