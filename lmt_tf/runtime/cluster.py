@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,6 +77,35 @@ def parse_tf_config(text: str) -> tuple[dict[str, list[str]], Role]:
     role = Role(task_type, task_id, len(cluster.get("worker", [])), len(cluster.get("ps", [])),
                 "chief" in cluster)
     return cluster, role
+
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "[::1]", "::1")
+
+
+def check_own_port(environ: Mapping[str, str] | None = None) -> None:
+    """Fails with a clear error if this task's own ``TF_CONFIG`` address is on this machine
+    and its port is taken, instead of a gRPC abort deep inside TensorFlow.
+
+    Raises:
+      LmtError: naming the task, the address and the port.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get("TF_CONFIG", "").strip()
+    if not text:
+        return
+    cluster, role = parse_tf_config(text)
+    addresses = cluster.get(role.task_type, [])
+    if role.task_id >= len(addresses):
+        return
+    host, _, port = addresses[role.task_id].rpartition(":")
+    if host not in _LOCAL_HOSTS or not port.isdigit():
+        return
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1" if host != "0.0.0.0" else host, int(port)))
+        except OSError as e:
+            raise LmtError(f"TF_CONFIG task {role.name} listens on {addresses[role.task_id]}, "
+                           f"but port {port} is in use ({e.strerror})") from e
 
 
 def current_role(environ: Mapping[str, str] | None = None) -> Role:

@@ -80,6 +80,8 @@ class _Cluster:
                     list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
                 self.processes[task] = process
+                echo(f"lmt launch: started {task.name} at {addresses[task_id]} "
+                     f"(pid {process.pid})")
                 pump = threading.Thread(target=self._pump, args=(task, process, echo),
                                         daemon=True)
                 pump.start()

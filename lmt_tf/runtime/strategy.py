@@ -8,12 +8,13 @@ since splitting the CPU into logical devices is only possible then.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import tensorflow as tf
 
 from lmt_tf.errors import ConfigError, LmtError
-from lmt_tf.runtime.cluster import SINGLE_PROCESS, Role, current_role
+from lmt_tf.runtime.cluster import SINGLE_PROCESS, Role, check_own_port, current_role
 from lmt_tf.runtime.env import configure_cpu_devices
 
 _CROSS_DEVICE_OPS = {
@@ -67,6 +68,7 @@ def mirrored_strategy(
     return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops)
 
 
+_ROLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMMUNICATION = {
     "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
     "ring": tf.distribute.experimental.CommunicationImplementation.RING,
@@ -76,7 +78,7 @@ _COMMUNICATION = {
 
 def _cluster_resolver(cluster: str) -> tf.distribute.cluster_resolver.ClusterResolver:
     if cluster == "tf_config":
-        current_role()  # validates TF_CONFIG with a clear error before TensorFlow reads it
+        check_own_port()  # validates TF_CONFIG with a clear error before TensorFlow reads it
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if cluster == "slurm":
         if "SLURM_JOB_ID" not in os.environ:
@@ -105,8 +107,9 @@ def multi_worker_mirrored_strategy(communication: str = "auto",
                           f"{sorted(_COMMUNICATION)}, got {communication!r}")
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=_COMMUNICATION[communication])
-    return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=_cluster_resolver(cluster), communication_options=options)
+    resolver = _cluster_resolver(cluster)
+    return _with_role(tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options), resolver)
 
 
 def parameter_server_strategy(max_shards: int | None = None,
@@ -127,6 +130,7 @@ def parameter_server_strategy(max_shards: int | None = None,
     """
     # Fail a step on a lost worker at once so the coordinator can reschedule it.
     os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
+    check_own_port()
     role = current_role()
     if role.workers < 1 or role.ps < 1:
         raise LmtError("parameter_server_strategy needs TF_CONFIG with at least one worker "
@@ -137,7 +141,9 @@ def parameter_server_strategy(max_shards: int | None = None,
         serve(resolver)
     partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
         min_shard_bytes=min_shard_bytes, max_shards=max_shards or role.ps)
-    return tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
+    return _with_role(
+        tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner),
+        resolver)
 
 
 def serve(resolver: tf.distribute.cluster_resolver.ClusterResolver) -> None:
@@ -173,9 +179,15 @@ def describe(strategy: tf.distribute.Strategy) -> StrategyInfo:
 
 def role_of(strategy: tf.distribute.Strategy) -> Role:
     """This process's role in the strategy's cluster (a single process is a chief)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    if not spec:
-        return SINGLE_PROCESS
-    return Role(resolver.task_type, resolver.task_id or 0, len(spec.get("worker", [])),
-                len(spec.get("ps", [])), "chief" in spec)
+    return _ROLES.get(strategy, SINGLE_PROCESS)
+
+
+def _with_role(strategy: tf.distribute.Strategy,
+               resolver: tf.distribute.cluster_resolver.ClusterResolver) -> tf.distribute.Strategy:
+    """Records the role the cluster builders resolved, for ``role_of``."""
+    spec = resolver.cluster_spec().as_dict()
+    if spec:
+        _ROLES[strategy] = Role(resolver.task_type, resolver.task_id or 0,
+                                len(spec.get("worker", [])), len(spec.get("ps", [])),
+                                "chief" in spec)
+    return strategy

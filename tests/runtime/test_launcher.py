@@ -1,0 +1,188 @@
+"""Real local clusters: multi-worker mirrored and parameter-server training through
+`lmt launch`, failures of a task, and bad cluster input. Every process is reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from lmt_tf import config
+from lmt_tf.cli import EXIT_USER_ERROR, main
+from lmt_tf.experiment import RunOptions, run_experiment
+from tests.conftest import TINY, all_runs, mlflow_client
+
+LMT = str(Path(sys.executable).parent / "lmt")
+pytestmark = pytest.mark.slow
+
+
+class Launch:
+    """`lmt launch` in its own process group, its output collected line by line."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen([LMT, "launch", *args], cwd=cwd, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+
+    def pids(self) -> dict[str, int]:
+        found = (re.search(r"started (\S+) at \S+ \(pid (\d+)\)", line) for line in self.lines)
+        return {m.group(1): int(m.group(2)) for m in found if m}
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            self._reader.join(10)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _assert_all_gone(pids) -> None:
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
+            f"/proc/{pid}/stat").read_text().split()[2], f"process {pid} left behind"
+
+
+def _wait_for_epochs(directory: Path, epochs: int, launch: Launch, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for state in directory.glob("lmt_work/*/*/state.json"):
+            if json.loads(state.read_text()).get("epochs", 0) >= epochs:
+                return
+        assert launch.process.poll() is None, launch.output
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint of epoch {epochs} after {timeout} s\n{launch.output}")
+
+
+def _exported_weights(directory: Path) -> list[np.ndarray]:
+    (saved,) = directory.glob("*/*/export/saved_model")
+    return keras.models.load_model(str(saved), compile=False).get_weights()
+
+
+def test_two_workers_match_two_local_mirrored_replicas(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    launch = Launch(["--workers", "2", "--timeout", "240", exp,
+                     "--gin_param", "run_experiment.work_dir = 'cluster'"], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    (run,) = all_runs(in_tmp)  # exactly one run for the whole cluster job
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lmt.strategy"] == "MultiWorkerMirroredStrategy"
+    assert run.data.tags["lmt.replicas"] == "2" and run.data.tags["lmt.cluster.workers"] == "2"
+    losses = mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2] and losses[1].value < losses[0].value
+    assert "[worker:1]" in launch.output and "[worker:0]" in launch.output
+    _assert_all_gone(launch.pids().values())
+
+    config.parse([exp], ["run_experiment.strategy = @mirrored_strategy",
+                         "run_experiment.work_dir = 'local'"])
+    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_server_cluster_trains_and_logs(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    launch = Launch(["--workers", "2", "--ps", "1", "--timeout", "240", exp], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lmt.strategy"] == "ParameterServerStrategy"
+    assert run.data.tags["lmt.cluster.ps"] == "1" and run.data.tags["lmt.cluster.workers"] == "3"
+    history = mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    assert 0 < run.data.metrics["test_accuracy"] <= 1
+    assert set(launch.pids()) == {"chief:0", "worker:0", "worker:1", "ps:0"}
+    _assert_all_gone(launch.pids().values())
+
+
+def test_killed_worker_is_restarted_into_the_same_run(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.epochs = 150\n")
+    launch = Launch(["--workers", "2", "--restarts", "1", "--timeout", "240", exp], in_tmp)
+    _wait_for_epochs(in_tmp, 3, launch, 180)
+    first = launch.pids()
+    os.kill(first["worker:1"], signal.SIGKILL)
+    assert launch.wait(300) == 0, launch.output
+    assert "restarting (1/1) from the last checkpoint" in launch.output
+    assert "resuming" in launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED"
+    steps = {m.step for m in mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")}
+    assert steps == set(range(1, 151))
+    _assert_all_gone(first.values())
+
+
+def test_parameter_server_job_survives_a_killed_worker(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.epochs = 60\n")
+    launch = Launch(["--workers", "2", "--ps", "1", "--timeout", "240", exp], in_tmp)
+    _wait_for_epochs(in_tmp, 2, launch, 180)
+    os.kill(launch.pids()["worker:1"], signal.SIGKILL)
+    assert launch.wait(300) == 0, launch.output
+    assert "reschedules its steps" in launch.output and "restarting" not in launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")]
+    assert steps == list(range(1, 61))
+
+
+def test_zero_workers_is_an_error(gin_file, capsys) -> None:
+    exp = gin_file(TINY)
+    assert main(["launch", "--workers", "0", exp]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip() == "lmt: error: --workers must be at least 1, got 0"
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ("{oops", "TF_CONFIG is not valid JSON"),
+    (json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker",
+                                                                  "index": 3}}),
+     "worker:3 is out of range"),
+])
+@pytest.mark.parametrize("strategy", ["multi_worker_mirrored_strategy",
+                                      "parameter_server_strategy"])
+def test_bad_tf_config_is_one_line(gin_file, in_tmp: Path, monkeypatch, capsys,
+                                   tf_config: str, message: str, strategy: str) -> None:
+    exp = gin_file(TINY)
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    assert main(["run", exp, "--gin_param", f"run_experiment.strategy = @{strategy}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert all_runs(in_tmp) == []
+
+
+def test_port_in_use_is_one_line(gin_file, in_tmp: Path, monkeypatch, capsys) -> None:
+    import socket
+
+    exp = gin_file(TINY)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": {"worker": [address, "127.0.0.1:1"]},
+             "task": {"type": "worker", "index": 0}}))
+        status = main(["run", exp, "--gin_param",
+                       "run_experiment.strategy = @multi_worker_mirrored_strategy"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "is in use" in err[0], err
