@@ -49,7 +49,8 @@ def mirrored_strategy(
     Args:
       num_cpu_devices: on a machine without GPUs, the number of logical CPU devices
         the host CPU is split into (one replica each). Ignored when GPUs are present.
-      cross_device_ops: ``auto`` (NCCL on GPUs, TensorFlow's choice otherwise), ``nccl``,
+      cross_device_ops: ``auto`` (TensorFlow's choice on GPUs, NCCL where it can;
+        reduction to one device on CPUs), ``nccl``,
         ``hierarchical_copy`` or ``reduce_to_one``.
 
     Raises:
@@ -65,6 +66,12 @@ def mirrored_strategy(
     if tf.config.list_physical_devices("GPU"):
         return tf.distribute.MirroredStrategy(cross_device_ops=ops)
     devices = configure_cpu_devices(num_cpu_devices)
+    if ops is None:
+        # TensorFlow's pick on CPUs is collective all-reduce, whose instance keys are per
+        # strategy object while its executor is per process: a second MirroredStrategy in
+        # the same process (a sweep, a test session) mixes up tensors of both. Reducing
+        # to one device keeps no such state, and on one host costs no network.
+        ops = tf.distribute.ReductionToOneDevice()
     return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops)
 
 

@@ -77,3 +77,18 @@ def test_one_mirrored_step_equals_one_default_step_on_the_same_global_batch() ->
     set_seed(7)
     initial = build_mlp((8, 8), 10).get_weights()
     assert max(np.abs(a - b).max() for a, b in zip(initial, single, strict=True)) > 1e-3
+
+
+def test_two_mirrored_strategies_in_one_process_do_not_mix_reductions() -> None:
+    """A sweep or a test session builds several strategies; models of different sizes
+    must train under each (collective all-reduce keys would collide on CPUs)."""
+    x = np.random.default_rng(0).random((64, 8), dtype=np.float32)
+    y = np.arange(64) % 3
+    for units in (4, 16):
+        strategy = mirrored_strategy(2)
+        with strategy.scope():
+            model = keras.Sequential([keras.layers.Dense(units, input_shape=(8,)),
+                                      keras.layers.Dense(3)])
+            model.compile("sgd", "sparse_categorical_crossentropy")
+        history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
