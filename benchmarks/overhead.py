@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from lmt_tf import config  # noqa: E402
-from lmt_tf.data.pipeline import plan_batches, train_input_fn  # noqa: E402
+from lmt_tf.data.pipeline import array_train_input_fn, plan_batches  # noqa: E402
 from lmt_tf.data.sources import load_mnist  # noqa: E402
 from lmt_tf.experiment import RunOptions, run_experiment  # noqa: E402
 from lmt_tf.models.cnn import build_cnn  # noqa: E402
@@ -87,7 +87,7 @@ def lmt_fit(steps_per_epoch: int, work: Path) -> float:
 
 def pipeline_rate(splits, batches: int) -> float:
     plan = plan_batches(len(splits.train), BATCH, 1)
-    dataset = train_input_fn(splits.train, plan, 0, 0)(tf.distribute.InputContext())
+    dataset = array_train_input_fn(splits.train, plan, 0, 0)(tf.distribute.InputContext())
     iterator = iter(dataset)
     next(iterator)
     start = time.perf_counter()

@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--timeout", type=float, default=0,
                         help="seconds before an attempt is stopped (default: none)")
 
+    shard = commands.add_parser(
+        "shard", help="write a data source into sharded TFRecord files",
+        description="Write the train/validation/test splits of a data source into N TFRecord "
+                    "files each (plus manifest.json), for @load_tfrecords and FILE sharding.")
+    shard.add_argument("source", help="a data source configurable, e.g. load_mnist")
+    shard.add_argument("--shards", type=int, required=True, help="files per split")
+    shard.add_argument("--output", required=True, help="new directory for the files")
+    shard.add_argument("--gin_file", dest="more_files", action="append", default=[],
+                       metavar="FILE", help="gin file with the source's settings")
+    shard.add_argument("--gin_param", dest="bindings", action="append", default=[],
+                       metavar="BINDING", help="e.g. 'load_mnist.validation_size=10000'")
+
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the run store")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--tracking-uri", default=None,
@@ -76,6 +88,22 @@ def _run(args: argparse.Namespace) -> int:
     options = RunOptions(config_files=files, bindings=args.bindings, resume=args.resume,
                          dry_run=args.dry_run)
     run_experiment(options=options)
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    from lmt_tf import config
+    from lmt_tf.data.tfrecord import write_shards
+
+    config.parse(args.more_files, args.bindings)
+    source = config.configurable(args.source)
+    manifest = write_shards(source(), args.output, args.shards,
+                            echo=lambda line: print(line, flush=True))
+    print(f"lmt shard: wrote {manifest}; read it with run_experiment.data = @load_tfrecords "
+          f"and load_tfrecords.directory = '{args.output}'")
     return 0
 
 
@@ -153,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A scheduler's SIGTERM ends a run like Ctrl-C: KILLED in MLflow, checkpoints kept.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        return {"run": _run, "launch": _launch, "ui": _ui}[args.command](args)
+        commands = {"run": _run, "launch": _launch, "shard": _shard, "ui": _ui}
+        return commands[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):
             traceback.print_exc()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import gin
 import tf_keras as keras
 
-from lmt_tf.data import sources
+from lmt_tf.data import sources, tfrecord
+from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.errors import ConfigError
 from lmt_tf.models import cnn, mlp
 from lmt_tf.runtime import strategy
@@ -25,9 +27,9 @@ from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
 
 _PROJECT = {
-    "lmt": [TrainConfig, TrackingConfig, ExportConfig],
+    "lmt": [TrainConfig, TrackingConfig, ExportConfig, InputConfig],
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
-                 sources.load_npz, sources.load_csv],
+                 sources.load_npz, sources.load_csv, tfrecord.load_tfrecords],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
@@ -61,6 +63,21 @@ def register() -> None:
 def configured(cls: type) -> object:
     """An instance of the registered config dataclass ``cls`` with its gin bindings."""
     return gin.get_configurable(cls)()
+
+
+def configurable(name: str) -> Callable[..., Any]:
+    """The registered configurable called ``name`` (``@`` optional), with its bindings.
+
+    Raises:
+      ConfigError: for an unknown name, with close matches.
+    """
+    name = name.removeprefix("@")
+    try:
+        return gin.get_configurable(name)
+    except ValueError as e:
+        close = difflib.get_close_matches(name, _registered, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"no configurable named {name!r}{hint}") from e
 
 
 def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf import config
-from lmt_tf.data.pipeline import to_model_input
+from lmt_tf.data.pipeline import InputConfig, to_model_input
 from lmt_tf.data.splits import Splits
 from lmt_tf.rundir import RunDir, latest_run_dir, new_run_dir
 from lmt_tf.runtime.cluster import Role
@@ -89,7 +89,7 @@ def run_experiment(
         tf.config.experimental.enable_op_determinism()
 
     splits = data()
-    trainer = Trainer(train_config, strat)
+    trainer = Trainer(train_config, strat, config.configured(InputConfig))
     plan = trainer.plan(splits.train)
     echo(f"lmt: {info.name}, {info.replicas} replica(s); global batch "
          f"{plan.global_batch_size} = {plan.per_replica_batch_size} per replica; "
@@ -186,5 +186,5 @@ def _export(run: TrackedRun | NullRun, run_dir: RunDir, model: keras.Model, spli
         run.log_metrics({"export.saved_model_bytes": size}, step=0)
         echo(f"lmt: SavedModel {target} ({size / 1e6:.1f} MB)")
     if export_config.mlflow_model:
-        example = to_model_input(tf.constant(splits.test.x[:4])).numpy()
+        example = to_model_input(tf.constant(splits.test.sample(4))).numpy()
         echo(f"lmt: MLflow model {run.log_keras_model(load_saved_model(target), example)}")

@@ -9,10 +9,32 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from lmt_tf.checks import check, check_types
 from lmt_tf.data.splits import Split
 from lmt_tf.errors import ConfigError
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
+
+
+SHARD_POLICIES = ("AUTO", "FILE", "DATA", "OFF")
+
+
+@dataclass
+class InputConfig:
+    """How each worker's input pipeline takes its part of the data."""
+
+    # AUTO: FILE when a file source has at least one file per worker, else DATA.
+    # FILE: each worker reads its own files. DATA: every worker reads all and keeps its
+    # share of the examples. OFF: every worker reads everything (duplicates).
+    auto_shard_policy: str = "AUTO"
+    shuffle_buffer: int = 10_000  # examples; file sources only (arrays shuffle fully)
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(self.auto_shard_policy in SHARD_POLICIES, "InputConfig.auto_shard_policy",
+              f"must be one of {SHARD_POLICIES}, got {self.auto_shard_policy!r}")
+        check(self.shuffle_buffer >= 1, "InputConfig.shuffle_buffer",
+              f"must be >= 1, got {self.shuffle_buffer}")
 
 
 @dataclass(frozen=True)
@@ -62,10 +84,18 @@ def plan_batches(num_examples: int, global_batch_size: int, replicas: int,
 
 
 def to_model_input(x: tf.Tensor) -> tf.Tensor:
-    """Images stored as uint8 become float32 in [0, 1]; float features pass unchanged."""
+    """Images stored as uint8 become float32 in [0, 1]; other floats become float32;
+    integer ids (users, items, tokens) stay integers for embedding lookups."""
     if x.dtype == tf.uint8:
         return tf.cast(x, tf.float32) / 255.0
+    if x.dtype.is_integer:
+        return tf.cast(x, tf.int64)
     return tf.cast(x, tf.float32)
+
+
+def label_array(y: np.ndarray) -> np.ndarray:
+    """Integer class labels as int64, regression targets as float32."""
+    return y.astype(np.int64 if np.issubdtype(y.dtype, np.integer) else np.float32)
 
 
 def epoch_order(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
@@ -76,9 +106,10 @@ def epoch_order(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
                                                     seed=seeds)
 
 
-def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int) -> InputFn:
-    """An input function yielding epochs ``start_epoch, start_epoch + 1, ...`` of ``split``
-    without end (``model.fit`` takes ``steps_per_epoch`` steps of it per epoch).
+def array_train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int,
+                         shard_policy: str = "AUTO") -> InputFn:
+    """An input function yielding epochs ``start_epoch, start_epoch + 1, ...`` of the
+    in-memory ``split`` without end (``model.fit`` takes ``steps_per_epoch`` per epoch).
 
     Step ``s`` of an epoch uses examples ``order[s*B:(s+1)*B]`` of that epoch's seeded
     permutation (B = global batch), cut into per-replica chunks. Each input pipeline
@@ -90,16 +121,25 @@ def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int) -
     - parameter-server training (one replica, several worker pipelines): whole steps go
       round-robin to the pipelines, so no two workers train on the same examples.
 
+    With ``shard_policy`` OFF every pipeline yields the whole epoch; FILE is an error,
+    since arrays in memory have no files (``lmt shard`` writes TFRecord shards).
+
     Returns:
       A function of a ``tf.distribute.InputContext`` returning a ``tf.data.Dataset``
       of (features, labels) per-replica batches.
     """
-    x_all, y_all = split.x, split.y.astype(np.int64)
+    if shard_policy == "FILE":
+        raise ConfigError(f"InputConfig.auto_shard_policy FILE needs a file source, but "
+                          f"{len(split)} examples are in memory: use DATA, or write TFRecord "
+                          f"shards with `lmt shard` and read them with @load_tfrecords")
+    x_all, y_all = split.x, label_array(split.y)
     num_examples = len(split)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = context.get_per_replica_batch_size(plan.global_batch_size)
         pipelines, pipeline = context.num_input_pipelines, context.input_pipeline_id
+        if shard_policy == "OFF":
+            pipelines, pipeline = 1, 0
         block = max(context.num_replicas_in_sync, pipelines)  # chunks dealt per round
         chunks = plan.steps_per_epoch * context.num_replicas_in_sync // block * block
         features, labels = tf.constant(x_all), tf.constant(y_all)
@@ -116,12 +156,12 @@ def train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int) -
         epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
         dataset = epochs.flat_map(epoch_batches)
         dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-        return _without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
+        return without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
 
     return input_fn
 
 
-def eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
+def array_eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
     """Batches of the split in order, repeated without end; ``eval_steps`` of them cover
     the split exactly once (the last batch partial).
 
@@ -130,8 +170,13 @@ def eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
     steps remain (there, evaluation is approximate). Not cached: the arrays are in memory,
     and a cache op looks like a one-file source to TensorFlow's auto-sharding.
     """
-    dataset = tf.data.Dataset.from_tensor_slices((split.x, split.y.astype(np.int64)))
-    dataset = dataset.batch(global_batch_size).map(
+    dataset = tf.data.Dataset.from_tensor_slices((split.x, label_array(split.y)))
+    return evaluation_batches(dataset, global_batch_size)
+
+
+def evaluation_batches(examples: tf.data.Dataset, global_batch_size: int) -> tf.data.Dataset:
+    """(x, y) examples in order, batched, preprocessed and repeated (see above)."""
+    dataset = examples.batch(global_batch_size).map(
         lambda x, y: (to_model_input(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     # In-memory data cannot be sharded by file; shard by data when several workers evaluate.
@@ -140,11 +185,11 @@ def eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
 
 
 def eval_steps(split: Split, global_batch_size: int) -> int:
-    """Batches of ``eval_dataset`` that cover ``split`` once."""
+    """Batches of an evaluation dataset that cover ``split`` once."""
     return -(-len(split) // global_batch_size)
 
 
-def _without_autoshard(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def without_autoshard(dataset: tf.data.Dataset) -> tf.data.Dataset:
     # The input function already selects this pipeline's examples.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -23,10 +23,33 @@ class Split:
     def __len__(self) -> int:
         return len(self.x)
 
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def sample(self, count: int) -> np.ndarray:
+        """The first ``count`` feature rows, e.g. as an input example of an export."""
+        return self.x[:count]
+
+    # The input pipelines live in pipeline.py, which imports TensorFlow.
+    def train_input_fn(self, plan, seed: int, start_epoch: int, input_config=None):
+        """See ``pipeline.array_train_input_fn``; ``input_config`` is an InputConfig."""
+        from lmt_tf.data.pipeline import array_train_input_fn
+
+        policy = input_config.auto_shard_policy if input_config else "AUTO"
+        return array_train_input_fn(self, plan, seed, start_epoch, policy)
+
+    def eval_dataset(self, global_batch_size: int):
+        """See ``pipeline.array_eval_dataset``."""
+        from lmt_tf.data.pipeline import array_eval_dataset
+
+        return array_eval_dataset(self, global_batch_size)
+
 
 @dataclass(frozen=True)
 class Splits:
-    """A data set divided into train, validation and test splits."""
+    """A data set divided into train, validation and test splits: ``Split`` arrays in
+    memory, or file-backed splits with the same methods (``TFRecordSplit``)."""
 
     name: str
     train: Split
@@ -36,7 +59,7 @@ class Splits:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        return self.train.example_shape
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation),

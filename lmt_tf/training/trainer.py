@@ -16,7 +16,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import check, check_types
-from lmt_tf.data.pipeline import BatchPlan, eval_dataset, eval_steps, plan_batches, train_input_fn
+from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
 
 ModelFn = Callable[..., keras.Model]
@@ -57,9 +57,11 @@ class TrainResult:
 class Trainer:
     """Trains one model under one strategy."""
 
-    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy):
+    def __init__(self, config: TrainConfig, strategy: tf.distribute.Strategy,
+                 input_config: InputConfig | None = None):
         self.config = config
         self.strategy = strategy
+        self.input_config = input_config or InputConfig()
 
     def plan(self, train_split: Split) -> BatchPlan:
         """The batch plan for ``train_split`` under this strategy's replicas."""
@@ -104,13 +106,13 @@ class Trainer:
         resumed run continues exactly where the interrupted one stopped.
         """
         plan = self.plan(splits.train)
-        input_fn = train_input_fn(splits.train, plan, seed, initial_epoch)
+        input_fn = splits.train.train_input_fn(plan, seed, initial_epoch, self.input_config)
         history = model.fit(
             keras.utils.experimental.DatasetCreator(input_fn),
             epochs=self.config.epochs,
             initial_epoch=initial_epoch,
             steps_per_epoch=plan.steps_per_epoch,
-            validation_data=eval_dataset(splits.validation, plan.global_batch_size)
+            validation_data=splits.validation.eval_dataset(plan.global_batch_size)
             if len(splits.validation) else None,
             validation_steps=eval_steps(splits.validation, plan.global_batch_size),
             callbacks=list(callbacks),
@@ -121,7 +123,7 @@ class Trainer:
     def evaluate(self, model: keras.Model, split: Split) -> dict[str, float]:
         """Loss and metrics over the whole ``split``."""
         batch = self.config.global_batch_size
-        results = model.evaluate(eval_dataset(split, batch), steps=eval_steps(split, batch),
+        results = model.evaluate(split.eval_dataset(batch), steps=eval_steps(split, batch),
                                  return_dict=True, verbose=0)
         return {k: float(v) for k, v in results.items()}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lmt_tf.data.pipeline import eval_dataset, eval_steps, plan_batches, train_input_fn
+from lmt_tf.data.pipeline import array_eval_dataset, array_train_input_fn, eval_steps, plan_batches
 from lmt_tf.data.splits import Split
 from lmt_tf.errors import ConfigError
 
@@ -23,19 +23,19 @@ def _ids(input_fn, steps: int, context: tf.distribute.InputContext | None = None
 def test_each_epoch_is_a_seeded_permutation_without_repeats() -> None:
     plan = plan_batches(len(IDS), 10, replicas=1)
     assert plan.steps_per_epoch == 10  # 103 // 10: the partial batch is dropped
-    batches = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0), 20)
+    batches = _ids(array_train_input_fn(IDS, plan, seed=1, start_epoch=0), 20)
     assert len(batches) == 20 and all(len(b) == 10 for b in batches)
     first, second = sum(batches[:10], []), sum(batches[10:], [])
     assert len(set(first)) == 100 and len(set(second)) == 100
     assert first != second  # reshuffled every epoch
-    again = _ids(train_input_fn(IDS, plan, seed=1, start_epoch=0), 10)
+    again = _ids(array_train_input_fn(IDS, plan, seed=1, start_epoch=0), 10)
     assert sum(again, []) == first  # same seed, same order
 
 
 def test_starting_at_a_later_epoch_sees_that_epochs_batches() -> None:
     plan = plan_batches(len(IDS), 10, replicas=1)
-    whole = _ids(train_input_fn(IDS, plan, 4, 0), 30)
-    later = _ids(train_input_fn(IDS, plan, 4, 2), 10)
+    whole = _ids(array_train_input_fn(IDS, plan, 4, 0), 30)
+    later = _ids(array_train_input_fn(IDS, plan, 4, 2), 10)
     assert later == whole[20:]
 
 
@@ -43,9 +43,9 @@ def test_input_pipelines_split_every_global_batch_disjointly() -> None:
     """Two workers, two replicas each: per global step, the four per-replica slices are
     disjoint and together are exactly the single-pipeline global batch."""
     plan = plan_batches(len(IDS), 20, replicas=4)
-    single = _ids(train_input_fn(IDS, plan, 9, 0), 5)
+    single = _ids(array_train_input_fn(IDS, plan, 9, 0), 5)
     per_worker = [
-        _ids(train_input_fn(IDS, plan, 9, 0), 10,
+        _ids(array_train_input_fn(IDS, plan, 9, 0), 10,
              tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=w,
                                         num_replicas_in_sync=4))
         for w in range(2)]
@@ -59,8 +59,8 @@ def test_parameter_server_workers_take_whole_steps_round_robin() -> None:
     """Three worker pipelines, one replica in sync: each worker gets whole global batches,
     disjoint from the others', and together they are the epoch's batches."""
     plan = plan_batches(len(IDS), 10, replicas=1)
-    single = _ids(train_input_fn(IDS, plan, 2, 0), 9)  # 10 steps: 9 deal evenly to 3
-    workers = [_ids(train_input_fn(IDS, plan, 2, 0), 3,
+    single = _ids(array_train_input_fn(IDS, plan, 2, 0), 9)  # 10 steps: 9 deal evenly to 3
+    workers = [_ids(array_train_input_fn(IDS, plan, 2, 0), 3,
                     tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=w,
                                                num_replicas_in_sync=1))
                for w in range(3)]
@@ -71,11 +71,11 @@ def test_parameter_server_workers_take_whole_steps_round_robin() -> None:
 
 def test_uint8_images_become_floats_in_unit_range() -> None:
     images = Split(np.full((4, 2, 2), 255, np.uint8), np.zeros(4, np.int64))
-    x, y = next(iter(eval_dataset(images, 3)))
+    x, y = next(iter(array_eval_dataset(images, 3)))
     assert x.dtype == tf.float32 and float(tf.reduce_max(x)) == 1.0 and x.shape[0] == 3
     steps = eval_steps(images, 3)
     assert steps == 2  # the second batch is partial: the split is covered exactly once
-    assert [int(b[0].shape[0]) for b in eval_dataset(images, 3).take(steps)] == [3, 1]
+    assert [int(b[0].shape[0]) for b in array_eval_dataset(images, 3).take(steps)] == [3, 1]
 
 
 @pytest.mark.parametrize("batch, replicas, steps, message", [

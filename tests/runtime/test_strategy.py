@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.data.pipeline import train_input_fn
+from lmt_tf.data.pipeline import array_train_input_fn
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
@@ -47,7 +47,7 @@ def test_per_replica_batch_is_half_the_global_batch_and_covers_it() -> None:
     trainer = Trainer(TrainConfig(global_batch_size=32), mirrored_strategy(2))
     plan = trainer.plan(splits.train)
     assert plan.replicas == 2 and plan.per_replica_batch_size == 16
-    input_fn = train_input_fn(splits.train, plan, seed=3, start_epoch=0)
+    input_fn = array_train_input_fn(splits.train, plan, seed=3, start_epoch=0)
     mirrored = trainer.strategy.distribute_datasets_from_function(input_fn)
     x, _ = next(iter(mirrored))
     parts = trainer.strategy.experimental_local_results(x)

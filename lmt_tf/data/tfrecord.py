@@ -1,0 +1,211 @@
+"""Sharded TFRecord files: a writer for any data source, and a file-backed source whose
+workers can each read their own files (FILE sharding) or share out examples (DATA).
+
+A directory written by ``write_shards`` holds ``{split}-{i:05d}-of-{n:05d}.tfrecord``
+files and ``manifest.json`` (shape, dtypes, classes, per-file example counts). Every
+record carries the example's ``id`` (its index in its split), so sharding can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from lmt_tf.data.pipeline import (
+    BatchPlan,
+    InputConfig,
+    InputFn,
+    evaluation_batches,
+    label_array,
+    to_model_input,
+    without_autoshard,
+)
+from lmt_tf.data.splits import Splits
+from lmt_tf.errors import ConfigError, DataError
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation", "test")
+
+
+def write_shards(splits: Splits, directory: str | Path, shards: int,
+                 echo: Callable[[str], None] = print) -> Path:
+    """Writes every split of ``splits`` into ``shards`` TFRecord files each.
+
+    Examples are dealt round-robin, so shards differ in size by at most one example.
+
+    Returns:
+      The path of the manifest.
+
+    Raises:
+      ConfigError: if ``shards`` < 1 or the directory already holds a manifest.
+    """
+    if shards < 1:
+        raise ConfigError(f"--shards must be at least 1, got {shards}")
+    root = Path(directory)
+    if (root / MANIFEST).exists():
+        raise ConfigError(f"{root} already holds shards ({MANIFEST}); choose a new directory")
+    root.mkdir(parents=True, exist_ok=True)
+    first = splits.train
+    manifest = {"name": splits.name, "num_classes": splits.num_classes,
+                "example_shape": list(first.example_shape), "x_dtype": str(first.x.dtype),
+                "y_dtype": str(label_array(first.y).dtype), "splits": {}}
+    for name in SPLITS:
+        split = getattr(splits, name)
+        files = [f"{name}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
+        counts = [0] * shards
+        y = label_array(split.y)
+        writers = [tf.io.TFRecordWriter(str(root / f)) for f in files]
+        try:
+            for i in range(len(split)):
+                writers[i % shards].write(_example(i, split.x[i], y[i]))
+                counts[i % shards] += 1
+        finally:
+            for writer in writers:
+                writer.close()
+        manifest["splits"][name] = {"files": files, "counts": counts}
+        echo(f"lmt shard: {name}: {len(split):,} examples in {shards} files")
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return root / MANIFEST
+
+
+def _example(index: int, x: np.ndarray, y: np.generic) -> bytes:
+    label = (tf.train.Feature(int64_list=tf.train.Int64List(value=[int(y)]))
+             if np.issubdtype(type(y), np.integer)
+             else tf.train.Feature(float_list=tf.train.FloatList(value=[float(y)])))
+    features = {
+        "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
+        "x": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[np.ascontiguousarray(x).tobytes()])),
+        "y": label,
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+@dataclass(frozen=True)
+class TFRecordSplit:
+    """One split as TFRecord files; the same interface as an in-memory ``Split``."""
+
+    directory: Path
+    files: tuple[str, ...]
+    counts: tuple[int, ...]
+    example_shape: tuple[int, ...]
+    x_dtype: str
+    y_dtype: str
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def _parse(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        y_type = tf.int64 if self.y_dtype.startswith("int") else tf.float32
+        parsed = tf.io.parse_single_example(record, {
+            "id": tf.io.FixedLenFeature([], tf.int64),
+            "x": tf.io.FixedLenFeature([], tf.string),
+            "y": tf.io.FixedLenFeature([], y_type)})
+        x = tf.reshape(tf.io.decode_raw(parsed["x"], tf.dtypes.as_dtype(self.x_dtype)),
+                       self.example_shape)
+        return parsed["id"], x, parsed["y"]
+
+    def policy_for(self, pipelines: int, shard_policy: str) -> str:
+        """The policy in force: AUTO is FILE with at least one file per pipeline."""
+        if shard_policy == "AUTO":
+            return "FILE" if pipelines > 1 and len(self.files) >= pipelines else "DATA"
+        if shard_policy == "FILE" and len(self.files) < pipelines:
+            raise ConfigError(f"FILE sharding over {pipelines} workers needs at least "
+                              f"{pipelines} files; {self.directory} has {len(self.files)} "
+                              f"per split (write more with `lmt shard --shards`)")
+        return shard_policy
+
+    def examples(self, context: tf.distribute.InputContext, seed: int, epoch: tf.Tensor,
+                 shard_policy: str = "AUTO", shuffle_buffer: int = 10_000
+                 ) -> tf.data.Dataset:
+        """(id, x, y) of this pipeline's part of ``epoch``, shuffled by (seed, epoch): the
+        same on every restart.
+
+        FILE: pipeline p reads files p, p+P, ...; DATA: every pipeline reads all files in
+        the same order and keeps every P-th example; OFF: every pipeline reads everything.
+        """
+        pipelines, pipeline = context.num_input_pipelines, context.input_pipeline_id
+        policy = self.policy_for(pipelines, shard_policy)
+        files = [str(self.directory / f) for f in self.files]
+        if policy == "FILE":
+            files = files[pipeline::pipelines]
+        seeds = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+        order = tf.random.experimental.stateless_shuffle(tf.constant(files), seed=seeds)
+        dataset = tf.data.Dataset.from_tensor_slices(order).interleave(
+            tf.data.TFRecordDataset, cycle_length=min(4, len(files)))
+        dataset = _block_shuffle(dataset.map(self._parse), shuffle_buffer, seeds)
+        if policy == "DATA":
+            dataset = dataset.shard(pipelines, pipeline)
+        return dataset
+
+    def train_input_fn(self, plan: BatchPlan, seed: int, start_epoch: int,
+                       input_config: InputConfig | None = None) -> InputFn:
+        """Epochs from ``start_epoch`` without end, in per-replica batches."""
+        config = input_config or InputConfig()
+
+        def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            per_replica = context.get_per_replica_batch_size(plan.global_batch_size)
+            epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
+            dataset = epochs.flat_map(lambda e: self.examples(
+                context, seed, e, config.auto_shard_policy, config.shuffle_buffer))
+            dataset = dataset.map(lambda _, x, y: (to_model_input(x), y),
+                                  num_parallel_calls=tf.data.AUTOTUNE)
+            dataset = dataset.batch(per_replica, drop_remainder=True)
+            return without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
+
+        return input_fn
+
+    def eval_dataset(self, global_batch_size: int) -> tf.data.Dataset:
+        """All examples in file order, for validation or testing."""
+        files = [str(self.directory / f) for f in self.files]
+        examples = tf.data.TFRecordDataset(files).map(self._parse).map(lambda _, x, y: (x, y))
+        return evaluation_batches(examples, global_batch_size)
+
+    def sample(self, count: int) -> np.ndarray:
+        batch = next(iter(tf.data.TFRecordDataset(str(self.directory / self.files[0]))
+                          .map(self._parse).batch(count)))
+        return batch[1].numpy()
+
+
+def _block_shuffle(examples: tf.data.Dataset, block: int, seeds: tf.Tensor) -> tf.data.Dataset:
+    """Shuffles examples within consecutive blocks of ``block`` by a stateless permutation
+    of (seeds, block number): the same order for the same seeds on every run.
+    (``Dataset.shuffle`` takes no tensor seed inside a per-epoch function.)"""
+    epoch_seed = seeds[0] * 1_000_003 + seeds[1]
+
+    def permute(number: tf.Tensor, ids: tf.Tensor, x: tf.Tensor, y: tf.Tensor):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(tf.shape(ids)[0]), seed=tf.stack([epoch_seed, number]))
+        return tf.gather(ids, order), tf.gather(x, order), tf.gather(y, order)
+
+    return examples.batch(block).enumerate().map(permute).unbatch()
+
+
+def load_tfrecords(directory: str) -> Splits:
+    """The splits written by ``lmt shard`` into ``directory``.
+
+    Raises:
+      DataError: if the directory has no manifest or a listed file is missing.
+    """
+    root = Path(directory)
+    manifest_file = root / MANIFEST
+    if not manifest_file.is_file():
+        raise DataError(f"no TFRecord shards in {root} (no {MANIFEST}; write them with "
+                        f"`lmt shard SOURCE --shards N --output {root}`)")
+    manifest = json.loads(manifest_file.read_text())
+    parts = {}
+    for name in SPLITS:
+        entry = manifest["splits"][name]
+        missing = [f for f in entry["files"] if not (root / f).is_file()]
+        if missing:
+            raise DataError(f"{root}: files listed in {MANIFEST} are missing: {missing[:3]}")
+        parts[name] = TFRecordSplit(root, tuple(entry["files"]), tuple(entry["counts"]),
+                                    tuple(manifest["example_shape"]), manifest["x_dtype"],
+                                    manifest["y_dtype"])
+    return Splits(f"tfrecord:{manifest['name']}", parts["train"], parts["validation"],
+                  parts["test"], manifest["num_classes"])
