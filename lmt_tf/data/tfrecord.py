@@ -178,7 +178,8 @@ def _block_shuffle(examples: tf.data.Dataset, block: int, seeds: tf.Tensor) -> t
     (``Dataset.shuffle`` takes no tensor seed inside a per-epoch function.)"""
     epoch_seed = seeds[0] * 1_000_003 + seeds[1]
 
-    def permute(number: tf.Tensor, ids: tf.Tensor, x: tf.Tensor, y: tf.Tensor):
+    def permute(number: tf.Tensor, examples_block: tuple[tf.Tensor, ...]):
+        ids, x, y = examples_block
         order = tf.random.experimental.stateless_shuffle(
             tf.range(tf.shape(ids)[0]), seed=tf.stack([epoch_seed, number]))
         return tf.gather(ids, order), tf.gather(x, order), tf.gather(y, order)
