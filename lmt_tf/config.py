@@ -20,7 +20,7 @@ import tf_keras as keras
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.errors import ConfigError
-from lmt_tf.models import cnn, mlp
+from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.runtime import strategy
 from lmt_tf.tracking import TrackingConfig
 from lmt_tf.training.export import ExportConfig
@@ -29,8 +29,9 @@ from lmt_tf.training.trainer import TrainConfig
 _PROJECT = {
     "lmt": [TrainConfig, TrackingConfig, ExportConfig, InputConfig],
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
-                 sources.load_npz, sources.load_csv, tfrecord.load_tfrecords],
-    "lmt.models": [mlp.build_mlp, cnn.build_cnn],
+                 sources.load_npz, sources.load_csv, sources.load_movielens,
+                 tfrecord.load_tfrecords],
+    "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
                        strategy.parameter_server_strategy],

@@ -4,6 +4,7 @@ export, and owns the MLflow run from its start to its final status."""
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ from lmt_tf.data.splits import Splits
 from lmt_tf.rundir import RunDir, latest_run_dir, new_run_dir
 from lmt_tf.runtime.cluster import Role
 from lmt_tf.runtime.env import set_seed
-from lmt_tf.runtime.strategy import StrategyInfo, default_strategy, describe, role_of
+from lmt_tf.runtime.strategy import (
+    StrategyInfo,
+    default_strategy,
+    describe,
+    role_of,
+    variable_placement,
+)
 from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, run_links
 from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics
 from lmt_tf.training.export import ExportConfig, export_saved_model, load_saved_model
@@ -168,6 +175,8 @@ def _log_setup(run: TrackedRun | NullRun, options: RunOptions, info: StrategyInf
     if options.bindings:
         run.log_text("\n".join(options.bindings) + "\n", "config/given/bindings.gin")
     run.log_text(gin.config_str(), "config/config.gin")
+    run.log_text(json.dumps(variable_placement(model.variables), indent=2) + "\n",
+                 "placement.json")
 
 
 def _export(run: TrackedRun | NullRun, run_dir: RunDir, model: keras.Model, splits: Splits,

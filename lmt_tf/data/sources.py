@@ -183,6 +183,45 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
                       validation_fraction, test_fraction, seed)
 
 
+MOVIELENS_PACKAGE = "recbole"
+MOVIELENS_FILE = "recbole/dataset_example/ml-100k/ml-100k.inter"
+
+
+def load_movielens(validation_fraction: float = 0.1, test_fraction: float = 0.1,
+                   seed: int = 0) -> Splits:
+    """MovieLens-100K ratings (GroupLens): 100,000 ratings of 1,682 movies by 943 users,
+    from the file bundled in the ``recbole`` wheel (``pip install --no-deps recbole``).
+
+    Features are (user index, item index) as int64, ids renumbered from 0 in order of
+    first appearance; targets are the ratings 1-5 as float32 (regression,
+    ``num_classes`` 1).
+
+    Raises:
+      DataError: if recbole is not installed or its file is missing.
+    """
+    try:
+        dist = importlib.metadata.distribution(MOVIELENS_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise DataError("MovieLens-100K ships in the recbole wheel, which is not installed; "
+                        "run: pip install --no-deps recbole==1.2.1") from e
+    path = Path(dist.locate_file(MOVIELENS_FILE))
+    if not path.is_file():
+        raise DataError(f"recbole {dist.version} has no {MOVIELENS_FILE}")
+    with path.open() as f:
+        header = f.readline().rstrip("\n").split("\t")
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    user_at = header.index("user_id:token")
+    item_at = header.index("item_id:token")
+    rating_at = header.index("rating:float")
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    x = np.array([(users.setdefault(r[user_at], len(users)),
+                   items.setdefault(r[item_at], len(items))) for r in rows], dtype=np.int64)
+    y = np.array([float(r[rating_at]) for r in rows], dtype=np.float32)
+    return _three_way(Split(x, y), "movielens-100k", 1, validation_fraction, test_fraction,
+                      seed)
+
+
 def _three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
                test_fraction: float, seed: int) -> Splits:
     for label, value in (("validation_fraction", validation_fraction),

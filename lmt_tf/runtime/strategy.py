@@ -198,3 +198,13 @@ def _with_role(strategy: tf.distribute.Strategy,
                                 len(spec.get("worker", [])), len(spec.get("ps", [])),
                                 "chief" in spec)
     return strategy
+
+
+def variable_placement(variables: list[tf.Variable]) -> dict[str, list[str]]:
+    """Where each variable lives: one device per shard (partitioned variables on
+    parameter servers) or per replica (mirrored variables)."""
+    placement = {}
+    for variable in variables:
+        parts = getattr(variable, "variables", None) or getattr(variable, "values", None)
+        placement[variable.name] = [p.device for p in (parts or [variable])]
+    return placement

@@ -121,3 +121,15 @@ def test_npz_source(tmp_path: Path) -> None:
     assert splits.num_classes == 4
     with pytest.raises(DataError, match="npz file not found"):
         sources.load_npz(str(tmp_path / "none.npz"))
+
+
+def test_movielens_100k_from_recbole() -> None:
+    splits = sources.load_movielens()
+    assert splits.sizes() == {"train": 80000, "validation": 10000, "test": 10000}
+    every = np.concatenate([splits.train.x, splits.validation.x, splits.test.x])
+    assert every.dtype == np.int64 and every.shape[1] == 2
+    assert len(np.unique(every[:, 0])) == 943 and len(np.unique(every[:, 1])) == 1682
+    assert every[:, 0].max() == 942 and every[:, 1].max() == 1681  # ids from 0, no gaps
+    ratings = np.concatenate([splits.train.y, splits.validation.y, splits.test.y])
+    assert sorted(set(ratings.tolist())) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert splits.num_classes == 1

@@ -31,3 +31,16 @@ def test_mlp_shapes_and_float32_output() -> None:
     assert model.layers[-1].dtype == "float32"
     with pytest.raises(ConfigError, match="dropout"):
         build_mlp((4,), 2, dropout=1.0)
+
+
+def test_recommender_tables_and_rating_output() -> None:
+    from lmt_tf.models.recommender import build_recommender
+
+    model = build_recommender((2,), 1, num_users=10, num_items=20, embedding_dim=4,
+                              hidden_units=(8,))
+    assert model.get_layer("user_embedding").input_dim == 10
+    assert model.get_layer("item_embedding").input_dim == 20
+    assert model.output_shape == (None, 1)
+    assert model.count_params() == 10 * 4 + 20 * 4 + (8 * 8 + 8) + (8 + 1)
+    with pytest.raises(ConfigError, match="\\(user, item\\) pairs"):
+        build_recommender((28, 28), 10)

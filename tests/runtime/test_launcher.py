@@ -186,3 +186,25 @@ def test_port_in_use_is_one_line(gin_file, in_tmp: Path, monkeypatch, capsys) ->
                        "run_experiment.strategy = @multi_worker_mirrored_strategy"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "is in use" in err[0], err
+
+
+def test_embedding_tables_are_partitioned_over_two_ps(in_tmp: Path) -> None:
+    from tests.conftest import PROJECT_ROOT
+
+    launch = Launch(["--workers", "2", "--ps", "2", "--timeout", "300",
+                     str(PROJECT_ROOT / "experiments" / "movielens_ps.gin"),
+                     "--gin_param", "TrainConfig.steps_per_epoch = 20",
+                     "--gin_param", "TrainConfig.epochs = 1",
+                     "--gin_param", "ExportConfig.mlflow_model = False"], in_tmp)
+    assert launch.wait(360) == 0, launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED" and run.data.tags["lmt.cluster.ps"] == "2"
+    client = mlflow_client(in_tmp)
+    placement = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "placement.json", str(in_tmp))).read_text())
+    for table in ("user_embedding", "item_embedding"):
+        shards = {name: devices for name, devices in placement.items()
+                  if name.startswith(f"{table}/embeddings/part_")}
+        hosts = sorted(d.split("/device:")[0] for devices in shards.values() for d in devices)
+        assert hosts == ["/job:ps/replica:0/task:0", "/job:ps/replica:0/task:1"], placement
+    assert 0 < run.data.metrics["test_mae"] < 4  # ratings are 1 to 5 stars
