@@ -54,6 +54,12 @@ def register() -> None:
     """Registers lmt_tf's and Keras's configurables with gin (idempotent)."""
     if _registered:
         return
+    # The root declares itself configurable where it is defined; importing it here makes
+    # parsing independent of what the caller happened to import (experiment imports
+    # this module, hence the import at call time).
+    from lmt_tf.experiment import run_experiment
+
+    _registered.append(run_experiment.__name__)
     for module, items in {**_PROJECT, **_KERAS}.items():
         for item in items:
             gin.external_configurable(item, module=module)
