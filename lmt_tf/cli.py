@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="restart a failed cluster up to K times, resuming the run")
     launch.add_argument("--timeout", type=float, default=0,
                         help="seconds before an attempt is stopped (default: none)")
+    launch.add_argument("--evaluator", action="store_true",
+                        help="add a side-car evaluator task that validates each checkpoint")
 
     shard = commands.add_parser(
         "shard", help="write a data source into sharded TFRecord files",
@@ -120,7 +122,7 @@ def _launch(args: argparse.Namespace) -> int:
     if args.resume:
         run_args.append("--resume")
     return launch(run_args, args.workers, args.ps, args.restarts, args.timeout,
-                  echo=lambda line: print(line, flush=True))
+                  echo=lambda line: print(line, flush=True), evaluator=args.evaluator)
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,13 @@ from lmt_tf.runtime.strategy import (
 from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, run_links
 from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics
 from lmt_tf.training.export import ExportConfig, export_saved_model, load_saved_model
+from lmt_tf.training.sidecar import evaluate_checkpoints, wait_for_run_dir
 from lmt_tf.training.trainer import TrainConfig, Trainer
+
+# An evaluator accepts a chief's run directory made this long before it started, and
+# waits this long for the chief's next checkpoint.
+EVALUATOR_SLACK = 600  # seconds
+EVALUATOR_TIMEOUT = 3600  # seconds
 
 
 @dataclass
@@ -111,6 +118,10 @@ def run_experiment(
         return None
 
     role = role_of(strat)
+    if role.task_type == "evaluator":
+        _evaluate_beside(trainer, trainer.build_model(model, splits), splits, work_dir, name,
+                         options, echo)
+        return None
     if role.is_chief:
         run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
         previous = run_dir.read_state().get("run_id") if options.resume else None
@@ -152,6 +163,25 @@ def run_experiment(
     hint = "" if run.uri.startswith("http") else " (start the UI with `lmt ui`)"
     echo(f"lmt: run {run.run_id} FINISHED{hint}\n  run:  {run_url}\n  runs: {table_url}")
     return RunResult(run.run_id, run.experiment_id, run_dir.path, built, result.history, test)
+
+
+def _evaluate_beside(trainer: Trainer, built: keras.Model, splits: Splits, work_dir: str,
+                     name: str, options: RunOptions, echo: Callable[[str], None]) -> None:
+    """The evaluator task: validate every checkpoint of the chief's run as it appears."""
+    started = time.time()
+
+    def chiefs_run_dir() -> Path | None:
+        # The chief's run is the latest one, made (unless resuming) as this task started.
+        marker = Path(work_dir) / name / "LATEST"
+        if not marker.is_file() or (not options.resume
+                                    and marker.stat().st_mtime < started - EVALUATOR_SLACK):
+            return None
+        return latest_run_dir(work_dir, name).checkpoints
+
+    directory = wait_for_run_dir(chiefs_run_dir, timeout=EVALUATOR_TIMEOUT)
+    echo(f"lmt: evaluator watching {directory}")
+    evaluate_checkpoints(trainer.evaluate, built, splits.validation, directory,
+                         trainer.config.epochs, echo, timeout=EVALUATOR_TIMEOUT)
 
 
 def _log_setup(run: TrackedRun | NullRun, options: RunOptions, info: StrategyInfo,

@@ -52,14 +52,19 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def cluster_spec(workers: int, ps: int, ports: Sequence[int]) -> dict[str, list[str]]:
+def cluster_spec(workers: int, ps: int, ports: Sequence[int],
+                 evaluator: bool = False) -> dict[str, list[str]]:
     """The cluster: ``worker`` only for mirrored training, ``chief``/``worker``/``ps``
-    for parameter-server training."""
+    for parameter-server training; plus an ``evaluator`` if asked for."""
     addresses = [f"127.0.0.1:{p}" for p in ports]
     if ps == 0:
-        return {"worker": addresses[:workers]}
-    return {"chief": addresses[:1], "worker": addresses[1:1 + workers],
-            "ps": addresses[1 + workers:1 + workers + ps]}
+        spec = {"worker": addresses[:workers]}
+    else:
+        spec = {"chief": addresses[:1], "worker": addresses[1:1 + workers],
+                "ps": addresses[1 + workers:1 + workers + ps]}
+    if evaluator:
+        spec["evaluator"] = addresses[-1:]
+    return spec
 
 
 class _Cluster:
@@ -69,11 +74,14 @@ class _Cluster:
                  echo: Callable[[str], None]):
         self.processes: dict[Task, subprocess.Popen] = {}
         self._pumps: list[threading.Thread] = []
+        # The training tasks' TF_CONFIG does not list the evaluator; its own does.
+        training = {job: addresses for job, addresses in spec.items() if job != "evaluator"}
         for task_type, addresses in spec.items():
             for task_id in range(len(addresses)):
                 task = Task(task_type, task_id)
+                cluster = spec if task_type == "evaluator" else training
                 env = {**os.environ, "GRPC_FAIL_FAST": "use_caller",
-                       "TF_CONFIG": json.dumps({"cluster": spec, "task": {
+                       "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
                            "type": task_type, "index": task_id}}),
                        "PYTHONUNBUFFERED": "1"}
                 process = subprocess.Popen(
@@ -127,14 +135,16 @@ def _outcome(cluster: _Cluster, parameter_server: bool,
             continue
         echo(f"lmt launch: {task.name} exited with status {code}; stopping the cluster")
         return code
-    deciders = [t for t in codes if t.task_type == ("chief" if parameter_server else "worker")]
+    deciders = [t for t in codes
+                if t.task_type in ("chief" if parameter_server else "worker", "evaluator")]
     if all(codes[t] == 0 for t in deciders):
         return 0
     return None
 
 
 def launch(run_args: Sequence[str], workers: int, ps: int = 0, restarts: int = 0,
-           timeout: float = 0, echo: Callable[[str], None] = print) -> int:
+           timeout: float = 0, echo: Callable[[str], None] = print,
+           evaluator: bool = False) -> int:
     """Runs ``lmt run RUN_ARGS`` as a local cluster; returns the job's exit status.
 
     Args:
@@ -145,6 +155,7 @@ def launch(run_args: Sequence[str], workers: int, ps: int = 0, restarts: int = 0
         to this many times (continuing the same MLflow run from the last checkpoint).
       timeout: seconds for each attempt; 0 means none.
       echo: where prefixed task output goes.
+      evaluator: add a side-car evaluator task that validates each checkpoint.
 
     Raises:
       LmtError: for a bad cluster shape.
@@ -160,7 +171,7 @@ def launch(run_args: Sequence[str], workers: int, ps: int = 0, restarts: int = 0
     status = 1
     for attempt in range(restarts + 1):
         command = [*base, "--resume"] if resume else base
-        status = _attempt(command, workers, ps, timeout, echo)
+        status = _attempt(command, workers, ps, timeout, echo, evaluator)
         if status in (0, 130) or attempt == restarts:
             return status
         echo(f"lmt launch: attempt {attempt + 1} failed (status {status}); restarting "
@@ -170,8 +181,9 @@ def launch(run_args: Sequence[str], workers: int, ps: int = 0, restarts: int = 0
 
 
 def _attempt(command: Sequence[str], workers: int, ps: int, timeout: float,
-             echo: Callable[[str], None]) -> int:
-    spec = cluster_spec(workers, ps, free_ports(workers + (1 + ps if ps else 0)))
+             echo: Callable[[str], None], evaluator: bool) -> int:
+    tasks = workers + (1 + ps if ps else 0) + (1 if evaluator else 0)
+    spec = cluster_spec(workers, ps, free_ports(tasks), evaluator)
     echo(f"lmt launch: cluster {json.dumps(spec)}")
     lock = threading.Lock()
 

@@ -115,6 +115,8 @@ def multi_worker_mirrored_strategy(communication: str = "auto",
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=_COMMUNICATION[communication])
     resolver = _cluster_resolver(cluster)
+    if resolver.task_type == "evaluator":
+        return _evaluator_strategy()
     return _with_role(tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver, communication_options=options), resolver)
 
@@ -144,6 +146,8 @@ def parameter_server_strategy(max_shards: int | None = None,
                        "and one ps task (`lmt launch --workers N --ps M` starts such a "
                        "cluster locally)")
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    if role.task_type == "evaluator":
+        return _evaluator_strategy()
     if role.task_type in ("worker", "ps"):
         serve(resolver)
     partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
@@ -187,6 +191,15 @@ def describe(strategy: tf.distribute.Strategy) -> StrategyInfo:
 def role_of(strategy: tf.distribute.Strategy) -> Role:
     """This process's role in the strategy's cluster (a single process is a chief)."""
     return _ROLES.get(strategy, SINGLE_PROCESS)
+
+
+def _evaluator_strategy() -> tf.distribute.Strategy:
+    """A side-car evaluator is not part of the training cluster: it evaluates the chief's
+    checkpoints on its own devices."""
+    strategy = tf.distribute.OneDeviceStrategy(
+        "/gpu:0" if tf.config.list_physical_devices("GPU") else "/cpu:0")
+    _ROLES[strategy] = current_role()
+    return strategy
 
 
 def _with_role(strategy: tf.distribute.Strategy,

@@ -208,3 +208,14 @@ def test_embedding_tables_are_partitioned_over_two_ps(in_tmp: Path) -> None:
         hosts = sorted(d.split("/device:")[0] for devices in shards.values() for d in devices)
         assert hosts == ["/job:ps/replica:0/task:0", "/job:ps/replica:0/task:1"], placement
     assert 0 < run.data.metrics["test_mae"] < 4  # ratings are 1 to 5 stars
+
+
+def test_side_car_evaluator_validates_every_checkpoint(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.epochs = 3\n")
+    launch = Launch(["--workers", "2", "--evaluator", "--timeout", "240", exp], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    evaluated = re.findall(r"\[evaluator:0\] lmt: evaluated epoch (\d+): val_loss", launch.output)
+    assert evaluated and evaluated[-1] == "3"  # it saw the final checkpoint
+    assert [int(e) for e in evaluated] == sorted(int(e) for e in evaluated)
+    (run,) = all_runs(in_tmp)  # the evaluator does not make a run of its own
+    assert run.info.status == "FINISHED"
