@@ -46,3 +46,18 @@ def test_bound_params_flatten_every_binding(monkeypatch: pytest.MonkeyPatch) -> 
     assert params["run_experiment.model"] == "@build_cnn"
     assert params["build_cnn.filters"] == "(32, 64)"
     assert params["load_mnist.validation_size"] == "5000"
+
+
+def test_kubernetes_tfjob_runs_an_experiment_file_that_parses(monkeypatch) -> None:
+    import yaml
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    job = yaml.safe_load((PROJECT_ROOT / "experiments/k8s/mnist_tfjob.yaml").read_text())
+    assert job["kind"] == "TFJob"
+    (container,) = job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert container["name"] == "tensorflow"
+    command = container["command"]
+    assert command[:2] == ["lmt", "run"]
+    bindings = [command[i + 1] for i, arg in enumerate(command) if arg == "--gin_param"]
+    config.parse([command[2]], bindings)
+    assert config.bound_params()["run_experiment.strategy"] == "@multi_worker_mirrored_strategy"
