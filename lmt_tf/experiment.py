@@ -30,7 +30,7 @@ from lmt_tf.runtime.strategy import (
     variable_placement,
 )
 from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, run_links
-from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics
+from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics, Throughput
 from lmt_tf.training.export import ExportConfig, export_saved_model, load_saved_model
 from lmt_tf.training.sidecar import evaluate_checkpoints, wait_for_run_dir
 from lmt_tf.training.trainer import TrainConfig, Trainer
@@ -145,7 +145,8 @@ def run_experiment(
         if options.resume:
             echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
         saved = (lambda done: own.update_state(epochs=done)) if role.is_chief else None
-        callbacks = [EpochMetrics(run.log_metrics),
+        callbacks = [Throughput(run.log_metrics, plan.examples_per_epoch),
+                     EpochMetrics(run.log_metrics),
                      EpochCheckpoint(trainer.checkpoint_manager(built, own.checkpoints), saved)]
         if tracking_config.log_every_n_steps:
             callbacks.append(StepMetrics(run.log_metrics, tracking_config.log_every_n_steps,

@@ -38,6 +38,8 @@ def test_tiny_run_is_one_finished_mlflow_run_with_config_metrics_and_model(
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3]
     assert losses[-1].value < losses[0].value
+    speed = client.get_metric_history(run.info.run_id, "examples_per_second")
+    assert [m.step for m in speed] == [1, 2, 3] and all(m.value > 0 for m in speed)
     assert 0.5 < run.data.metrics["test_accuracy"] <= 1.0
     assert run.data.metrics["test_accuracy"] == pytest.approx(result.test_metrics["accuracy"])
     config_files = {a.path for a in client.list_artifacts(run.info.run_id, "config")}

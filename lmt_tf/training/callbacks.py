@@ -6,6 +6,7 @@ metric logged per step would force a device-to-host copy each step.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 import tensorflow as tf
@@ -25,6 +26,29 @@ class EpochMetrics(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         if logs:
             self._sink({k: float(v) for k, v in logs.items()}, epoch + 1)
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training examples per second of each epoch (validation excluded), sent to ``sink``
+    as ``examples_per_second`` at step ``epoch + 1``."""
+
+    def __init__(self, sink: MetricsSink, examples_per_epoch: int):
+        super().__init__()
+        self._sink = sink
+        self._examples = examples_per_epoch
+        self._start = 0.0
+        self._seconds: float | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self._start, self._seconds = time.perf_counter(), None
+
+    def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        if self._seconds is None:  # validation inside fit starts after the epoch's steps
+            self._seconds = time.perf_counter() - self._start
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        seconds = self._seconds or time.perf_counter() - self._start
+        self._sink({"examples_per_second": self._examples / seconds}, epoch + 1)
 
 
 class StepMetrics(keras.callbacks.Callback):
