@@ -8,6 +8,7 @@ since splitting the CPU into logical devices is only possible then.
 from __future__ import annotations
 
 import os
+import signal
 import weakref
 from dataclasses import dataclass
 
@@ -163,6 +164,9 @@ def serve(resolver: tf.distribute.cluster_resolver.ClusterResolver) -> None:
                                   task_index=resolver.task_id,
                                   protocol=resolver.rpc_layer or "grpc", start=True)
     print(f"lmt: {resolver.task_type}:{resolver.task_id} serving", flush=True)
+    # join() blocks in C++, where Python signal handlers never run: end at once instead.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     server.join()
     raise SystemExit(0)
 

@@ -219,3 +219,14 @@ def test_side_car_evaluator_validates_every_checkpoint(gin_file, in_tmp: Path) -
     assert [int(e) for e in evaluated] == sorted(int(e) for e in evaluated)
     (run,) = all_runs(in_tmp)  # the evaluator does not make a run of its own
     assert run.info.status == "FINISHED"
+
+
+def test_a_failing_task_stops_the_cluster_and_leaves_no_process(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    launch = Launch(["--workers", "2", "--ps", "1", "--timeout", "120", exp,
+                     "--gin_param", "TrainConfig.epochs = 0"], in_tmp)
+    assert launch.wait(180) == EXIT_USER_ERROR, launch.output
+    assert "[chief:0] lmt: error: TrainConfig.epochs must be >= 1, got 0" in launch.output
+    assert "chief:0 exited with status 2; stopping the cluster" in launch.output
+    assert set(launch.pids()) == {"chief:0", "worker:0", "worker:1", "ps:0"}
+    _assert_all_gone(launch.pids().values())
