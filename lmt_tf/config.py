@@ -21,6 +21,7 @@ from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.errors import ConfigError
 from lmt_tf.models import cnn, mlp, recommender
+from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.tracking import TrackingConfig
 from lmt_tf.training.export import ExportConfig
@@ -31,6 +32,8 @@ _PROJECT = {
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
                  sources.load_npz, sources.load_csv, sources.load_movielens,
                  tfrecord.load_tfrecords],
+    "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
+                  transforms.AdaptiveGradientClipping],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,

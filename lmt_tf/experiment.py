@@ -19,6 +19,7 @@ import tf_keras as keras
 from lmt_tf import config
 from lmt_tf.data.pipeline import InputConfig, to_model_input
 from lmt_tf.data.splits import Splits
+from lmt_tf.optim.train_step import inference_model
 from lmt_tf.rundir import RunDir, latest_run_dir, new_run_dir
 from lmt_tf.runtime.cluster import Role
 from lmt_tf.runtime.env import set_seed
@@ -112,6 +113,7 @@ def run_experiment(
     echo(f"lmt: data {splits.name}: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
     if options.dry_run:
         built = trainer.build_model(model, splits)
+        built = inference_model(built)
         echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
         echo(f"lmt: would train {train_config.epochs} epoch(s) in {work_dir}/{name}; "
              f"resolved config:\n{gin.config_str()}")
@@ -140,7 +142,7 @@ def run_experiment(
     with scratch as own_dir, run.active():
         own = RunDir(Path(own_dir))
         built = trainer.build_model(model, splits)
-        _log_setup(run, options, info, role, plan, splits, built)
+        _log_setup(run, options, info, role, plan, splits, inference_model(built))
         initial_epoch = trainer.restore(built, run_dir.checkpoints) if options.resume else 0
         if options.resume:
             echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
@@ -156,8 +158,9 @@ def run_experiment(
         test = trainer.evaluate(built, splits.test)
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=train_config.epochs)
         echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
-        _export(run, own, built, splits, export_config, echo)
+        _export(run, own, inference_model(built), splits, export_config, echo)
         run.log_text(gin.operative_config_str(), "config/operative_config.gin")
+    built = inference_model(built)
     if not role.is_chief:
         return RunResult(None, None, None, built, result.history, test)
     run_url, table_url = run_links(run.uri, run.experiment_id, run.run_id)

@@ -18,8 +18,10 @@ import tf_keras as keras
 from lmt_tf.checks import check, check_types
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
+from lmt_tf.optim.train_step import MicroBatchTrainStep
 
 ModelFn = Callable[..., keras.Model]
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclass
@@ -35,12 +37,21 @@ class TrainConfig:
     steps_per_execution: int = 1  # steps per tf.function call (fewer host round trips)
     verbose: int | None = None  # Keras verbosity; None: bar on a terminal, else per epoch
     deterministic: bool = False  # TensorFlow op determinism (slower; bitwise repeatable)
+    micro_batches: int = 1  # k: gradient accumulation over k micro-batches per step
+    gradient_transforms: tuple[Callable[..., Any], ...] = ()  # e.g. (@ClipByGlobalNorm(),)
+    precision: str = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, list):
             self.metrics = tuple(self.metrics)
+        if isinstance(self.gradient_transforms, list):
+            self.gradient_transforms = tuple(self.gradient_transforms)
         check_types(self)
         check(self.epochs >= 1, "TrainConfig.epochs", f"must be >= 1, got {self.epochs}")
+        check(self.micro_batches >= 1, "TrainConfig.micro_batches",
+              f"must be >= 1, got {self.micro_batches}")
+        check(self.precision in PRECISIONS, "TrainConfig.precision",
+              f"must be one of {PRECISIONS}, got {self.precision!r}")
         check(self.steps_per_execution >= 1, "TrainConfig.steps_per_execution",
               f"must be >= 1, got {self.steps_per_execution}")
 
@@ -64,21 +75,46 @@ class Trainer:
         self.input_config = input_config or InputConfig()
 
     def plan(self, train_split: Split) -> BatchPlan:
-        """The batch plan for ``train_split`` under this strategy's replicas."""
-        return plan_batches(len(train_split), self.config.global_batch_size,
+        """The batch plan for ``train_split`` under this strategy's replicas.
+
+        Raises:
+          ConfigError: if the per-replica batch does not split into the micro-batches.
+        """
+        plan = plan_batches(len(train_split), self.config.global_batch_size,
                             self.strategy.num_replicas_in_sync, self.config.steps_per_epoch)
+        check(plan.per_replica_batch_size % self.config.micro_batches == 0,
+              "TrainConfig.micro_batches", f"{self.config.micro_batches} must divide the "
+              f"per-replica batch of {plan.per_replica_batch_size}")
+        return plan
 
     def build_model(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
         """Builds and compiles the model; variables (optimizer slots included) are created
-        in the strategy's scope so that they are mirrored or placed on parameter servers."""
+        in the strategy's scope so that they are mirrored or placed on parameter servers.
+
+        With micro-batches or gradient transforms the returned model is a
+        ``MicroBatchTrainStep`` around the built one (``inference_model`` unwraps it).
+        """
+        previous = keras.mixed_precision.global_policy()
+        # Layers take the policy in force when they are built, and compile wraps the
+        # optimizer for loss scaling under mixed_float16; nothing else sees the policy.
+        keras.mixed_precision.set_global_policy(self.config.precision)
+        try:
+            return self._build(model_fn, splits)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+
+    def _build(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
         with self.strategy.scope():
             model = model_fn(input_shape=splits.input_shape, num_classes=splits.num_classes)
+            if self.config.micro_batches > 1 or self.config.gradient_transforms:
+                model = MicroBatchTrainStep(model, self.config.micro_batches,
+                                            self.config.gradient_transforms)
             optimizer = self.config.optimizer()
             model.compile(optimizer=optimizer, loss=self.config.loss,
                           metrics=list(self.config.metrics),
                           steps_per_execution=self.config.steps_per_execution)
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
-            optimizer.build(model.trainable_variables)
+            model.optimizer.build(model.trainable_variables)
         return model
 
     def checkpoint_manager(self, model: keras.Model,

@@ -1,0 +1,1 @@
+"""Optimisation: gradient transforms (clipping, AGC) and the micro-batching train step."""

@@ -1,0 +1,106 @@
+"""``MicroBatchTrainStep``: a Keras model wrapping the user's model whose train step
+(1) splits each per-replica batch into k micro-batches and sums their gradients in a
+loop, so activations of only one micro-batch are alive at a time; (2) aggregates the
+gradient over all replicas once; (3) applies the configured gradient transforms to that
+aggregated gradient (the semantics of one large batch); (4) updates once.
+
+k micro-batches of size b give the update of one batch of k*b (without BatchNorm), and
+learning-rate schedules see one optimizer step per k micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import tensorflow as tf
+import tf_keras as keras
+
+from lmt_tf.optim.transforms import global_norm
+
+Transform = Callable[[list[tf.Tensor], Sequence[tf.Variable]], list[tf.Tensor]]
+
+
+class MicroBatchTrainStep(keras.Model):
+    """Trains ``inner`` with micro-batching and post-aggregation gradient transforms.
+
+    Predictions, evaluation and export use ``inner`` unchanged.
+    """
+
+    def __init__(self, inner: keras.Model, micro_batches: int = 1,
+                 transforms: Sequence[Transform] = (), **kwargs):
+        super().__init__(name=f"{inner.name}_train_step", **kwargs)
+        self.inner = inner
+        self.micro_batches = micro_batches
+        self.transforms = list(transforms)
+        for transform in self.transforms:
+            if hasattr(transform, "bind"):
+                transform.bind(inner)
+        self.gradient_norm = keras.metrics.Mean(name="gradient_norm")
+
+    def call(self, inputs, training=None):
+        return self.inner(inputs, training=training)
+
+    def test_step(self, data):
+        # The gradient norm is a training metric: not reported for validation.
+        logs = super().test_step(data)
+        return {k: v for k, v in logs.items() if k != self.gradient_norm.name}
+
+    def _loss_and_gradients(self, x, y, sample_weight, variables):
+        with tf.GradientTape() as tape:
+            y_pred = self.inner(x, training=True)
+            loss = self.compute_loss(x, y, y_pred, sample_weight)
+            scaled = loss / self.micro_batches
+            if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
+                scaled = self.optimizer.get_scaled_loss(scaled)
+        gradients = tape.gradient(scaled, variables)
+        if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+        self.compiled_metrics.update_state(y, y_pred, sample_weight)
+        return [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
+                for g, v in zip(gradients, variables, strict=True)]
+
+    def _micro_batch_gradients(self, x, y, sample_weight, variables):
+        k = self.micro_batches
+        if k == 1:
+            return self._loss_and_gradients(x, y, sample_weight, variables)
+
+        def split(t):
+            return None if t is None else tf.reshape(
+                t, tf.concat([[k, tf.shape(t)[0] // k], tf.shape(t)[1:]], axis=0))
+
+        xs, ys, ws = tf.nest.map_structure(split, x), split(y), split(sample_weight)
+
+        def body(i, accumulated):
+            part = tf.nest.map_structure(lambda t: t[i], xs)
+            weight = None if ws is None else ws[i]
+            grads = self._loss_and_gradients(part, ys[i], weight, variables)
+            return i + 1, [a + g for a, g in zip(accumulated, grads, strict=True)]
+
+        zeros = [tf.zeros_like(v) for v in variables]
+        # A while loop (not an unrolled one) runs micro-batches one after another, so
+        # activations of only one are alive at a time.
+        _, summed = tf.while_loop(lambda i, _: i < k, body, [tf.constant(0), zeros],
+                                  parallel_iterations=1)
+        return summed
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = self.inner.trainable_variables
+        gradients = self._micro_batch_gradients(x, y, sample_weight, variables)
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables, strict=True)))
+        gradients = [g for g, _ in aggregated]
+        norm = global_norm(gradients)
+        finite = tf.math.is_finite(norm)
+        self.gradient_norm.update_state(tf.where(finite, norm, 0.0),
+                                        sample_weight=tf.cast(finite, tf.float32))
+        for transform in self.transforms:
+            gradients = transform(gradients, variables)
+        self.optimizer.apply_gradients(zip(gradients, variables, strict=True),
+                                       skip_gradients_aggregation=True)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The user's model inside a training wrapper, or the model itself."""
+    return model.inner if isinstance(model, MicroBatchTrainStep) else model

@@ -1,0 +1,112 @@
+"""Gradient transforms: each one's defining invariant, and clipping after aggregation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from lmt_tf.data.sources import load_digits
+from lmt_tf.errors import ConfigError
+from lmt_tf.models.mlp import build_mlp
+from lmt_tf.optim.train_step import inference_model
+from lmt_tf.optim.transforms import (
+    AdaptiveGradientClipping,
+    ClipByGlobalNorm,
+    ClipByNorm,
+    ClipByValue,
+    global_norm,
+)
+from lmt_tf.runtime.env import set_seed
+from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
+from lmt_tf.training.trainer import TrainConfig, Trainer
+
+GRADS = [tf.constant([[3.0, -4.0], [0.5, 0.0]]), tf.constant([12.0, -0.1])]
+VARS = [tf.Variable(tf.ones((2, 2))), tf.Variable(tf.ones(2))]
+
+
+def test_global_norm_clip_reaches_the_limit_and_keeps_direction() -> None:
+    clipped = ClipByGlobalNorm(2.0)(GRADS, VARS)
+    assert float(global_norm(clipped)) == pytest.approx(2.0, rel=1e-6)
+    ratio = float(global_norm(GRADS)) / 2.0
+    for before, after in zip(GRADS, clipped, strict=True):
+        np.testing.assert_allclose(after.numpy() * ratio, before.numpy(), rtol=1e-5)
+
+
+def test_gradients_under_the_limit_are_unchanged() -> None:
+    for transform in (ClipByGlobalNorm(100.0), ClipByNorm(100.0), ClipByValue(100.0)):
+        for before, after in zip(GRADS, transform(GRADS, VARS), strict=True):
+            np.testing.assert_array_equal(after.numpy(), before.numpy())
+
+
+def test_per_tensor_norm_and_value_clipping() -> None:
+    by_norm = ClipByNorm(1.0)(GRADS, VARS)
+    assert [float(tf.norm(g)) for g in by_norm] == pytest.approx([1.0, 1.0], rel=1e-6)
+    by_value = ClipByValue(0.5)(GRADS, VARS)
+    assert by_value[0].numpy().tolist() == [[0.5, -0.5], [0.5, 0.0]]
+
+
+def test_agc_matches_a_hand_computation() -> None:
+    """Brock et al. (2021): per output unit, clip ||G|| to lambda * max(||W||, eps)."""
+    w = np.array([[1.0, 0.0], [2.0, 0.0]], np.float32)  # unit norms: sqrt(5), 0 -> eps
+    g = np.array([[0.3, 0.01], [0.4, 0.0]], np.float32)  # unit norms: 0.5, 0.01
+    agc = AdaptiveGradientClipping(clip=0.1, eps=1e-3, exclude_final_layer=False)
+    (out,) = agc([tf.constant(g)], [tf.Variable(w)])
+    expected = g.copy()
+    # unit 0: 0.5 > 0.1*sqrt(5)=0.2236 -> scale to 0.2236; unit 1: 0.01 > 0.1*1e-3 -> 1e-4
+    expected[:, 0] *= 0.1 * np.sqrt(5.0) / 0.5
+    expected[:, 1] *= 0.1 * 1e-3 / 0.01
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5)
+    bias = AdaptiveGradientClipping(clip=0.5, exclude_final_layer=False)
+    (b,) = bias([tf.constant([1.0, 0.1])], [tf.Variable([1.0, 1.0])])
+    np.testing.assert_allclose(b.numpy(), [0.5, 0.1])  # vectors: element-wise
+
+
+def test_agc_leaves_the_final_layer_alone() -> None:
+    model = build_mlp((4,), 3, hidden_units=(5,))
+    agc = AdaptiveGradientClipping(clip=1e-6)
+    agc.bind(model)
+    grads = [tf.ones_like(v) for v in model.trainable_variables]
+    out = agc(grads, model.trainable_variables)
+    final = {v.name for v in model.get_layer("predictions").trainable_weights}
+    for v, before, after in zip(model.trainable_variables, grads, out, strict=True):
+        changed = not np.array_equal(before.numpy(), after.numpy())
+        assert changed == (v.name not in final), v.name
+
+
+@pytest.mark.parametrize("make, setting", [
+    (lambda: ClipByGlobalNorm(0.0), "ClipByGlobalNorm.limit"),
+    (lambda: ClipByNorm(-1.0), "ClipByNorm.limit"),
+    (lambda: ClipByValue(0), "ClipByValue.limit"),
+    (lambda: AdaptiveGradientClipping(clip=0.0), "AdaptiveGradientClipping.clip"),
+])
+def test_non_positive_limits_name_the_setting(make, setting: str) -> None:
+    with pytest.raises(ConfigError, match=f"{setting} must be > 0"):
+        make()
+
+
+def _clipped_step(strategy) -> tuple[list[np.ndarray], float]:
+    splits = load_digits()
+    config = TrainConfig(epochs=1, steps_per_epoch=1, global_batch_size=64, verbose=0,
+                         optimizer=lambda: keras.optimizers.SGD(1.0),
+                         gradient_transforms=(ClipByGlobalNorm(0.05),))
+    trainer = Trainer(config, strategy)
+    set_seed(5)
+    model = trainer.build_model(build_mlp, splits)
+    history = trainer.fit(model, splits, seed=2).history
+    return inference_model(model).get_weights(), history["gradient_norm"][0]
+
+
+def test_mirrored_clipping_equals_single_device_clipping_of_the_global_batch() -> None:
+    """Clipping applies to the aggregated gradient: two replicas clipping their halves
+    would differ from one device clipping the whole batch."""
+    single, norm = _clipped_step(default_strategy())
+    mirrored, mirrored_norm = _clipped_step(mirrored_strategy(2))
+    assert norm > 0.05 and mirrored_norm == pytest.approx(norm, rel=1e-5)  # it did clip
+    for a, b in zip(single, mirrored, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    set_seed(5)
+    initial = build_mlp((8, 8), 10).get_weights()
+    step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(single, initial, strict=True)))
+    assert step == pytest.approx(0.05, rel=1e-4)  # SGD(1.0) moved by the clipped norm
