@@ -2,7 +2,8 @@
 (1) splits each per-replica batch into k micro-batches and sums their gradients in a
 loop, so activations of only one micro-batch are alive at a time; (2) aggregates the
 gradient over all replicas once; (3) applies the configured gradient transforms to that
-aggregated gradient (the semantics of one large batch); (4) updates once.
+aggregated gradient (the semantics of one large batch); (4) updates once, each block's
+update scaled by its factor when layer-wise multipliers or unfreezing are configured.
 
 k micro-batches of size b give the update of one batch of k*b (without BatchNorm), and
 learning-rate schedules see one optimizer step per k micro-batches.
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 import tf_keras as keras
 
+from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
 from lmt_tf.optim.transforms import global_norm
 
 Transform = Callable[[list[tf.Tensor], Sequence[tf.Variable]], list[tf.Tensor]]
@@ -27,11 +29,13 @@ class MicroBatchTrainStep(keras.Model):
     """
 
     def __init__(self, inner: keras.Model, micro_batches: int = 1,
-                 transforms: Sequence[Transform] = (), **kwargs):
+                 transforms: Sequence[Transform] = (), schedule: BlockSchedule | None = None,
+                 **kwargs):
         super().__init__(name=f"{inner.name}_train_step", **kwargs)
         self.inner = inner
         self.micro_batches = micro_batches
         self.transforms = list(transforms)
+        self.schedule = schedule
         for transform in self.transforms:
             if hasattr(transform, "bind"):
                 transform.bind(inner)
@@ -96,9 +100,17 @@ class MicroBatchTrainStep(keras.Model):
                                         sample_weight=tf.cast(finite, tf.float32))
         for transform in self.transforms:
             gradients = transform(gradients, variables)
+        scaled = ([(v, tf.identity(v), self.schedule.factor_of[id(v)]) for v in variables
+                   if id(v) in self.schedule.factor_of] if self.schedule else [])
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True),
                                        skip_gradients_aggregation=True)
+        if scaled:
+            rescale_updates(scaled)
         return {m.name: m.result() for m in self.metrics}
+
+    def extra_callbacks(self) -> list[keras.callbacks.Callback]:
+        """Callbacks the step needs from ``fit`` (the unfreezing schedule)."""
+        return [self.schedule.callback()] if self.schedule else []
 
 
 def inference_model(model: keras.Model) -> keras.Model:

@@ -18,6 +18,7 @@ import tf_keras as keras
 from lmt_tf.checks import check, check_types
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
+from lmt_tf.optim.layerwise import BlockSchedule
 from lmt_tf.optim.train_step import MicroBatchTrainStep
 
 ModelFn = Callable[..., keras.Model]
@@ -40,6 +41,8 @@ class TrainConfig:
     micro_batches: int = 1  # k: gradient accumulation over k micro-batches per step
     gradient_transforms: tuple[Callable[..., Any], ...] = ()  # e.g. (@ClipByGlobalNorm(),)
     precision: str = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16
+    update_multipliers: dict[str, float] = field(default_factory=dict)  # block -> factor
+    unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, list):
@@ -52,6 +55,10 @@ class TrainConfig:
               f"must be >= 1, got {self.micro_batches}")
         check(self.precision in PRECISIONS, "TrainConfig.precision",
               f"must be one of {PRECISIONS}, got {self.precision!r}")
+        check(all(f >= 0 for f in self.update_multipliers.values()),
+              "TrainConfig.update_multipliers", f"must be >= 0, got {self.update_multipliers}")
+        check(all(e >= 0 for e in self.unfreeze_epochs.values()),
+              "TrainConfig.unfreeze_epochs", f"must be >= 0, got {self.unfreeze_epochs}")
         check(self.steps_per_execution >= 1, "TrainConfig.steps_per_execution",
               f"must be >= 1, got {self.steps_per_execution}")
 
@@ -106,9 +113,13 @@ class Trainer:
     def _build(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
         with self.strategy.scope():
             model = model_fn(input_shape=splits.input_shape, num_classes=splits.num_classes)
-            if self.config.micro_batches > 1 or self.config.gradient_transforms:
+            schedule = (BlockSchedule(model, self.config.update_multipliers,
+                                      self.config.unfreeze_epochs)
+                        if self.config.update_multipliers or self.config.unfreeze_epochs
+                        else None)
+            if self.config.micro_batches > 1 or self.config.gradient_transforms or schedule:
                 model = MicroBatchTrainStep(model, self.config.micro_batches,
-                                            self.config.gradient_transforms)
+                                            self.config.gradient_transforms, schedule)
             optimizer = self.config.optimizer()
             model.compile(optimizer=optimizer, loss=self.config.loss,
                           metrics=list(self.config.metrics),
@@ -143,6 +154,8 @@ class Trainer:
         """
         plan = self.plan(splits.train)
         input_fn = splits.train.train_input_fn(plan, seed, initial_epoch, self.input_config)
+        if isinstance(model, MicroBatchTrainStep):
+            callbacks = [*model.extra_callbacks(), *callbacks]
         history = model.fit(
             keras.utils.experimental.DatasetCreator(input_fn),
             epochs=self.config.epochs,

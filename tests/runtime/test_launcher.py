@@ -230,3 +230,18 @@ def test_a_failing_task_stops_the_cluster_and_leaves_no_process(gin_file, in_tmp
     assert "chief:0 exited with status 2; stopping the cluster" in launch.output
     assert set(launch.pids()) == {"chief:0", "worker:0", "worker:1", "ps:0"}
     _assert_all_gone(launch.pids().values())
+
+
+def test_accumulation_on_two_workers_equals_one_big_batch(gin_file, in_tmp: Path) -> None:
+    """k=4 micro-batches per replica on 2 workers: the same weights as one device taking
+    the whole global batch at once."""
+    exp = gin_file(TINY)
+    launch = Launch(["--workers", "2", "--timeout", "240", exp,
+                     "--gin_param", "TrainConfig.micro_batches = 4",
+                     "--gin_param", "run_experiment.work_dir = 'cluster'"], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    config.parse([exp], ["run_experiment.work_dir = 'local'"])
+    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,147 @@
+"""Costs of the optimisation techniques, on MNIST with the quickstart CNN.
+
+(a) Gradient accumulation: k=8 micro-batches of b=128 against one batch of 8b=1024 —
+    steps/s and the peak resident memory of the process (each configuration runs in a
+    fresh process, alternating, twice).
+(b) Local SGD under multi-worker training: not measured yet (local SGD is not built).
+(c) The clipping chain (global-norm clipping then AGC) against the plain Keras step:
+    steps/s, alternating in one process.
+
+    python benchmarks/optimization.py [--steps 20] [--rounds 2]
+
+Prints a table and writes benchmarks/results/optimization.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(global_batch: int, micro_batches: int, steps: int, transforms: tuple = ()) -> float:
+    """Steps/s of the second of two epochs (the first traces) of the quickstart CNN."""
+    import tf_keras as keras
+
+    from lmt_tf.data.sources import load_mnist
+    from lmt_tf.data.splits import Split
+    from lmt_tf.models.cnn import build_cnn
+    from lmt_tf.runtime.env import set_seed
+    from lmt_tf.runtime.strategy import default_strategy
+    from lmt_tf.training.trainer import TrainConfig, Trainer
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self.start
+
+    splits = load_mnist()
+    config = TrainConfig(epochs=2, steps_per_epoch=steps, global_batch_size=global_batch,
+                         micro_batches=micro_batches, gradient_transforms=transforms,
+                         verbose=0)
+    trainer = Trainer(config, default_strategy())
+    set_seed(0)
+    model = trainer.build_model(build_cnn, splits)
+    # No validation: only training steps are timed.
+    splits = dataclasses.replace(splits, validation=Split(splits.validation.x[:0],
+                                                          splits.validation.y[:0]))
+    timer = EpochTimer()
+    trainer.fit(model, splits, seed=0, callbacks=[timer])
+    return steps / timer.seconds
+
+
+def child(spec: dict) -> None:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    rate = _train(spec["global_batch"], spec["micro_batches"], spec["steps"])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"steps_per_second": rate, "peak_rss_bytes": peak}))
+
+
+def run_child(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=1800, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def accumulation(steps: int, rounds: int) -> dict:
+    configs = {"one batch of 1024": {"global_batch": 1024, "micro_batches": 1},
+               "8 micro-batches of 128": {"global_batch": 1024, "micro_batches": 8},
+               "one batch of 128 (reference)": {"global_batch": 128, "micro_batches": 1}}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for r in range(rounds):
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        for name in order:
+            runs[name].append(run_child({**configs[name], "steps": steps}))
+            print(f"(a) {name}: {runs[name][-1]}", file=sys.stderr)
+    summary = {name: {"steps_per_second": statistics.median(r["steps_per_second"] for r in rs),
+                      "peak_rss_mb": statistics.median(r["peak_rss_bytes"] for r in rs) / 2**20,
+                      "runs": rs}
+               for name, rs in runs.items()}
+    big, accumulated = summary["one batch of 1024"], summary["8 micro-batches of 128"]
+    summary["throughput_ratio"] = accumulated["steps_per_second"] / big["steps_per_second"]
+    summary["memory_ratio"] = accumulated["peak_rss_mb"] / big["peak_rss_mb"]
+    return summary
+
+
+def clipping(steps: int, rounds: int) -> dict:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    from lmt_tf.optim.transforms import AdaptiveGradientClipping, ClipByGlobalNorm
+
+    plain, clipped = [], []
+    for _ in range(rounds):
+        plain.append(_train(128, 1, steps))
+        clipped.append(_train(128, 1, steps, (ClipByGlobalNorm(1.0),
+                                                AdaptiveGradientClipping(0.05))))
+        print(f"(c) plain {plain[-1]:.2f}, clipped {clipped[-1]:.2f} steps/s", file=sys.stderr)
+    return {"plain_steps_per_second": statistics.median(plain),
+            "clipped_steps_per_second": statistics.median(clipped),
+            "cost": 1 - statistics.median(clipped) / statistics.median(plain),
+            "runs": {"plain": plain, "clipped": clipped}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+              "accumulation": accumulation(args.steps, args.rounds),
+              "local_sgd": "not measured: local SGD is not built yet",
+              "clipping": clipping(args.steps * 5, args.rounds + 1)}
+    acc, clip = result["accumulation"], result["clipping"]
+    print(f"{'(a) accumulation, global batch 1024':<42}{'steps/s':>10}{'peak RSS MB':>14}")
+    for name in ("one batch of 1024", "8 micro-batches of 128", "one batch of 128 (reference)"):
+        print(f"  {name:<40}{acc[name]['steps_per_second']:>10.2f}"
+              f"{acc[name]['peak_rss_mb']:>14.0f}")
+    print(f"  accumulated / one batch: throughput {acc['throughput_ratio']:.2f}, "
+          f"memory {acc['memory_ratio']:.2f}")
+    print("(b) local SGD: not measured (not built yet)")
+    print(f"(c) clipping chain: {clip['plain_steps_per_second']:.2f} -> "
+          f"{clip['clipped_steps_per_second']:.2f} steps/s, cost {100 * clip['cost']:.1f}%")
+    out = ROOT / "benchmarks" / "results" / "optimization.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
