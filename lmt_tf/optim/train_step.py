@@ -115,4 +115,6 @@ class MicroBatchTrainStep(keras.Model):
 
 def inference_model(model: keras.Model) -> keras.Model:
     """The user's model inside a training wrapper, or the model itself."""
-    return model.inner if isinstance(model, MicroBatchTrainStep) else model
+    from lmt_tf.optim.decoupled import DecoupledGreedyModel
+
+    return model.inner if isinstance(model, MicroBatchTrainStep | DecoupledGreedyModel) else model

@@ -18,6 +18,7 @@ import tf_keras as keras
 from lmt_tf.checks import check, check_types
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
+from lmt_tf.optim.decoupled import DecoupledGreedyModel
 from lmt_tf.optim.layerwise import BlockSchedule
 from lmt_tf.optim.train_step import MicroBatchTrainStep
 
@@ -43,6 +44,7 @@ class TrainConfig:
     precision: str = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16
     update_multipliers: dict[str, float] = field(default_factory=dict)  # block -> factor
     unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
+    decoupled_blocks: tuple[str, ...] = ()  # layers ending each greedily trained block
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, list):
@@ -59,6 +61,13 @@ class TrainConfig:
               "TrainConfig.update_multipliers", f"must be >= 0, got {self.update_multipliers}")
         check(all(e >= 0 for e in self.unfreeze_epochs.values()),
               "TrainConfig.unfreeze_epochs", f"must be >= 0, got {self.unfreeze_epochs}")
+        if isinstance(self.decoupled_blocks, list):
+            self.decoupled_blocks = tuple(self.decoupled_blocks)
+        combined = (self.micro_batches > 1 or self.gradient_transforms
+                    or self.update_multipliers or self.unfreeze_epochs)
+        check(not (self.decoupled_blocks and combined), "TrainConfig.decoupled_blocks",
+              "cannot be combined with micro_batches, gradient_transforms, "
+              "update_multipliers or unfreeze_epochs")
         check(self.steps_per_execution >= 1, "TrainConfig.steps_per_execution",
               f"must be >= 1, got {self.steps_per_execution}")
 
@@ -113,6 +122,9 @@ class Trainer:
     def _build(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
         with self.strategy.scope():
             model = model_fn(input_shape=splits.input_shape, num_classes=splits.num_classes)
+            if self.config.decoupled_blocks:
+                model = DecoupledGreedyModel(model, self.config.decoupled_blocks,
+                                             splits.num_classes, self.config.loss)
             schedule = (BlockSchedule(model, self.config.update_multipliers,
                                       self.config.unfreeze_epochs)
                         if self.config.update_multipliers or self.config.unfreeze_epochs
