@@ -7,10 +7,11 @@ config dataclasses are registered here explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,12 +113,28 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
     quiet = _NotFoundFilter()
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings(list(config_files), list(bindings),
-                                            finalize_config=True)
+        with _plain_files_only():
+            gin.parse_config_files_and_bindings(list(config_files), list(bindings),
+                                                finalize_config=True)
     except (OSError, ValueError, TypeError, SyntaxError) as e:
         raise ConfigError(_one_line(e)) from e
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _plain_files_only() -> Iterator[None]:
+    """Parses with gin's plain file reader only. gin 0.5's other reader takes an include
+    such as 'experiments/x.gin' for a Python package path and crashes (TypeError) when
+    `experiments` is importable as a namespace package, i.e. whenever the project root
+    is on sys.path; lmt_tf's includes are files, never package resources."""
+    readers = gin.config._FILE_READERS  # noqa: SLF001 (no public way to choose readers)
+    saved = list(readers)
+    readers[:] = [r for r in saved if r[0].__module__ != "gin.resource_reader"]
+    try:
+        yield
+    finally:
+        readers[:] = saved
 
 
 class _NotFoundFilter(logging.Filter):

@@ -63,3 +63,13 @@ def test_kubernetes_tfjob_runs_an_experiment_file_that_parses(monkeypatch) -> No
     bindings = [command[i + 1] for i, arg in enumerate(command) if arg == "--gin_param"]
     config.parse([command[2]], bindings)
     assert config.bound_params()["run_experiment.strategy"] == "@multi_worker_mirrored_strategy"
+
+
+def test_includes_resolve_with_the_project_on_sys_path(tmp_path: Path, monkeypatch) -> None:
+    """Run from elsewhere with the project root importable: `experiments` is then a
+    namespace package, which gin's package-resource reader would crash on."""
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT))
+    config.parse([str(PROJECT_ROOT / "experiments" / "mnist_accumulate.gin")], [])
+    assert config.bound_params()["TrainConfig.micro_batches"] == "4"
