@@ -245,3 +245,20 @@ def test_accumulation_on_two_workers_equals_one_big_batch(gin_file, in_tmp: Path
     for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_under_parameter_servers_equals_one_big_batch(gin_file,
+                                                                   in_tmp: Path) -> None:
+    """One worker, so steps run in order: k=4 micro-batches with clipping under a
+    parameter server give the weights of one device taking the whole batch."""
+    exp = gin_file(TINY + "TrainConfig.gradient_transforms = (@ClipByGlobalNorm(),)\n"
+                          "ClipByGlobalNorm.limit = 0.5\n")
+    launch = Launch(["--workers", "1", "--ps", "1", "--timeout", "240", exp,
+                     "--gin_param", "TrainConfig.micro_batches = 4",
+                     "--gin_param", "run_experiment.work_dir = 'cluster'"], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    config.parse([exp], ["run_experiment.work_dir = 'local'"])
+    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
