@@ -36,6 +36,8 @@ class MicroBatchTrainStep(keras.Model):
         self.micro_batches = micro_batches
         self.transforms = list(transforms)
         self.schedule = schedule
+        # Set by LocalSGD: each replica applies its own gradient, unaggregated.
+        self.local_updates = False
         for transform in self.transforms:
             if hasattr(transform, "bind"):
                 transform.bind(inner)
@@ -51,6 +53,7 @@ class MicroBatchTrainStep(keras.Model):
 
     def _loss_and_gradients(self, x, y, sample_weight, variables):
         with tf.GradientTape() as tape:
+            tape.watch(variables)  # replica-local weights are not trainable to TensorFlow
             y_pred = self.inner(x, training=True)
             loss = self.compute_loss(x, y, y_pred, sample_weight)
             scaled = loss / self.micro_batches
@@ -91,9 +94,16 @@ class MicroBatchTrainStep(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.inner.trainable_variables
         gradients = self._micro_batch_gradients(x, y, sample_weight, variables)
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables, strict=True)))
-        gradients = [g for g, _ in aggregated]
+        if self.local_updates:
+            # The loss was divided by the replica count so that replicas sum to the mean;
+            # a local step follows its own replica's mean gradient.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            gradients = [g * replicas for g in gradients]
+        else:
+            optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+            aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables,
+                                                                strict=True)))
+            gradients = [g for g, _ in aggregated]
         norm = global_norm(gradients)
         finite = tf.math.is_finite(norm)
         self.gradient_norm.update_state(tf.where(finite, norm, 0.0),

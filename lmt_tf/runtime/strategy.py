@@ -225,3 +225,14 @@ def variable_placement(variables: list[tf.Variable]) -> dict[str, list[str]]:
         parts = getattr(variable, "variables", None) or getattr(variable, "values", None)
         placement[variable.name] = [p.device for p in (parts or [variable])]
     return placement
+
+
+def local_updates_unsupported(strategy: tf.distribute.Strategy) -> str | None:
+    """Why local SGD has no meaning under ``strategy``, or None where it has."""
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        return ("parameter-server training is asynchronous; there are no replicas in sync "
+                "whose weights could be averaged")
+    if strategy.num_replicas_in_sync < 2:
+        return (f"{describe(strategy).name} has one replica, so there is nothing to average "
+                f"(use mirrored or multi-worker mirrored)")
+    return None

@@ -6,6 +6,7 @@ The Trainer asks the strategy how many replicas there are and never names a mode
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batche
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.optim.decoupled import DecoupledGreedyModel
 from lmt_tf.optim.layerwise import BlockSchedule
-from lmt_tf.optim.train_step import MicroBatchTrainStep
+from lmt_tf.optim.local_sgd import LocalSGD, replica_local_variables
+from lmt_tf.optim.train_step import MicroBatchTrainStep, inference_model
+from lmt_tf.runtime.strategy import local_updates_unsupported
 
 ModelFn = Callable[..., keras.Model]
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -45,6 +48,8 @@ class TrainConfig:
     update_multipliers: dict[str, float] = field(default_factory=dict)  # block -> factor
     unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
     decoupled_blocks: tuple[str, ...] = ()  # layers ending each greedily trained block
+    local_steps: int | None = None  # local SGD: average replicas every H local steps
+    sync_steps: int = 0  # post-local SGD: synchronous optimizer steps before local ones
 
     def __post_init__(self) -> None:
         if isinstance(self.metrics, list):
@@ -63,6 +68,13 @@ class TrainConfig:
               "TrainConfig.unfreeze_epochs", f"must be >= 0, got {self.unfreeze_epochs}")
         if isinstance(self.decoupled_blocks, list):
             self.decoupled_blocks = tuple(self.decoupled_blocks)
+        if self.local_steps is not None:
+            check(self.local_steps >= 1, "TrainConfig.local_steps",
+                  f"must be >= 1, got {self.local_steps}")
+            check(self.steps_per_execution == 1, "TrainConfig.local_steps",
+                  "needs TrainConfig.steps_per_execution = 1 (averaging runs between steps)")
+        check(self.sync_steps >= 0, "TrainConfig.sync_steps",
+              f"must be >= 0, got {self.sync_steps}")
         combined = (self.micro_batches > 1 or self.gradient_transforms
                     or self.update_multipliers or self.unfreeze_epochs)
         check(not (self.decoupled_blocks and combined), "TrainConfig.decoupled_blocks",
@@ -120,8 +132,17 @@ class Trainer:
             keras.mixed_precision.set_global_policy(previous)
 
     def _build(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
+        local = self.config.local_steps is not None
+        if local:
+            reason = local_updates_unsupported(self.strategy)
+            check(reason is None, "TrainConfig.local_steps", f"cannot be used: {reason}")
+        def per_replica():
+            return replica_local_variables() if local else contextlib.nullcontext()
+
         with self.strategy.scope():
-            model = model_fn(input_shape=splits.input_shape, num_classes=splits.num_classes)
+            with per_replica():
+                model = model_fn(input_shape=splits.input_shape,
+                                 num_classes=splits.num_classes)
             if self.config.decoupled_blocks:
                 model = DecoupledGreedyModel(model, self.config.decoupled_blocks,
                                              splits.num_classes, self.config.loss)
@@ -129,7 +150,8 @@ class Trainer:
                                       self.config.unfreeze_epochs)
                         if self.config.update_multipliers or self.config.unfreeze_epochs
                         else None)
-            if self.config.micro_batches > 1 or self.config.gradient_transforms or schedule:
+            if (self.config.micro_batches > 1 or self.config.gradient_transforms or schedule
+                    or local):
                 model = MicroBatchTrainStep(model, self.config.micro_batches,
                                             self.config.gradient_transforms, schedule)
             optimizer = self.config.optimizer()
@@ -137,7 +159,8 @@ class Trainer:
                           metrics=list(self.config.metrics),
                           steps_per_execution=self.config.steps_per_execution)
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
-            model.optimizer.build(model.trainable_variables)
+            with per_replica():  # under local SGD each replica keeps its own optimizer state
+                model.optimizer.build(model.trainable_variables)
         return model
 
     def checkpoint_manager(self, model: keras.Model,
@@ -168,6 +191,10 @@ class Trainer:
         input_fn = splits.train.train_input_fn(plan, seed, initial_epoch, self.input_config)
         if isinstance(model, MicroBatchTrainStep):
             callbacks = [*model.extra_callbacks(), *callbacks]
+        if self.config.local_steps is not None:
+            weights = [v for v in inference_model(model).weights if v.dtype.is_floating]
+            callbacks = [LocalSGD(self.config.local_steps, self.config.sync_steps,
+                                  plan.steps_per_epoch, weights), *callbacks]
         history = model.fit(
             keras.utils.experimental.DatasetCreator(input_fn),
             epochs=self.config.epochs,
