@@ -3,7 +3,9 @@
 (a) Gradient accumulation: k=8 micro-batches of b=128 against one batch of 8b=1024 —
     steps/s and the peak resident memory of the process (each configuration runs in a
     fresh process, alternating, twice).
-(b) Local SGD under multi-worker training: not measured yet (local SGD is not built).
+(b) Local SGD with H in {1, 4, 16} against synchronous training, on 2 mirrored replicas
+    (logical CPUs): examples/s and the number of weight averagings (all-reduces of the
+    weights). Multi-worker local SGD is refused for now (see the resolution note).
 (c) The clipping chain (global-norm clipping then AGC) against the plain Keras step:
     steps/s, alternating in one process.
 
@@ -29,8 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _train(global_batch: int, micro_batches: int, steps: int, transforms: tuple = ()) -> float:
-    """Steps/s of the second of two epochs (the first traces) of the quickstart CNN."""
+def _train(global_batch: int, micro_batches: int, steps: int, transforms: tuple = (),
+           strategy=None, local_steps: int | None = None) -> tuple[float, int]:
+    """Steps/s of the second of two epochs (the first traces) of the quickstart CNN, and
+    the weight averagings of that epoch."""
     import tf_keras as keras
 
     from lmt_tf.data.sources import load_mnist
@@ -50,23 +54,24 @@ def _train(global_batch: int, micro_batches: int, steps: int, transforms: tuple 
     splits = load_mnist()
     config = TrainConfig(epochs=2, steps_per_epoch=steps, global_batch_size=global_batch,
                          micro_batches=micro_batches, gradient_transforms=transforms,
-                         verbose=0)
-    trainer = Trainer(config, default_strategy())
+                         local_steps=local_steps, verbose=0)
+    trainer = Trainer(config, strategy or default_strategy())
     set_seed(0)
     model = trainer.build_model(build_cnn, splits)
     # No validation: only training steps are timed.
     splits = dataclasses.replace(splits, validation=Split(splits.validation.x[:0],
                                                           splits.validation.y[:0]))
     timer = EpochTimer()
-    trainer.fit(model, splits, seed=0, callbacks=[timer])
-    return steps / timer.seconds
+    history = trainer.fit(model, splits, seed=0, callbacks=[timer]).history
+    syncs = history.get("weight_synchronisations", [0, 0])
+    return steps / timer.seconds, int(syncs[-1] - syncs[0])
 
 
 def child(spec: dict) -> None:
     from lmt_tf.runtime.env import import_tensorflow
 
     import_tensorflow()
-    rate = _train(spec["global_batch"], spec["micro_batches"], spec["steps"])
+    rate, _ = _train(spec["global_batch"], spec["micro_batches"], spec["steps"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"steps_per_second": rate, "peak_rss_bytes": peak}))
 
@@ -105,9 +110,9 @@ def clipping(steps: int, rounds: int) -> dict:
 
     plain, clipped = [], []
     for _ in range(rounds):
-        plain.append(_train(128, 1, steps))
+        plain.append(_train(128, 1, steps)[0])
         clipped.append(_train(128, 1, steps, (ClipByGlobalNorm(1.0),
-                                                AdaptiveGradientClipping(0.05))))
+                                                AdaptiveGradientClipping(0.05)))[0])
         print(f"(c) plain {plain[-1]:.2f}, clipped {clipped[-1]:.2f} steps/s", file=sys.stderr)
     return {"plain_steps_per_second": statistics.median(plain),
             "clipped_steps_per_second": statistics.median(clipped),
@@ -115,18 +120,46 @@ def clipping(steps: int, rounds: int) -> dict:
             "runs": {"plain": plain, "clipped": clipped}}
 
 
+def local_sgd(steps: int) -> dict:
+    """In a child process: the CPU must be split before TensorFlow starts."""
+    done = subprocess.run([sys.executable, __file__, "--local-child", str(steps)],
+                          capture_output=True, text=True, timeout=3600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def local_child(steps: int) -> None:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    from lmt_tf.runtime.strategy import mirrored_strategy
+
+    strategy = mirrored_strategy(2)
+    rows = {}
+    for h in (None, 1, 4, 16):
+        rate, syncs = _train(128, 1, steps, strategy=strategy, local_steps=h)
+        rows["synchronous" if h is None else f"H={h}"] = {
+            "examples_per_second": rate * 128, "weight_averagings": syncs,
+            "gradient_all_reduces": steps if h is None else 0}
+        print(f"(b) {h}: {rows}", file=sys.stderr)
+    print(json.dumps(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--local-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
+    if args.local_child:
+        local_child(args.local_child)
+        return
     result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "accumulation": accumulation(args.steps, args.rounds),
-              "local_sgd": "not measured: local SGD is not built yet",
+              "local_sgd": local_sgd(args.steps * 4),
               "clipping": clipping(args.steps * 5, args.rounds + 1)}
     acc, clip = result["accumulation"], result["clipping"]
     print(f"{'(a) accumulation, global batch 1024':<42}{'steps/s':>10}{'peak RSS MB':>14}")
@@ -135,7 +168,11 @@ def main() -> None:
               f"{acc[name]['peak_rss_mb']:>14.0f}")
     print(f"  accumulated / one batch: throughput {acc['throughput_ratio']:.2f}, "
           f"memory {acc['memory_ratio']:.2f}")
-    print("(b) local SGD: not measured (not built yet)")
+    print(f"(b) local SGD on 2 mirrored replicas, {args.steps * 4} steps")
+    for name, row in result["local_sgd"].items():
+        print(f"  {name:<40}{row['examples_per_second']:>10.0f} examples/s"
+              f"{row['weight_averagings']:>6} averagings {row['gradient_all_reduces']:>5} "
+              f"gradient all-reduces")
     print(f"(c) clipping chain: {clip['plain_steps_per_second']:.2f} -> "
           f"{clip['clipped_steps_per_second']:.2f} steps/s, cost {100 * clip['cost']:.1f}%")
     out = ROOT / "benchmarks" / "results" / "optimization.json"

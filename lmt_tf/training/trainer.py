@@ -136,6 +136,7 @@ class Trainer:
         if local:
             reason = local_updates_unsupported(self.strategy)
             check(reason is None, "TrainConfig.local_steps", f"cannot be used: {reason}")
+
         def per_replica():
             return replica_local_variables() if local else contextlib.nullcontext()
 
