@@ -81,12 +81,28 @@ def _exported_weights(directory: Path) -> list[np.ndarray]:
     return keras.models.load_model(str(saved), compile=False).get_weights()
 
 
+def _assert_cluster_matches_local(exp: str, directory: Path, cluster_args: list[str],
+                                  local_bindings: list[str]) -> tuple[Launch, list]:
+    """Runs ``exp`` on a launched cluster, then in this process with ``local_bindings``,
+    and checks that both end with the same weights. Returns the launch and the MLflow
+    runs the cluster made."""
+    launch = Launch([*cluster_args, "--timeout", "240", exp,
+                     "--gin_param", "run_experiment.work_dir = 'cluster'"], directory)
+    assert launch.wait(300) == 0, launch.output
+    runs = all_runs(directory)
+    config.parse([exp], ["run_experiment.work_dir = 'local'", *local_bindings])
+    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    for a, b in zip(_exported_weights(directory / "cluster"), local.model.get_weights(),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    return launch, runs
+
+
 def test_two_workers_match_two_local_mirrored_replicas(gin_file, in_tmp: Path) -> None:
     exp = gin_file(TINY)
-    launch = Launch(["--workers", "2", "--timeout", "240", exp,
-                     "--gin_param", "run_experiment.work_dir = 'cluster'"], in_tmp)
-    assert launch.wait(300) == 0, launch.output
-    (run,) = all_runs(in_tmp)  # exactly one run for the whole cluster job
+    launch, runs = _assert_cluster_matches_local(
+        exp, in_tmp, ["--workers", "2"], ["run_experiment.strategy = @mirrored_strategy"])
+    (run,) = runs  # exactly one run for the whole cluster job
     assert run.info.status == "FINISHED"
     assert run.data.tags["lmt.strategy"] == "MultiWorkerMirroredStrategy"
     assert run.data.tags["lmt.replicas"] == "2" and run.data.tags["lmt.cluster.workers"] == "2"
@@ -94,13 +110,6 @@ def test_two_workers_match_two_local_mirrored_replicas(gin_file, in_tmp: Path) -
     assert [m.step for m in losses] == [1, 2] and losses[1].value < losses[0].value
     assert "[worker:1]" in launch.output and "[worker:0]" in launch.output
     _assert_all_gone(launch.pids().values())
-
-    config.parse([exp], ["run_experiment.strategy = @mirrored_strategy",
-                         "run_experiment.work_dir = 'local'"])
-    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
-    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_parameter_server_cluster_trains_and_logs(gin_file, in_tmp: Path) -> None:
@@ -236,15 +245,8 @@ def test_accumulation_on_two_workers_equals_one_big_batch(gin_file, in_tmp: Path
     """k=4 micro-batches per replica on 2 workers: the same weights as one device taking
     the whole global batch at once."""
     exp = gin_file(TINY)
-    launch = Launch(["--workers", "2", "--timeout", "240", exp,
-                     "--gin_param", "TrainConfig.micro_batches = 4",
-                     "--gin_param", "run_experiment.work_dir = 'cluster'"], in_tmp)
-    assert launch.wait(300) == 0, launch.output
-    config.parse([exp], ["run_experiment.work_dir = 'local'"])
-    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
-    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_cluster_matches_local(
+        exp, in_tmp, ["--workers", "2", "--gin_param", "TrainConfig.micro_batches = 4"], [])
 
 
 def test_accumulation_under_parameter_servers_equals_one_big_batch(gin_file,
@@ -253,12 +255,6 @@ def test_accumulation_under_parameter_servers_equals_one_big_batch(gin_file,
     parameter server give the weights of one device taking the whole batch."""
     exp = gin_file(TINY + "TrainConfig.gradient_transforms = (@ClipByGlobalNorm(),)\n"
                           "ClipByGlobalNorm.limit = 0.5\n")
-    launch = Launch(["--workers", "1", "--ps", "1", "--timeout", "240", exp,
-                     "--gin_param", "TrainConfig.micro_batches = 4",
-                     "--gin_param", "run_experiment.work_dir = 'cluster'"], in_tmp)
-    assert launch.wait(300) == 0, launch.output
-    config.parse([exp], ["run_experiment.work_dir = 'local'"])
-    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
-    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_cluster_matches_local(
+        exp, in_tmp, ["--workers", "1", "--ps", "1",
+                      "--gin_param", "TrainConfig.micro_batches = 4"], [])
