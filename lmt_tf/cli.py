@@ -82,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
     from lmt_tf.runtime.env import import_tensorflow
 
     import_tensorflow()
+    # MLflow's INFO lines (database migrations on first use) are not the user's concern.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from lmt_tf import config
     from lmt_tf.experiment import RunOptions, run_experiment
 

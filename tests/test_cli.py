@@ -68,6 +68,7 @@ def test_console_script_runs_an_experiment(in_tmp: Path) -> None:
     assert "FINISHED" in done.stdout and "#/experiments/" in done.stdout
     # No TensorFlow start-up banner reaches the user.
     assert "cuda" not in done.stderr.lower() and "onednn" not in done.stderr.lower()
+    assert "INFO mlflow" not in done.stderr  # no database-migration chatter either
     runs = all_runs(in_tmp)
     assert [r.info.status for r in runs] == ["FINISHED"]
 
