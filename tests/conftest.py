@@ -3,7 +3,6 @@ initialises, so MirroredStrategy has two replicas to work with on a CPU-only mac
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -67,5 +66,3 @@ TrainConfig.global_batch_size = 64
 TrainConfig.verbose = 0
 build_mlp.hidden_units = (32,)
 """
-
-os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -30,7 +30,7 @@ def test_gin_file_parses(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert gin.config_str().strip(), f"{name} binds nothing"
 
 
-@pytest.mark.parametrize("name", [n for n in GIN_FILES])
+@pytest.mark.parametrize("name", GIN_FILES)
 def test_every_number_has_a_comment(name: str) -> None:
     """Each number bound in a config file carries a comment with its unit or source."""
     for number, line in enumerate(Path(PROJECT_ROOT / name).read_text().splitlines(), 1):
