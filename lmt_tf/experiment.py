@@ -124,21 +124,7 @@ def run_experiment(
         _evaluate_beside(trainer, trainer.build_model(model, splits), splits, work_dir, name,
                          options, echo)
         return None
-    if role.is_chief:
-        run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
-        previous = run_dir.read_state().get("run_id") if options.resume else None
-        run: TrackedRun | NullRun = TrackedRun(tracking_config, name).start(
-            run_dir.name, run_id=previous)
-        run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
-                             tracking_uri=run.uri)
-        echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) in {run.uri}")
-        scratch = contextlib.nullcontext(run_dir.path)
-    else:
-        # Other tasks restore from the chief's checkpoints (a shared file system) and
-        # write their own (collective) saves to a scratch directory that is removed.
-        run_dir = latest_run_dir(work_dir, name) if options.resume else None
-        run = NullRun()
-        scratch = tempfile.TemporaryDirectory(prefix=f"lmt-{role.task_type}{role.task_id}-")
+    run, run_dir, scratch = _open_run(role, tracking_config, work_dir, name, options, echo)
     with scratch as own_dir, run.active():
         own = RunDir(Path(own_dir))
         built = trainer.build_model(model, splits)
@@ -167,6 +153,30 @@ def run_experiment(
     hint = "" if run.uri.startswith("http") else " (start the UI with `lmt ui`)"
     echo(f"lmt: run {run.run_id} FINISHED{hint}\n  run:  {run_url}\n  runs: {table_url}")
     return RunResult(run.run_id, run.experiment_id, run_dir.path, built, result.history, test)
+
+
+def _open_run(role: Role, tracking_config: TrackingConfig, work_dir: str, name: str,
+              options: RunOptions, echo: Callable[[str], None]
+              ) -> tuple[TrackedRun | NullRun, RunDir | None, contextlib.AbstractContextManager]:
+    """This task's MLflow run, the run directory to restore from (None for a fresh
+    non-chief task), and the directory it writes checkpoints and exports to.
+
+    The chief creates (or, resuming, re-opens) the MLflow run and writes the real run
+    directory. Other tasks log nothing; they restore from the chief's checkpoints (a
+    shared file system) and write their own (collective) saves to a scratch directory
+    that is removed afterwards.
+    """
+    if not role.is_chief:
+        restore_from = latest_run_dir(work_dir, name) if options.resume else None
+        scratch = tempfile.TemporaryDirectory(prefix=f"lmt-{role.task_type}{role.task_id}-")
+        return NullRun(), restore_from, scratch
+    run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
+    previous = run_dir.read_state().get("run_id") if options.resume else None
+    run = TrackedRun(tracking_config, name).start(run_dir.name, run_id=previous)
+    run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
+                         tracking_uri=run.uri)
+    echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) in {run.uri}")
+    return run, run_dir, contextlib.nullcontext(run_dir.path)
 
 
 def _evaluate_beside(trainer: Trainer, built: keras.Model, splits: Splits, work_dir: str,
