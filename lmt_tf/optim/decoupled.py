@@ -14,6 +14,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim.train_step import TrainingOnlyMetrics
 
 
 def _chain(model: keras.Model) -> list[keras.layers.Layer]:
@@ -29,7 +30,7 @@ def _chain(model: keras.Model) -> list[keras.layers.Layer]:
     return layers
 
 
-class DecoupledGreedyModel(keras.Model):
+class DecoupledGreedyModel(TrainingOnlyMetrics):
     """Trains ``inner`` block by block; ``boundaries`` name the last layer of each block
     but the final one."""
 
@@ -56,6 +57,7 @@ class DecoupledGreedyModel(keras.Model):
                 self.heads[layer.name].build(layer.output.shape)
         self.block_losses_mean = [keras.metrics.Mean(name=f"block_{i}_loss")
                                   for i in range(len(self._boundaries))]
+        self._training_only = tuple(m.name for m in self.block_losses_mean)
 
     def call(self, inputs, training=None):
         return self.inner(inputs, training=training)
@@ -101,7 +103,3 @@ class DecoupledGreedyModel(keras.Model):
             mean.update_state(loss * replicas)
         self.compiled_metrics.update_state(y, outputs[-1], sample_weight)
         return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        logs = super().test_step(data)
-        return {k: v for k, v in logs.items() if not k.startswith("block_")}

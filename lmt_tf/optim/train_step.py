@@ -22,7 +22,32 @@ from lmt_tf.optim.transforms import global_norm
 Transform = Callable[[list[tf.Tensor], Sequence[tf.Variable]], list[tf.Tensor]]
 
 
-class MicroBatchTrainStep(keras.Model):
+class TrainingOnlyMetrics(keras.Model):
+    """A model with metrics that mean something only while training (gradient norm,
+    auxiliary losses). They are left out of ``metrics`` while evaluating, so evaluation
+    logs name exactly the model's metrics: Keras then reports the metrics aggregated
+    over all workers instead of a sum of per-worker step results."""
+
+    _training_only: tuple[str, ...] = ()
+    _evaluating = False
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self._evaluating:
+            return [m for m in metrics if m.name not in self._training_only]
+        return metrics
+
+    def evaluate(self, *args, **kwargs):
+        # fit() validates through evaluate() too.
+        self._evaluating = True
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._evaluating = False
+
+
+class MicroBatchTrainStep(TrainingOnlyMetrics):
     """Trains ``inner`` with micro-batching and post-aggregation gradient transforms.
 
     Predictions, evaluation and export use ``inner`` unchanged.
@@ -42,14 +67,10 @@ class MicroBatchTrainStep(keras.Model):
             if hasattr(transform, "bind"):
                 transform.bind(inner)
         self.gradient_norm = keras.metrics.Mean(name="gradient_norm")
+        self._training_only = ("gradient_norm",)
 
     def call(self, inputs, training=None):
         return self.inner(inputs, training=training)
-
-    def test_step(self, data):
-        # The gradient norm is a training metric: not reported for validation.
-        logs = super().test_step(data)
-        return {k: v for k, v in logs.items() if k != self.gradient_norm.name}
 
     def _loss_and_gradients(self, x, y, sample_weight, variables):
         with tf.GradientTape() as tape:

@@ -232,11 +232,6 @@ def local_updates_unsupported(strategy: tf.distribute.Strategy) -> str | None:
     if isinstance(strategy, tf.distribute.ParameterServerStrategy):
         return ("parameter-server training is asynchronous; there are no replicas in sync "
                 "whose weights could be averaged")
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        # Training runs, but validation and test metrics come out wrong (accuracy above
-        # 1 on 2 workers): blocked until that is understood and tested.
-        return ("local SGD across workers is not supported yet (its evaluation metrics "
-                "are wrong); use @mirrored_strategy")
     if strategy.num_replicas_in_sync < 2:
         return (f"{describe(strategy).name} has one replica, so there is nothing to average "
                 f"(use mirrored or multi-worker mirrored)")

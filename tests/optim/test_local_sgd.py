@@ -71,14 +71,3 @@ def test_local_sgd_needs_replicas_in_sync() -> None:
             build_mlp, load_digits())
     with pytest.raises(ConfigError, match="TrainConfig.local_steps must be >= 1"):
         TrainConfig(local_steps=0)
-
-
-@pytest.mark.slow
-def test_local_sgd_across_workers_is_refused_for_now(gin_file, in_tmp) -> None:
-    from tests.conftest import TINY
-    from tests.runtime.test_launcher import Launch
-
-    exp = gin_file(TINY + "TrainConfig.local_steps = 4\n")
-    launch = Launch(["--workers", "2", "--timeout", "120", exp], in_tmp)
-    assert launch.wait(180) == 2, launch.output
-    assert "local SGD across workers is not supported yet" in launch.output

@@ -84,8 +84,8 @@ def _exported_weights(directory: Path) -> list[np.ndarray]:
 def _assert_cluster_matches_local(exp: str, directory: Path, cluster_args: list[str],
                                   local_bindings: list[str]) -> tuple[Launch, list]:
     """Runs ``exp`` on a launched cluster, then in this process with ``local_bindings``,
-    and checks that both end with the same weights. Returns the launch and the MLflow
-    runs the cluster made."""
+    and checks that both end with the same weights and the same test metrics. Returns
+    the launch and the MLflow runs the cluster made."""
     launch = Launch([*cluster_args, "--timeout", "240", exp,
                      "--gin_param", "run_experiment.work_dir = 'cluster'"], directory)
     assert launch.wait(300) == 0, launch.output
@@ -95,6 +95,10 @@ def _assert_cluster_matches_local(exp: str, directory: Path, cluster_args: list[
     for a, b in zip(_exported_weights(directory / "cluster"), local.model.get_weights(),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Metrics aggregated over the workers, not summed (accuracy stays a fraction).
+    (cluster_run,) = runs
+    for name, value in local.test_metrics.items():
+        assert cluster_run.data.metrics[f"test_{name}"] == pytest.approx(value, rel=1e-4)
     return launch, runs
 
 
@@ -258,3 +262,25 @@ def test_accumulation_under_parameter_servers_equals_one_big_batch(gin_file,
     _assert_cluster_matches_local(
         exp, in_tmp, ["--workers", "1", "--ps", "1",
                       "--gin_param", "TrainConfig.micro_batches = 4"], [])
+
+
+def test_local_sgd_on_two_workers_with_one_local_step_is_synchronous(gin_file,
+                                                                     in_tmp: Path) -> None:
+    """H=1 local SGD across 2 worker processes: one weight averaging per step, and the
+    weights and metrics of synchronous training on 2 local replicas."""
+    exp = gin_file(TINY)
+    _, (run,) = _assert_cluster_matches_local(
+        exp, in_tmp, ["--workers", "2", "--gin_param", "TrainConfig.local_steps = 1"],
+        ["run_experiment.strategy = @mirrored_strategy"])
+    history = mlflow_client(in_tmp).get_metric_history(run.info.run_id,
+                                                       "weight_synchronisations")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [18.0, 36.0]
+
+
+def test_local_sgd_on_two_workers_averages_every_h_steps(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.local_steps = 4\nTrainConfig.steps_per_epoch = 16\n")
+    launch = Launch(["--workers", "2", "--timeout", "240", exp], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.data.metrics["weight_synchronisations"] == 8.0  # 32 steps / H=4
+    assert 0.3 < run.data.metrics["test_accuracy"] <= 1.0
