@@ -6,8 +6,10 @@
 (b) Local SGD with H in {1, 4, 16} against synchronous training under multi-worker
     mirrored (2 worker processes via `lmt launch`): examples/s (lmt's own metric, first
     epoch dropped) and the number of weight averagings (all-reduces of the weights).
-(c) The clipping chain (global-norm clipping then AGC) against the plain Keras step:
-    steps/s, alternating in one process.
+(c) The clipping chain (global-norm clipping then AGC): lmt's train step with the chain
+    against the same step with an identity transform (the chain's own cost), and that
+    step against the plain Keras step (the custom step's cost); steps/s, alternating in
+    one process.
 
     python benchmarks/optimization.py [--steps 20] [--rounds 2]
 
@@ -108,16 +110,24 @@ def clipping(steps: int, rounds: int) -> dict:
     import_tensorflow()
     from lmt_tf.optim.transforms import AdaptiveGradientClipping, ClipByGlobalNorm
 
-    plain, clipped = [], []
-    for _ in range(rounds):
-        plain.append(_train(128, 1, steps)[0])
-        clipped.append(_train(128, 1, steps, (ClipByGlobalNorm(1.0),
-                                                AdaptiveGradientClipping(0.05)))[0])
-        print(f"(c) plain {plain[-1]:.2f}, clipped {clipped[-1]:.2f} steps/s", file=sys.stderr)
-    return {"plain_steps_per_second": statistics.median(plain),
-            "clipped_steps_per_second": statistics.median(clipped),
-            "cost": 1 - statistics.median(clipped) / statistics.median(plain),
-            "runs": {"plain": plain, "clipped": clipped}}
+    def identity(gradients, variables):
+        return gradients
+
+    variants = {"plain Keras step": (), "lmt step, identity transform": (identity,),
+                "lmt step, clipping chain": (ClipByGlobalNorm(1.0),
+                                             AdaptiveGradientClipping(0.05))}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
+            rates[name].append(_train(128, 1, steps, variants[name])[0])
+        print(f"(c) round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()),
+              file=sys.stderr)
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    return {"steps_per_second": median, "runs": rates,
+            "chain_cost": 1 - median["lmt step, clipping chain"]
+            / median["lmt step, identity transform"],
+            "custom_step_cost": 1 - median["lmt step, identity transform"]
+            / median["plain Keras step"]}
 
 
 def local_sgd(steps: int) -> dict:
@@ -156,30 +166,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--parts", default="abc", help="which measurements to run, e.g. 'c'")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "accumulation": accumulation(args.steps, args.rounds),
-              "local_sgd": local_sgd(args.steps * 2),
-              "clipping": clipping(args.steps * 5, args.rounds + 1)}
-    acc, clip = result["accumulation"], result["clipping"]
-    print(f"{'(a) accumulation, global batch 1024':<42}{'steps/s':>10}{'peak RSS MB':>14}")
-    for name in ("one batch of 1024", "8 micro-batches of 128", "one batch of 128 (reference)"):
-        print(f"  {name:<40}{acc[name]['steps_per_second']:>10.2f}"
-              f"{acc[name]['peak_rss_mb']:>14.0f}")
-    print(f"  accumulated / one batch: throughput {acc['throughput_ratio']:.2f}, "
-          f"memory {acc['memory_ratio']:.2f}")
-    print(f"(b) local SGD on 2 workers, 3 epochs of {args.steps * 2} steps (first dropped)")
-    for name, row in result["local_sgd"].items():
-        print(f"  {name:<40}{row['examples_per_second']:>10.0f} examples/s"
-              f"{row['weight_averagings']:>6} averagings {row['gradient_all_reduces']:>5} "
-              f"gradient all-reduces")
-    print(f"(c) clipping chain: {clip['plain_steps_per_second']:.2f} -> "
-          f"{clip['clipped_steps_per_second']:.2f} steps/s, cost {100 * clip['cost']:.1f}%")
     out = ROOT / "benchmarks" / "results" / "optimization.json"
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    if "a" in args.parts:
+        result["accumulation"] = accumulation(args.steps, args.rounds)
+    if "b" in args.parts:
+        result["local_sgd"] = local_sgd(args.steps * 2)
+    if "c" in args.parts:
+        result["clipping"] = clipping(args.steps * 10, args.rounds + 3)
+    acc, clip = result.get("accumulation"), result.get("clipping")
+    if acc:
+        print(f"{'(a) accumulation, global batch 1024':<42}{'steps/s':>10}{'peak RSS MB':>14}")
+        for name in ("one batch of 1024", "8 micro-batches of 128",
+                     "one batch of 128 (reference)"):
+            print(f"  {name:<40}{acc[name]['steps_per_second']:>10.2f}"
+                  f"{acc[name]['peak_rss_mb']:>14.0f}")
+        print(f"  accumulated / one batch: throughput {acc['throughput_ratio']:.2f}, "
+              f"memory {acc['memory_ratio']:.2f}")
+    if "local_sgd" in result:
+        print(f"(b) local SGD on 2 workers, 3 epochs of {args.steps * 2} steps (first dropped)")
+        for name, row in result["local_sgd"].items():
+            print(f"  {name:<40}{row['examples_per_second']:>10.0f} examples/s"
+                  f"{row['weight_averagings']:>6} averagings "
+                  f"{row['gradient_all_reduces']:>5} gradient all-reduces")
+    if clip:
+        for name, rate in clip["steps_per_second"].items():
+            print(f"(c) {name:<38}{rate:>10.2f} steps/s")
+        print(f"    clipping chain cost {100 * clip['chain_cost']:.1f}%, lmt step cost "
+              f"{100 * clip['custom_step_cost']:.1f}%")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
