@@ -25,42 +25,32 @@ def global_norm(gradients: Sequence[tf.Tensor]) -> tf.Tensor:
 
 
 @dataclass
-class ClipByValue:
-    """Clips every gradient element into [-limit, limit]."""
+class _Clip:
+    """A transform bounded by a positive ``limit``."""
 
     limit: float = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)
-        check(self.limit > 0, "ClipByValue.limit", f"must be > 0, got {self.limit}")
+        check(self.limit > 0, f"{type(self).__name__}.limit", f"must be > 0, got {self.limit}")
+
+
+class ClipByValue(_Clip):
+    """Clips every gradient element into [-limit, limit]."""
 
     def __call__(self, gradients: Gradients, variables: Sequence[tf.Variable]) -> Gradients:
         return [tf.clip_by_value(g, -self.limit, self.limit) for g in _dense(gradients)]
 
 
-@dataclass
-class ClipByNorm:
+class ClipByNorm(_Clip):
     """Rescales each gradient tensor whose L2 norm exceeds ``limit`` to norm ``limit``."""
-
-    limit: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        check(self.limit > 0, "ClipByNorm.limit", f"must be > 0, got {self.limit}")
 
     def __call__(self, gradients: Gradients, variables: Sequence[tf.Variable]) -> Gradients:
         return [tf.clip_by_norm(g, self.limit) for g in _dense(gradients)]
 
 
-@dataclass
-class ClipByGlobalNorm:
+class ClipByGlobalNorm(_Clip):
     """Rescales all gradients together when their global L2 norm exceeds ``limit``."""
-
-    limit: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        check(self.limit > 0, "ClipByGlobalNorm.limit", f"must be > 0, got {self.limit}")
 
     def __call__(self, gradients: Gradients, variables: Sequence[tf.Variable]) -> Gradients:
         return list(tf.clip_by_global_norm(_dense(gradients), self.limit)[0])
