@@ -11,15 +11,13 @@ learning-rate schedules see one optimizer step per k micro-batches.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
-from lmt_tf.optim.transforms import global_norm
-
-Transform = Callable[[list[tf.Tensor], Sequence[tf.Variable]], list[tf.Tensor]]
+from lmt_tf.optim.transforms import Transform, apply_transforms
 
 
 class TrainingOnlyMetrics(keras.Model):
@@ -125,12 +123,10 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
             aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables,
                                                                 strict=True)))
             gradients = [g for g, _ in aggregated]
-        norm = global_norm(gradients)
+        gradients, norm = apply_transforms(self.transforms, gradients, variables)
         finite = tf.math.is_finite(norm)
         self.gradient_norm.update_state(tf.where(finite, norm, 0.0),
                                         sample_weight=tf.cast(finite, tf.float32))
-        for transform in self.transforms:
-            gradients = transform(gradients, variables)
         scaled = ([(v, tf.identity(v), self.schedule.factor_of[id(v)]) for v in variables
                    if id(v) in self.schedule.factor_of] if self.schedule else [])
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True),

@@ -16,7 +16,9 @@ from lmt_tf.optim.transforms import (
     ClipByGlobalNorm,
     ClipByNorm,
     ClipByValue,
+    apply_transforms,
     global_norm,
+    unitwise_norm,
 )
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
@@ -73,6 +75,48 @@ def test_agc_leaves_the_final_layer_alone() -> None:
     for v, before, after in zip(model.trainable_variables, grads, out, strict=True):
         changed = not np.array_equal(before.numpy(), after.numpy())
         assert changed == (v.name not in final), v.name
+
+
+def test_unitwise_norm_is_one_norm_per_output_unit() -> None:
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 5)).astype(np.float32)
+    expected = np.sqrt((kernel ** 2).sum(axis=(0, 1, 2), keepdims=True))
+    np.testing.assert_allclose(unitwise_norm(tf.constant(kernel)).numpy(), expected, rtol=1e-5)
+    np.testing.assert_array_equal(unitwise_norm(tf.constant([-2.0, 3.0])).numpy(), [2.0, 3.0])
+
+
+CHAINS = {
+    "global norm, then AGC": (ClipByGlobalNorm(5.0), AdaptiveGradientClipping(
+        clip=0.05, exclude_final_layer=False)),
+    "AGC, then per-tensor norm": (AdaptiveGradientClipping(clip=0.2, exclude_final_layer=False),
+                                  ClipByNorm(0.5)),
+    "norm, value, global norm": (ClipByNorm(3.0), ClipByValue(0.2), ClipByGlobalNorm(0.3)),
+}
+
+
+@pytest.mark.parametrize("chain", CHAINS.values(), ids=CHAINS.keys())
+def test_a_chain_equals_its_transforms_one_after_another(chain) -> None:
+    """apply_transforms composes rescalings into one multiply; the result must be that
+    of applying each transform to the previous one's output."""
+    rng = np.random.default_rng(1)
+    shapes = [(4, 3, 2, 6), (6,), (30, 8), (8,)]
+    variables = [tf.Variable(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    gradients = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    expected = gradients
+    for transform in chain:
+        expected = transform(expected, variables)
+    composed, norm = tf.function(lambda g: apply_transforms(chain, g, variables))(gradients)
+    assert float(norm) == pytest.approx(float(global_norm(gradients)), rel=1e-5)
+    for a, b in zip(composed, expected, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    assert any(not np.array_equal(a.numpy(), g.numpy())  # the chain did clip
+               for a, g in zip(composed, gradients, strict=True))
+
+
+def test_a_non_finite_gradient_stays_non_finite() -> None:
+    """As tf.clip_by_global_norm: an overflowed gradient (mixed float16) must not turn
+    into a finite update; the loss-scaling optimizer skips non-finite steps."""
+    clipped = ClipByGlobalNorm(1.0)([tf.constant([np.inf, 1.0])], VARS[1:])
+    assert not np.isfinite(clipped[0].numpy()).any()
 
 
 @pytest.mark.parametrize("make, setting", [
