@@ -7,9 +7,10 @@
     mirrored (2 worker processes via `lmt launch`): examples/s (lmt's own metric, first
     epoch dropped) and the number of weight averagings (all-reduces of the weights).
 (c) The clipping chain (global-norm clipping then AGC): lmt's train step with the chain
-    against the same step with an identity transform (the chain's own cost), and that
-    step against the plain Keras step (the custom step's cost); steps/s, alternating in
-    one process.
+    against the same step with an identity transform (the chain's own cost), each
+    transform alone, and the identity step against the plain Keras step (the custom
+    step's cost); the median time of a step, variants interleaved in one process. Also
+    the chain's cost with the optimizer update not XLA-compiled (Keras' CPU default).
 
     python benchmarks/optimization.py [--steps 20] [--rounds 2]
 
@@ -104,30 +105,76 @@ def accumulation(steps: int, rounds: int) -> dict:
     return summary
 
 
-def clipping(steps: int, rounds: int) -> dict:
+def clipping(block: int, rounds: int) -> dict:
+    """Milliseconds per train step of prebuilt quickstart CNNs (MNIST, batch 128), timed
+    step by step and interleaved in blocks of ``block`` steps, so that every variant
+    sees the same state of the machine; the median step of each variant."""
     from lmt_tf.runtime.env import import_tensorflow
 
     import_tensorflow()
+    import tensorflow as tf
+
+    from lmt_tf.data.sources import load_mnist
+    from lmt_tf.models.cnn import build_cnn
     from lmt_tf.optim.transforms import AdaptiveGradientClipping, ClipByGlobalNorm
+    from lmt_tf.runtime.env import set_seed
+    from lmt_tf.runtime.strategy import default_strategy
+    from lmt_tf.training.trainer import TrainConfig, Trainer
 
     def identity(gradients, variables):
         return gradients
 
-    variants = {"plain Keras step": (), "lmt step, identity transform": (identity,),
-                "lmt step, clipping chain": (ClipByGlobalNorm(1.0),
-                                             AdaptiveGradientClipping(0.05))}
-    rates: dict[str, list[float]] = {name: [] for name in variants}
+    def chain():
+        return ClipByGlobalNorm(1.0), AdaptiveGradientClipping(0.05)
+
+    variants = {  # name: (gradient transforms, XLA-compiled optimizer update)
+        "plain Keras step": ((), True),
+        "lmt step, identity transform": ((identity,), True),
+        "lmt step, global-norm clipping": ((ClipByGlobalNorm(1.0),), True),
+        "lmt step, AGC": ((AdaptiveGradientClipping(0.05),), True),
+        "lmt step, clipping chain": (chain(), True),
+        "lmt step, identity, update not compiled": ((identity,), False),
+        "lmt step, clipping chain, update not compiled": (chain(), False),
+    }
+    splits = load_mnist()
+    steps = {}
+    for name, (transforms, jit) in variants.items():
+        config = TrainConfig(global_batch_size=128, gradient_transforms=transforms,
+                             jit_compile_update=jit, verbose=0)
+        trainer = Trainer(config, default_strategy())
+        set_seed(0)
+        model = trainer.build_model(build_cnn, splits)
+        input_fn = splits.train.train_input_fn(trainer.plan(splits.train), 0, 0,
+                                               trainer.input_config)
+        iterator = iter(input_fn(tf.distribute.InputContext()).repeat())
+        step = model.make_train_function()
+        for _ in range(5):  # trace and compile
+            step(iterator)
+        steps[name] = (step, iterator)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            rates[name].append(_train(128, 1, steps, variants[name])[0])
-        print(f"(c) round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()),
-              file=sys.stderr)
-    median = {name: statistics.median(r) for name, r in rates.items()}
-    return {"steps_per_second": median, "runs": rates,
-            "chain_cost": 1 - median["lmt step, clipping chain"]
-            / median["lmt step, identity transform"],
-            "custom_step_cost": 1 - median["lmt step, identity transform"]
-            / median["plain Keras step"]}
+            step, iterator = steps[name]
+            for _ in range(block):
+                start = time.perf_counter()
+                step(iterator)  # returns when the step has run (eager call, CPU)
+                times[name].append(time.perf_counter() - start)
+        if (r + 1) % 5 == 0:
+            print(f"(c) round {r + 1}/{rounds}", file=sys.stderr)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+    def cost(name: str, baseline: str) -> float:
+        return ms[name] / ms[baseline] - 1
+
+    identity_step = "lmt step, identity transform"
+    return {"ms_per_step": ms, "steps_timed": block * rounds,
+            "chain_cost": cost("lmt step, clipping chain", identity_step),
+            "global_norm_cost": cost("lmt step, global-norm clipping", identity_step),
+            "agc_cost": cost("lmt step, AGC", identity_step),
+            "chain_cost_update_not_compiled": cost(
+                "lmt step, clipping chain, update not compiled",
+                "lmt step, identity, update not compiled"),
+            "custom_step_cost": cost(identity_step, "plain Keras step")}
 
 
 def local_sgd(steps: int) -> dict:
@@ -180,7 +227,7 @@ def main() -> None:
     if "b" in args.parts:
         result["local_sgd"] = local_sgd(args.steps * 2)
     if "c" in args.parts:
-        result["clipping"] = clipping(args.steps * 10, args.rounds + 3)
+        result["clipping"] = clipping(10, args.rounds * 15)
     acc, clip = result.get("accumulation"), result.get("clipping")
     if acc:
         print(f"{'(a) accumulation, global batch 1024':<42}{'steps/s':>10}{'peak RSS MB':>14}")
@@ -197,10 +244,14 @@ def main() -> None:
                   f"{row['weight_averagings']:>6} averagings "
                   f"{row['gradient_all_reduces']:>5} gradient all-reduces")
     if clip:
-        for name, rate in clip["steps_per_second"].items():
-            print(f"(c) {name:<38}{rate:>10.2f} steps/s")
-        print(f"    clipping chain cost {100 * clip['chain_cost']:.1f}%, lmt step cost "
-              f"{100 * clip['custom_step_cost']:.1f}%")
+        print(f"(c) median of {clip['steps_timed']} steps each, interleaved")
+        for name, ms in clip["ms_per_step"].items():
+            print(f"  {name:<50}{ms:>8.2f} ms/step")
+        print(f"  cost per step against the identity step: chain "
+              f"{100 * clip['chain_cost']:.1f}% (global norm {100 * clip['global_norm_cost']:.1f}%"
+              f", AGC {100 * clip['agc_cost']:.1f}%); with the update not compiled, chain "
+              f"{100 * clip['chain_cost_update_not_compiled']:.1f}%; the lmt step against "
+              f"Keras' {100 * clip['custom_step_cost']:.1f}%")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -10,6 +10,7 @@ import pytest
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy
 from lmt_tf.training.callbacks import EpochCheckpoint
 from lmt_tf.training.trainer import TrainConfig, Trainer
@@ -41,3 +42,24 @@ def test_checkpoint_restores_weights_and_epoch(tmp_path: Path) -> None:
     for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert fresh.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_xla_compiled_update_trains_as_the_plain_update(precision: str) -> None:
+    """The optimizer's update is XLA-compiled by default, on CPU too (through the
+    loss-scaling wrapper under mixed precision); it computes the same update."""
+    splits = load_digits()
+    weights = {}
+    for jit in (True, False):
+        config = TrainConfig(epochs=1, steps_per_epoch=5, global_batch_size=64, verbose=0,
+                             precision=precision, jit_compile_update=jit)
+        trainer = Trainer(config, default_strategy())
+        set_seed(3)
+        model = trainer.build_model(build_mlp, splits)
+        assert getattr(model.optimizer, "inner_optimizer", model.optimizer).jit_compile == jit
+        initial = model.get_weights()
+        trainer.fit(model, splits, seed=0)
+        weights[jit] = model.get_weights()
+    for a, b in zip(weights[True], weights[False], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(weights[True][0], initial[0])  # it trained
