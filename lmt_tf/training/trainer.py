@@ -40,12 +40,13 @@ class TrainConfig:
     loss: str = "sparse_categorical_crossentropy"  # a Keras loss name
     metrics: tuple[str, ...] = ("accuracy",)  # Keras metric names
     steps_per_execution: int = 1  # steps per tf.function call (fewer host round trips)
-    # XLA-compile the optimizer's update of each variable (fusing its elementwise ops).
-    # Keras does so only on GPU; on CPU it is as clear a gain: Adam's update of the
-    # quickstart CNN takes 1.3 instead of 3.0 ms. It matters most where every update
-    # waits for all gradients (global-norm clipping, all-reduce across replicas). Not
-    # under parameter servers: XLA cannot reach variables placed on another ps.
-    jit_compile_update: bool = True
+    # XLA-compile the optimizer's update of each variable, fusing its elementwise ops
+    # (Adam on the quickstart CNN: 1.3 instead of 3.0 ms on CPU). None (auto): on where
+    # the update waits for every gradient (more than one replica in sync, or gradient
+    # transforms), since there it is on the critical path; off where it overlaps
+    # backpropagation and compiling (~0.5 s) would not pay; Keras' choice (on) with a
+    # GPU. Never under parameter servers: XLA cannot reach variables on another ps.
+    jit_compile_update: bool | None = None
     verbose: int | None = None  # Keras verbosity; None: bar on a terminal, else per epoch
     deterministic: bool = False  # TensorFlow op determinism (slower; bitwise repeatable)
     micro_batches: int = 1  # k: gradient accumulation over k micro-batches per step
@@ -165,8 +166,7 @@ class Trainer:
             model.compile(optimizer=optimizer, loss=self.config.loss,
                           metrics=list(self.config.metrics),
                           steps_per_execution=self.config.steps_per_execution)
-            _compile_update(model.optimizer, self.config.jit_compile_update and not
-                            isinstance(self.strategy, tf.distribute.ParameterServerStrategy))
+            _compile_update(model.optimizer, self._jit_compile_update())
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
             with per_replica():  # under local SGD each replica keeps its own optimizer state
                 model.optimizer.build(model.trainable_variables)
@@ -223,6 +223,14 @@ class Trainer:
         results = model.evaluate(split.eval_dataset(batch), steps=eval_steps(split, batch),
                                  return_dict=True, verbose=0)
         return {k: float(v) for k, v in results.items()}
+
+    def _jit_compile_update(self) -> bool:
+        if isinstance(self.strategy, tf.distribute.ParameterServerStrategy):
+            return False
+        if self.config.jit_compile_update is not None:
+            return self.config.jit_compile_update
+        return (self.strategy.num_replicas_in_sync > 1 or bool(self.config.gradient_transforms)
+                or bool(tf.config.list_physical_devices("GPU")))
 
     def _verbosity(self) -> int:
         if self.config.verbose is not None:

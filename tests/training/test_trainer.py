@@ -10,8 +10,9 @@ import pytest
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.optim.transforms import ClipByGlobalNorm
 from lmt_tf.runtime.env import set_seed
-from lmt_tf.runtime.strategy import default_strategy
+from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
 from lmt_tf.training.callbacks import EpochCheckpoint
 from lmt_tf.training.trainer import TrainConfig, Trainer
 
@@ -46,8 +47,8 @@ def test_checkpoint_restores_weights_and_epoch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16", "mixed_bfloat16"])
 def test_xla_compiled_update_trains_as_the_plain_update(precision: str) -> None:
-    """The optimizer's update is XLA-compiled by default, on CPU too (through the
-    loss-scaling wrapper under mixed precision); it computes the same update."""
+    """The optimizer's update can be XLA-compiled on CPU too (through the loss-scaling
+    wrapper under mixed precision); it computes the same update."""
     splits = load_digits()
     weights = {}
     for jit in (True, False):
@@ -63,3 +64,16 @@ def test_xla_compiled_update_trains_as_the_plain_update(precision: str) -> None:
     for a, b in zip(weights[True], weights[False], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert not np.allclose(weights[True][0], initial[0])  # it trained
+
+
+def _jit_compiled(strategy, **config) -> bool:
+    trainer = Trainer(TrainConfig(**config), strategy)
+    model = trainer.build_model(build_mlp, load_digits())
+    return getattr(model.optimizer, "inner_optimizer", model.optimizer).jit_compile
+
+
+def test_the_update_is_compiled_by_default_where_it_waits_for_every_gradient() -> None:
+    assert not _jit_compiled(default_strategy())  # overlaps backpropagation: not worth it
+    assert _jit_compiled(default_strategy(), gradient_transforms=(ClipByGlobalNorm(1.0),))
+    assert _jit_compiled(mirrored_strategy(2))  # after the all-reduce
+    assert not _jit_compiled(mirrored_strategy(2), jit_compile_update=False)
