@@ -28,11 +28,6 @@ def _dense(gradients: Sequence[tf.Tensor | tf.IndexedSlices]) -> Gradients:
     return [tf.convert_to_tensor(g) for g in gradients]
 
 
-def global_norm(gradients: Sequence[tf.Tensor]) -> tf.Tensor:
-    """The L2 norm of all gradients together."""
-    return tf.linalg.global_norm(_dense(gradients))
-
-
 def unitwise_norm(x: tf.Tensor) -> tf.Tensor:
     """L2 norm per output unit: over all axes but the last (dense and conv kernels: one
     norm per output unit or channel), shaped to broadcast against ``x``; for vectors and
