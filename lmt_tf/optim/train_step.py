@@ -76,6 +76,10 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
             y_pred = self.inner(x, training=True)
             loss = self.compute_loss(x, y, y_pred, sample_weight)
             scaled = loss / self.micro_batches
+            if self.local_updates:
+                # The loss is averaged over the global batch so that replicas' gradients
+                # sum to the mean; a local step follows its own replica's mean gradient.
+                scaled *= tf.distribute.get_strategy().num_replicas_in_sync
             if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
                 scaled = self.optimizer.get_scaled_loss(scaled)
         gradients = tape.gradient(scaled, variables)
@@ -113,12 +117,7 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = self.inner.trainable_variables
         gradients = self._micro_batch_gradients(x, y, sample_weight, variables)
-        if self.local_updates:
-            # The loss was divided by the replica count so that replicas sum to the mean;
-            # a local step follows its own replica's mean gradient.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            gradients = [g * replicas for g in gradients]
-        else:
+        if not self.local_updates:  # local steps apply each replica's own gradient
             optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
             aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables,
                                                                 strict=True)))
