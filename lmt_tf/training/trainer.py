@@ -59,10 +59,9 @@ class TrainConfig:
     sync_steps: int = 0  # post-local SGD: synchronous optimizer steps before local ones
 
     def __post_init__(self) -> None:
-        if isinstance(self.metrics, list):
-            self.metrics = tuple(self.metrics)
-        if isinstance(self.gradient_transforms, list):
-            self.gradient_transforms = tuple(self.gradient_transforms)
+        for name in ("metrics", "gradient_transforms", "decoupled_blocks"):
+            if isinstance(getattr(self, name), list):  # gin writes [...] as a list
+                setattr(self, name, tuple(getattr(self, name)))
         check_types(self)
         check(self.epochs >= 1, "TrainConfig.epochs", f"must be >= 1, got {self.epochs}")
         check(self.micro_batches >= 1, "TrainConfig.micro_batches",
@@ -73,8 +72,6 @@ class TrainConfig:
               "TrainConfig.update_multipliers", f"must be >= 0, got {self.update_multipliers}")
         check(all(e >= 0 for e in self.unfreeze_epochs.values()),
               "TrainConfig.unfreeze_epochs", f"must be >= 0, got {self.unfreeze_epochs}")
-        if isinstance(self.decoupled_blocks, list):
-            self.decoupled_blocks = tuple(self.decoupled_blocks)
         if self.local_steps is not None:
             check(self.local_steps >= 1, "TrainConfig.local_steps",
                   f"must be >= 1, got {self.local_steps}")
