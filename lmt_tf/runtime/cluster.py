@@ -40,6 +40,13 @@ class Role:
         return {"lmt.cluster.workers": self.workers + (1 if self.has_chief else 0),
                 "lmt.cluster.ps": self.ps}
 
+    @classmethod
+    def in_cluster(cls, cluster: Mapping[str, list[str]], task_type: str,
+                   task_id: int) -> Role:
+        """Task ``task_type:task_id`` of ``cluster`` (job name -> addresses)."""
+        return cls(task_type, task_id, len(cluster.get("worker", [])),
+                   len(cluster.get("ps", [])), "chief" in cluster)
+
 
 SINGLE_PROCESS = Role(workers=0, has_chief=True)
 
@@ -74,9 +81,7 @@ def parse_tf_config(text: str) -> tuple[dict[str, list[str]], Role]:
     if task_type != "evaluator" and task_id >= size:
         raise LmtError(f"TF_CONFIG task {task_type}:{task_id} is out of range: the cluster "
                        f"has {size} {task_type} task(s)")
-    role = Role(task_type, task_id, len(cluster.get("worker", [])), len(cluster.get("ps", [])),
-                "chief" in cluster)
-    return cluster, role
+    return cluster, Role.in_cluster(cluster, task_type, task_id)
 
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0", "[::1]", "::1")
@@ -89,8 +94,7 @@ def check_own_port(environ: Mapping[str, str] | None = None) -> None:
     Raises:
       LmtError: naming the task, the address and the port.
     """
-    environ = os.environ if environ is None else environ
-    text = environ.get("TF_CONFIG", "").strip()
+    text = _tf_config(environ)
     if not text:
         return
     cluster, role = parse_tf_config(text)
@@ -110,8 +114,9 @@ def check_own_port(environ: Mapping[str, str] | None = None) -> None:
 
 def current_role(environ: Mapping[str, str] | None = None) -> Role:
     """The role given by ``TF_CONFIG`` in ``environ``, or a single process's."""
-    environ = os.environ if environ is None else environ
-    text = environ.get("TF_CONFIG", "").strip()
-    if not text:
-        return SINGLE_PROCESS
-    return parse_tf_config(text)[1]
+    text = _tf_config(environ)
+    return parse_tf_config(text)[1] if text else SINGLE_PROCESS
+
+
+def _tf_config(environ: Mapping[str, str] | None) -> str:
+    return (os.environ if environ is None else environ).get("TF_CONFIG", "").strip()

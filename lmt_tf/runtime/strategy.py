@@ -211,9 +211,7 @@ def _with_role(strategy: tf.distribute.Strategy,
     """Records the role the cluster builders resolved, for ``role_of``."""
     spec = resolver.cluster_spec().as_dict()
     if spec:
-        _ROLES[strategy] = Role(resolver.task_type, resolver.task_id or 0,
-                                len(spec.get("worker", [])), len(spec.get("ps", [])),
-                                "chief" in spec)
+        _ROLES[strategy] = Role.in_cluster(spec, resolver.task_type, resolver.task_id or 0)
     return strategy
 
 
