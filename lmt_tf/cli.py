@@ -4,7 +4,6 @@ sub-commands that need it, so ``lmt --help`` answers at once."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import subprocess
@@ -128,6 +127,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from lmt_tf.runtime.launcher import stop_process_groups
     from lmt_tf.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -147,21 +147,7 @@ def _ui(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(server)
-
-
-def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
-    """Ends ``process`` and its process group: SIGTERM, then SIGKILL after ``grace`` s."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_process_groups([server])
 
 
 def _check_port_free(port: int) -> None:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,23 +101,34 @@ class _Cluster:
             echo(f"[{task.name}] {line.rstrip()}")
 
     def signal_all(self, signum: int) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signum)
+        signal_groups(self.processes.values(), signum)
 
     def stop(self) -> None:
-        """SIGTERM to every task still running, SIGKILL after a grace period; reaps all."""
-        self.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
-        while time.monotonic() < deadline and any(
-                p.poll() is None for p in self.processes.values()):
-            time.sleep(POLL_SECONDS)
-        self.signal_all(signal.SIGKILL)
-        for process in self.processes.values():
-            process.wait()
+        """Stops every task still running (see ``stop_process_groups``) and its output."""
+        stop_process_groups(list(self.processes.values()))
         for pump in self._pumps:
             pump.join(timeout=5)
+
+
+def signal_groups(processes: Iterable[subprocess.Popen], signum: int) -> None:
+    """Sends ``signum`` to the process group of each process still running."""
+    for process in processes:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
+
+
+def stop_process_groups(processes: Sequence[subprocess.Popen],
+                        grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM to the process group of each process still running, SIGKILL after
+    ``grace`` seconds; reaps them all."""
+    signal_groups(processes, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+        time.sleep(POLL_SECONDS)
+    signal_groups(processes, signal.SIGKILL)
+    for process in processes:
+        process.wait()
 
 
 def _outcome(cluster: _Cluster, parameter_server: bool,
