@@ -12,6 +12,7 @@ import tf_keras as keras
 
 from lmt_tf.data.splits import Split
 from lmt_tf.errors import LmtError
+from lmt_tf.training.trainer import latest_checkpoint
 
 POLL_SECONDS = 1.0
 
@@ -35,8 +36,7 @@ def evaluate_checkpoints(evaluate: Callable[[keras.Model, Split], dict[str, floa
     done = 0
     waited_since = time.monotonic()
     while done < epochs:
-        latest = tf.train.latest_checkpoint(str(directory))
-        epoch = int(latest.rsplit("-", 1)[1]) if latest else 0
+        latest, epoch = latest_checkpoint(directory)
         if epoch <= done:
             if time.monotonic() - waited_since > timeout:
                 raise LmtError(f"evaluator: no checkpoint after epoch {done} in {directory} "

@@ -179,12 +179,12 @@ class Trainer:
     def restore(model: keras.Model, directory: Path) -> int:
         """Restores the newest checkpoint in ``directory`` into ``model`` and its optimizer;
         returns the epochs it completed (0 if there is none)."""
-        latest = tf.train.latest_checkpoint(str(directory))
+        latest, epochs = latest_checkpoint(directory)
         if latest is None:
             return 0
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         checkpoint.restore(latest).assert_existing_objects_matched()
-        return int(latest.rsplit("-", 1)[1])
+        return epochs
 
     def fit(self, model: keras.Model, splits: Splits, seed: int, initial_epoch: int = 0,
             callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
@@ -233,6 +233,13 @@ class Trainer:
         if self.config.verbose is not None:
             return self.config.verbose
         return 1 if sys.stdout.isatty() else 2
+
+
+def latest_checkpoint(directory: Path) -> tuple[str | None, int]:
+    """The newest per-epoch checkpoint in ``directory`` and the epochs it completed (its
+    number: the manager saves once per epoch), or (None, 0)."""
+    latest = tf.train.latest_checkpoint(str(directory))
+    return (latest, int(latest.rsplit("-", 1)[1])) if latest else (None, 0)
 
 
 def _compile_update(optimizer: keras.optimizers.Optimizer, jit_compile: bool) -> None:
