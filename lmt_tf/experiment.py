@@ -112,8 +112,7 @@ def run_experiment(
     sizes = splits.sizes()
     echo(f"lmt: data {splits.name}: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
     if options.dry_run:
-        built = trainer.build_model(model, splits)
-        built = inference_model(built)
+        built = inference_model(trainer.build_model(model, splits))
         echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
         echo(f"lmt: would train {train_config.epochs} epoch(s) in {work_dir}/{name}; "
              f"resolved config:\n{gin.config_str()}")
@@ -127,8 +126,9 @@ def run_experiment(
     run, run_dir, scratch = _open_run(role, tracking_config, work_dir, name, options, echo)
     with scratch as own_dir, run.active():
         own = RunDir(Path(own_dir))
-        built = trainer.build_model(model, splits)
-        _log_setup(run, options, info, role, plan, splits, inference_model(built))
+        built = trainer.build_model(model, splits)  # what trains: perhaps a wrapper
+        user_model = inference_model(built)  # the model that is logged and exported
+        _log_setup(run, options, info, role, plan, splits, user_model)
         initial_epoch = trainer.restore(built, run_dir.checkpoints) if options.resume else 0
         if options.resume:
             echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
@@ -144,15 +144,15 @@ def run_experiment(
         test = trainer.evaluate(built, splits.test)
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=train_config.epochs)
         echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
-        _export(run, own, inference_model(built), splits, export_config, echo)
+        _export(run, own, user_model, splits, export_config, echo)
         run.log_text(gin.operative_config_str(), "config/operative_config.gin")
-    built = inference_model(built)
     if not role.is_chief:
-        return RunResult(None, None, None, built, result.history, test)
+        return RunResult(None, None, None, user_model, result.history, test)
     run_url, table_url = run_links(run.uri, run.experiment_id, run.run_id)
     hint = "" if run.uri.startswith("http") else " (start the UI with `lmt ui`)"
     echo(f"lmt: run {run.run_id} FINISHED{hint}\n  run:  {run_url}\n  runs: {table_url}")
-    return RunResult(run.run_id, run.experiment_id, run_dir.path, built, result.history, test)
+    return RunResult(run.run_id, run.experiment_id, run_dir.path, user_model, result.history,
+                     test)
 
 
 def _open_run(role: Role, tracking_config: TrackingConfig, work_dir: str, name: str,
