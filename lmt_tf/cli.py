@@ -24,12 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmt_tf {lmt_tf.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run_options = argparse.ArgumentParser(add_help=False)
-    run_options.add_argument("gin_file", help="experiment file, e.g. experiments/quickstart.gin")
-    run_options.add_argument("--gin_file", dest="more_files", action="append", default=[],
-                             metavar="FILE", help="another gin file, parsed after the first")
-    run_options.add_argument("--gin_param", dest="bindings", action="append", default=[],
+    gin_options = argparse.ArgumentParser(add_help=False)
+    gin_options.add_argument("--gin_file", dest="more_files", action="append", default=[],
+                             metavar="FILE", help="a gin file, parsed after any before it")
+    gin_options.add_argument("--gin_param", dest="bindings", action="append", default=[],
                              metavar="BINDING", help="a binding such as 'TrainConfig.epochs=3'")
+
+    run_options = argparse.ArgumentParser(add_help=False, parents=[gin_options])
+    run_options.add_argument("gin_file", help="experiment file, e.g. experiments/quickstart.gin")
     run_options.add_argument("--resume", action="store_true",
                              help="continue the latest run of this experiment from its last "
                                   "checkpoint, in the same MLflow run")
@@ -59,16 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="add a side-car evaluator task that validates each checkpoint")
 
     shard = commands.add_parser(
-        "shard", help="write a data source into sharded TFRecord files",
+        "shard", parents=[gin_options], help="write a data source into sharded TFRecord files",
         description="Write the train/validation/test splits of a data source into N TFRecord "
                     "files each (plus manifest.json), for @load_tfrecords and FILE sharding.")
     shard.add_argument("source", help="a data source configurable, e.g. load_mnist")
     shard.add_argument("--shards", type=int, required=True, help="files per split")
     shard.add_argument("--output", required=True, help="new directory for the files")
-    shard.add_argument("--gin_file", dest="more_files", action="append", default=[],
-                       metavar="FILE", help="gin file with the source's settings")
-    shard.add_argument("--gin_param", dest="bindings", action="append", default=[],
-                       metavar="BINDING", help="e.g. 'load_mnist.validation_size=10000'")
 
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the run store")
     ui.add_argument("--port", type=int, default=5000)
