@@ -85,14 +85,16 @@ class DecoupledGreedyModel(TrainingOnlyMetrics):
     def block_losses(self, x, y, training: bool = True) -> list[tf.Tensor]:
         """Each block's loss averaged over the global batch (replicas summed by the
         optimizer): auxiliary heads first, the model's own loss last."""
-        return [tf.nn.compute_average_loss(self._loss(y, out))
-                for out in self.block_outputs(x, training)]
+        return self._average_losses(y, self.block_outputs(x, training))
+
+    def _average_losses(self, y, outputs: list[tf.Tensor]) -> list[tf.Tensor]:
+        return [tf.nn.compute_average_loss(self._loss(y, out)) for out in outputs]
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             outputs = self.block_outputs(x, training=True)
-            aux = [tf.nn.compute_average_loss(self._loss(y, out)) for out in outputs[:-1]]
+            aux = self._average_losses(y, outputs[:-1])
             final = self.compute_loss(x, y, outputs[-1], sample_weight)
             total = tf.add_n([*aux, final])
         variables = [v for block in self.block_variables() for v in block]
