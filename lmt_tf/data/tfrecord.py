@@ -100,6 +100,11 @@ class TFRecordSplit:
     def __len__(self) -> int:
         return sum(self.counts)
 
+    @property
+    def paths(self) -> list[str]:
+        """The files of this split, as paths."""
+        return [str(self.directory / f) for f in self.files]
+
     def _parse(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         y_type = tf.int64 if self.y_dtype.startswith("int") else tf.float32
         parsed = tf.io.parse_single_example(record, {
@@ -131,7 +136,7 @@ class TFRecordSplit:
         """
         pipelines, pipeline = context.num_input_pipelines, context.input_pipeline_id
         policy = self.policy_for(pipelines, shard_policy)
-        files = [str(self.directory / f) for f in self.files]
+        files = self.paths
         if policy == "FILE":
             files = files[pipeline::pipelines]
         seeds = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
@@ -162,12 +167,11 @@ class TFRecordSplit:
 
     def eval_dataset(self, global_batch_size: int) -> tf.data.Dataset:
         """All examples in file order, for validation or testing."""
-        files = [str(self.directory / f) for f in self.files]
-        examples = tf.data.TFRecordDataset(files).map(self._parse).map(lambda _, x, y: (x, y))
+        examples = tf.data.TFRecordDataset(self.paths).map(self._parse).map(lambda _, x, y: (x, y))
         return evaluation_batches(examples, global_batch_size)
 
     def sample(self, count: int) -> np.ndarray:
-        batch = next(iter(tf.data.TFRecordDataset(str(self.directory / self.files[0]))
+        batch = next(iter(tf.data.TFRecordDataset(self.paths[0])
                           .map(self._parse).batch(count)))
         return batch[1].numpy()
 
