@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from lmt_tf.errors import ConfigError
@@ -66,3 +67,23 @@ def check(condition: bool, setting: str, message: str) -> None:
     """Raises ConfigError(``setting message``) unless ``condition`` holds."""
     if not condition:
         raise ConfigError(f"{setting} {message}")
+
+
+def configured_call(function: Callable[..., Any], setting: str, *args: Any,
+                    **kwargs: Any) -> Any:
+    """Calls a user-configured ``function`` (a data source, a model builder, an optimizer
+    class bound in gin) and turns the TypeError or ValueError that a wrong value in its
+    bindings raises into a ConfigError naming ``setting``.
+
+    Raises:
+      ConfigError: ``setting: <the error's first line>``.
+    """
+    try:
+        return function(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # gin appends "In call to configurable 'X' (<function ...>)": keep the name only.
+        where = next((line.split(" (<", 1)[0] for line in lines
+                      if line.startswith("In call to configurable")), "")
+        message = lines[0] if lines else type(e).__name__
+        raise ConfigError(f"{setting}: {message}" + (f" ({where})" if where else "")) from e

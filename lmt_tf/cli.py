@@ -18,23 +18,46 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user error: one line, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"lmt: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmt", description="Declarative TensorFlow experiments, tracked in MLflow.")
     parser.add_argument("--version", action="version", version=f"lmt_tf {lmt_tf.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gin_options = argparse.ArgumentParser(add_help=False)
+    gin_options = _Parser(add_help=False)
     gin_options.add_argument("--gin_file", dest="more_files", action="append", default=[],
                              metavar="FILE", help="a gin file, parsed after any before it")
     gin_options.add_argument("--gin_param", dest="bindings", action="append", default=[],
                              metavar="BINDING", help="a binding such as 'TrainConfig.epochs=3'")
 
-    run_options = argparse.ArgumentParser(add_help=False, parents=[gin_options])
+    run_options = _Parser(add_help=False, parents=[gin_options])
     run_options.add_argument("gin_file", help="experiment file, e.g. experiments/quickstart.gin")
     run_options.add_argument("--resume", action="store_true",
-                             help="continue the latest run of this experiment from its last "
-                                  "checkpoint, in the same MLflow run")
+                             help="continue the latest run of this experiment (or the run "
+                                  "named by --run-name) from its last checkpoint, in the "
+                                  "same MLflow run; refused if the bindings changed")
+    run_options.add_argument("--allow-changes", action="store_true",
+                             help="with --resume: accept changed bindings; the run keeps "
+                                  "its original config and records the changes beside it")
+    run_options.add_argument("--run-name", default=None, metavar="NAME",
+                             help="name of the run directory (default: experiment and time)")
     run_options.add_argument("--traceback", action="store_true",
                              help="print the full traceback of a configuration or input error")
 
@@ -69,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     shard.add_argument("--output", required=True, help="new directory for the files")
 
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the run store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--tracking-uri", default=None,
                     help="store to show (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
     return parser
@@ -79,17 +102,28 @@ def _run(args: argparse.Namespace) -> int:
     from lmt_tf.runtime.env import import_tensorflow
 
     import_tensorflow()
-    # MLflow's INFO lines (database migrations on first use) are not the user's concern.
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    _quiet_mlflow()
     from lmt_tf import config
     from lmt_tf.experiment import RunOptions, run_experiment
 
     files = [args.gin_file, *args.more_files]
     config.parse(files, args.bindings)
+    if args.allow_changes and not args.resume:
+        raise LmtError("--allow-changes only applies to --resume")
     options = RunOptions(config_files=files, bindings=args.bindings, resume=args.resume,
-                         dry_run=args.dry_run)
+                         dry_run=args.dry_run, run_name=args.run_name,
+                         allow_changes=args.allow_changes)
     run_experiment(options=options)
     return 0
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations on first use) are not the user's concern;
+    MLFLOW_LOGGING_LEVEL set by the user wins."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
 
 
 def _shard(args: argparse.Namespace) -> int:
@@ -109,7 +143,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.launcher import launch, project_file
+    from lmt_tf.runtime.launcher import Job, launch, project_file
 
     for file in [args.gin_file, *args.more_files]:
         project_file(file)
@@ -118,24 +152,29 @@ def _launch(args: argparse.Namespace) -> int:
         run_args += ["--gin_file", file]
     for binding in args.bindings:
         run_args += ["--gin_param", binding]
-    if args.resume:
-        run_args.append("--resume")
-    return launch(run_args, args.workers, args.ps, args.restarts, args.timeout,
-                  echo=lambda line: print(line, flush=True), evaluator=args.evaluator)
+    if args.allow_changes:
+        run_args.append("--allow-changes")
+    job = Job(run_args, args.workers, args.ps, args.restarts, args.timeout, args.evaluator,
+              resume=args.resume, run_name=args.run_name)
+    return launch(job, echo=lambda line: print(line, flush=True),
+                  echo_error=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def _ui(args: argparse.Namespace) -> int:
     from lmt_tf.runtime.launcher import stop_process_groups
-    from lmt_tf.tracking import DEFAULT_ARTIFACTS, resolve_tracking_uri
+    from lmt_tf.tracking import DEFAULT_ARTIFACTS, redact_uri, resolve_tracking_uri, sweep_store
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
-        print(f"lmt: {uri} is an MLflow server already; open {uri}/#/experiments")
+        print(f"lmt: {redact_uri(uri)} is an MLflow server already; open "
+              f"{redact_uri(uri)}/#/experiments")
         return 0
+    _check_port_free(args.port)
+    _quiet_mlflow()
+    sweep_store(uri, "lmt ui", echo=print)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    _check_port_free(args.port)
     print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
           f"  (Ctrl-C stops it)", flush=True)
     # Its own session, so that stopping lmt (Ctrl-C, SIGTERM) stops the whole server.
@@ -180,6 +219,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:
+        # The file system refusing a path the user chose (permissions, a file where a
+        # directory belongs, a full disk) is the user's to fix, not a traceback.
+        if getattr(args, "traceback", False):
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"lmt: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,12 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf import config
+from lmt_tf.checks import configured_call
 from lmt_tf.data.pipeline import InputConfig, to_model_input
 from lmt_tf.data.splits import Splits
+from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.optim.train_step import inference_model
-from lmt_tf.rundir import RunDir, latest_run_dir, new_run_dir
+from lmt_tf.rundir import RunDir, check_name, find_run_dir, new_run_dir
 from lmt_tf.runtime.cluster import Role
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import (
@@ -31,7 +34,13 @@ from lmt_tf.runtime.strategy import (
     variable_placement,
 )
 from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, run_links
-from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, StepMetrics, Throughput
+from lmt_tf.training.callbacks import (
+    DivergenceGuard,
+    EpochCheckpoint,
+    EpochMetrics,
+    StepMetrics,
+    Throughput,
+)
 from lmt_tf.training.export import ExportConfig, export_saved_model, load_saved_model
 from lmt_tf.training.sidecar import evaluate_checkpoints, wait_for_run_dir
 from lmt_tf.training.trainer import TrainConfig, Trainer
@@ -40,6 +49,8 @@ from lmt_tf.training.trainer import TrainConfig, Trainer
 # waits this long for the chief's next checkpoint.
 EVALUATOR_SLACK = 600  # seconds
 EVALUATOR_TIMEOUT = 3600  # seconds
+# Set by `lmt launch`: a file where the chief names the MLflow run it made.
+JOB_FILE_ENV = "LMT_JOB_FILE"
 
 
 @dataclass
@@ -48,7 +59,9 @@ class RunOptions:
 
     config_files: Sequence[str] = ()  # the gin files as given, logged as artifacts
     bindings: Sequence[str] = ()  # the --gin_param bindings as given
-    resume: bool = False  # continue the latest run of this experiment
+    resume: bool = False  # continue the latest run of this experiment (or run_name)
+    run_name: str | None = None  # the run directory's name; None: experiment + time
+    allow_changes: bool = False  # let a resume change bindings (recorded beside the config)
     dry_run: bool = False  # describe what would run, train nothing
     callbacks: Sequence[keras.callbacks.Callback] = ()  # extra Keras callbacks
     echo: Callable[[str], None] = print  # progress output
@@ -95,7 +108,8 @@ def run_experiment(
     # The strategy first: splitting the CPU into logical devices must precede any op.
     strat = strategy()
     info = describe(strat)
-    name = name or (Path(options.config_files[0]).stem if options.config_files else "experiment")
+    name = check_name(name or (Path(options.config_files[0]).stem if options.config_files
+                               else "experiment"), "run_experiment.name")
     train_config: TrainConfig = config.configured(TrainConfig)
     tracking_config: TrackingConfig = config.configured(TrackingConfig)
     export_config: ExportConfig = config.configured(ExportConfig)
@@ -103,7 +117,11 @@ def run_experiment(
     if train_config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    splits = data()
+    splits = configured_call(data, "run_experiment.data")
+    if not isinstance(splits, Splits):
+        raise ConfigError(f"run_experiment.data must return Splits, got "
+                          f"{type(splits).__name__}")
+    splits.validate()
     trainer = Trainer(train_config, strat, config.configured(InputConfig))
     plan = trainer.plan(splits.train)
     echo(f"lmt: {info.name}, {info.replicas} replica(s); global batch "
@@ -123,19 +141,25 @@ def run_experiment(
         _evaluate_beside(trainer, trainer.build_model(model, splits), splits, work_dir, name,
                          options, echo)
         return None
-    run, run_dir, scratch = _open_run(role, tracking_config, work_dir, name, options, echo)
-    with scratch as own_dir, run.active():
-        own = RunDir(Path(own_dir))
+    with _opened_run(role, tracking_config, work_dir, name, options, echo) as (run, run_dir,
+                                                                             own):
         built = trainer.build_model(model, splits)  # what trains: perhaps a wrapper
         user_model = inference_model(built)  # the model that is logged and exported
-        _log_setup(run, options, info, role, plan, splits, user_model)
-        initial_epoch = trainer.restore(built, run_dir.checkpoints) if options.resume else 0
-        if options.resume:
+        _log_setup(run, own, options, info, role, plan, splits, user_model)
+        initial_epoch = (trainer.restore(built, run_dir.checkpoints)
+                         if options.resume and run_dir else 0)
+        if initial_epoch:
             echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
-        saved = (lambda done: own.update_state(epochs=done)) if role.is_chief else None
-        callbacks = [Throughput(run.log_metrics, plan.examples_per_epoch),
+
+        def saved(done: int) -> None:
+            own.update_state(epochs=done)
+            own.mark_latest()  # a run with a checkpoint is one --resume can continue
+
+        callbacks = [DivergenceGuard(plan.steps_per_epoch),  # before the checkpoint
+                     Throughput(run.log_metrics, plan.examples_per_epoch),
                      EpochMetrics(run.log_metrics),
-                     EpochCheckpoint(trainer.checkpoint_manager(built, own.checkpoints), saved)]
+                     EpochCheckpoint(trainer.checkpoint_manager(built, own.checkpoints),
+                                     saved if role.is_chief else None)]
         if tracking_config.log_every_n_steps:
             callbacks.append(StepMetrics(run.log_metrics, tracking_config.log_every_n_steps,
                                          plan.steps_per_epoch))
@@ -145,7 +169,9 @@ def run_experiment(
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=train_config.epochs)
         echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         _export(run, own, user_model, splits, export_config, echo)
-        run.log_text(gin.operative_config_str(), "config/operative_config.gin")
+        run.log_text(gin.operative_config_str(), _config_path(own, "operative_config.gin"))
+        if role.is_chief:
+            own.update_state(finished=True)
     if not role.is_chief:
         return RunResult(None, None, None, user_model, result.history, test)
     run_url, table_url = run_links(run.uri, run.experiment_id, run.run_id)
@@ -155,28 +181,108 @@ def run_experiment(
                      test)
 
 
-def _open_run(role: Role, tracking_config: TrackingConfig, work_dir: str, name: str,
-              options: RunOptions, echo: Callable[[str], None]
-              ) -> tuple[TrackedRun | NullRun, RunDir | None, contextlib.AbstractContextManager]:
+@contextlib.contextmanager
+def _opened_run(role: Role, tracking_config: TrackingConfig, work_dir: str, name: str,
+                options: RunOptions, echo: Callable[[str], None]
+                ) -> Iterator[tuple[TrackedRun | NullRun, RunDir | None, RunDir]]:
     """This task's MLflow run, the run directory to restore from (None for a fresh
-    non-chief task), and the directory it writes checkpoints and exports to.
+    non-chief task), and the directory it writes checkpoints and exports to. On leaving,
+    the run ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, whatever fails after it
+    started: nothing between its start and its end can leave it RUNNING.
 
     The chief creates (or, resuming, re-opens) the MLflow run and writes the real run
     directory. Other tasks log nothing; they restore from the chief's checkpoints (a
     shared file system) and write their own (collective) saves to a scratch directory
     that is removed afterwards.
     """
+    if options.run_name is not None:
+        check_name(options.run_name, "--run-name")
     if not role.is_chief:
-        restore_from = latest_run_dir(work_dir, name) if options.resume else None
-        scratch = tempfile.TemporaryDirectory(prefix=f"lmt-{role.task_type}{role.task_id}-")
-        return NullRun(), restore_from, scratch
-    run_dir = latest_run_dir(work_dir, name) if options.resume else new_run_dir(work_dir, name)
-    previous = run_dir.read_state().get("run_id") if options.resume else None
-    run = TrackedRun(tracking_config, name).start(run_dir.name, run_id=previous)
-    run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
-                         tracking_uri=run.uri)
-    echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) in {run.uri}")
-    return run, run_dir, contextlib.nullcontext(run_dir.path)
+        restore_from = _resumed_dir(work_dir, name, options) if options.resume else None
+        with tempfile.TemporaryDirectory(prefix=f"lmt-{role.task_type}{role.task_id}-") as own:
+            yield NullRun(), restore_from, RunDir(Path(own))
+        return
+    run_dir = _resumed_dir(work_dir, name, options) if options.resume else None
+    if run_dir is None:
+        run_dir = new_run_dir(work_dir, name, options.run_name)
+    state = run_dir.read_state()
+    previous = state.get("run_id") if options.resume else None
+    changes = _check_resume(state, options) if previous else {}
+    run = TrackedRun(tracking_config, name)
+    run.start(run_dir.name, run_id=previous, echo=echo)
+    with run.active():
+        run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
+                             tracking_uri=run.shown_uri, finished=False)
+        if not previous:
+            run_dir.update_state(params=config.bound_params())
+        else:
+            _record_changes(run, run_dir, changes)
+        _report_to_launcher(run, run_dir)
+        echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) "
+             f"in {run.shown_uri}")
+        yield run, run_dir, run_dir
+
+
+def _resumed_dir(work_dir: str, name: str, options: RunOptions) -> RunDir | None:
+    """The run to continue. A named run (as ``lmt launch`` names its job's run) that
+    never got as far as making its directory is started afresh under that name."""
+    if options.run_name is not None and not (Path(work_dir) / name / options.run_name).is_dir():
+        return None
+    return find_run_dir(work_dir, name, options.run_name)
+
+
+def _check_resume(state: dict[str, Any], options: RunOptions) -> dict[str, tuple[str, str]]:
+    """What the bindings of this resume change against the run's, as
+    ``{param: (before, now)}``.
+
+    Raises:
+      ConfigError: if they change anything and ``options.allow_changes`` is off, or the
+        run already finished every epoch it was bound to train.
+    """
+    before, now = state.get("params", {}), config.bound_params()
+    changes = {k: (before.get(k, "(unset)"), now.get(k, "(unset)"))
+               for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
+    if changes and not options.allow_changes:
+        listed = "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in changes.items())
+        raise ConfigError(f"--resume with changed bindings ({listed}); resume with the "
+                          f"original ones, or add --allow-changes to record and use these")
+    epochs = config.configured(TrainConfig).epochs
+    if state.get("finished") and state.get("epochs", 0) >= epochs:
+        raise LmtError(f"nothing to resume: run {state.get('run_id')} finished all {epochs} "
+                       f"epoch(s); start a new run (or resume with more TrainConfig.epochs "
+                       f"and --allow-changes)")
+    return changes
+
+
+def _record_changes(run: TrackedRun, run_dir: RunDir, changes: dict[str, tuple[str, str]]
+                    ) -> None:
+    """A resume with changed bindings: the original config artifacts stay as they were;
+    this resume's changes and resolved config go beside them, numbered."""
+    resumes = run_dir.read_state().get("resumes", 0) + 1
+    run_dir.update_state(resumes=resumes)
+    if not changes:
+        return
+    run.log_text("".join(f"{k}: {a} -> {b}\n" for k, (a, b) in changes.items()),
+                 f"config/resume-{resumes}/changes.txt")
+    run.set_tags({"lmt.resumed_with_changes": resumes})
+    run_dir.update_state(params=config.bound_params())
+
+
+def _report_to_launcher(run: TrackedRun, run_dir: RunDir) -> None:
+    """Under ``lmt launch``, tells the launcher which run this job made, so that it can
+    end the run if the job is stopped before the run can end itself."""
+    target = os.environ.get(JOB_FILE_ENV)
+    if target:
+        with contextlib.suppress(OSError):
+            Path(target).write_text(json.dumps({"run_id": run.run_id, "run_name": run_dir.name,
+                                                "tracking_uri": run.uri}))
+
+
+def _config_path(run_dir: RunDir, file: str) -> str:
+    """Where a config artifact goes: ``config/`` for a run's first start; a resume
+    records its own beside it."""
+    resumes = run_dir.read_state().get("resumes", 0)
+    return f"config/resume-{resumes}/{file}" if resumes else f"config/{file}"
 
 
 def _evaluate_beside(trainer: Trainer, built: keras.Model, splits: Splits, work_dir: str,
@@ -185,12 +291,16 @@ def _evaluate_beside(trainer: Trainer, built: keras.Model, splits: Splits, work_
     started = time.time()
 
     def chiefs_run_dir() -> Path | None:
-        # The chief's run is the latest one, made (unless resuming) as this task started.
+        if options.run_name is not None:  # named by the launcher: that run's directory
+            path = Path(work_dir) / name / options.run_name
+            return path / "checkpoints" if path.is_dir() else None
+        # Else the latest run, which (unless resuming) got its checkpoint after this
+        # task started.
         marker = Path(work_dir) / name / "LATEST"
         if not marker.is_file() or (not options.resume
                                     and marker.stat().st_mtime < started - EVALUATOR_SLACK):
             return None
-        return latest_run_dir(work_dir, name).checkpoints
+        return find_run_dir(work_dir, name).checkpoints
 
     directory = wait_for_run_dir(chiefs_run_dir, timeout=EVALUATOR_TIMEOUT)
     echo(f"lmt: evaluator watching {directory}")
@@ -198,9 +308,11 @@ def _evaluate_beside(trainer: Trainer, built: keras.Model, splits: Splits, work_
                          trainer.config.epochs, echo, timeout=EVALUATOR_TIMEOUT)
 
 
-def _log_setup(run: TrackedRun | NullRun, options: RunOptions, info: StrategyInfo,
-               role: Role, plan: Any, splits: Splits, model: keras.Model) -> None:
-    """Params, tags and the config as given and as resolved: logged once, before training."""
+def _log_setup(run: TrackedRun | NullRun, own: RunDir, options: RunOptions,
+               info: StrategyInfo, role: Role, plan: Any, splits: Splits,
+               model: keras.Model) -> None:
+    """Params, tags and the config as given and as resolved, before training. A resumed
+    run keeps its first params and config artifacts; a resume's go beside them."""
     derived = {
         "derived.replicas": info.replicas,
         "derived.global_batch_size": plan.global_batch_size,
@@ -215,10 +327,10 @@ def _log_setup(run: TrackedRun | NullRun, options: RunOptions, info: StrategyInf
                   "lmt.replicas": info.replicas,
                   "mlflow.source.name": " ".join(options.config_files) or "run_experiment"})
     for file in options.config_files:
-        run.log_text(Path(file).read_text(), f"config/given/{Path(file).name}")
+        run.log_text(Path(file).read_text(), _config_path(own, f"given/{Path(file).name}"))
     if options.bindings:
-        run.log_text("\n".join(options.bindings) + "\n", "config/given/bindings.gin")
-    run.log_text(gin.config_str(), "config/config.gin")
+        run.log_text("\n".join(options.bindings) + "\n", _config_path(own, "given/bindings.gin"))
+    run.log_text(gin.config_str(), _config_path(own, "config.gin"))
     run.log_text(json.dumps(variable_placement(model.variables), indent=2) + "\n",
                  "placement.json")
 

@@ -2,19 +2,38 @@
 ``--resume`` find the checkpoint and re-attach to the same MLflow run.
 
 Layout: ``<work_dir>/<experiment>/<run name>/{checkpoints,export,state.json}`` and
-``<work_dir>/<experiment>/LATEST`` naming the newest run directory.
+``<work_dir>/<experiment>/LATEST`` naming the newest run that has a checkpoint (a run
+that failed before its first checkpoint never becomes the one ``--resume`` picks).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmt_tf.errors import LmtError
+from lmt_tf.errors import ConfigError, LmtError
+
+LATEST = "LATEST"
+# Experiment and run names become directory names: one path component, no tricks.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
+
+
+def check_name(name: str, setting: str) -> str:
+    """Returns ``name`` if it is usable as one directory name.
+
+    Raises:
+      ConfigError: for a name with a path separator, ``..``, or other characters that
+        could place files outside the work directory.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{setting} must be 1-128 letters, digits and _.+=- (not "
+                          f"starting with . or -, no '..'), got {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -40,35 +59,66 @@ class RunDir:
     def update_state(self, **values: Any) -> None:
         """Merges ``values`` into state.json, atomically (a crash leaves the old file)."""
         state = {**self.read_state(), **values}
-        tmp = self.path / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, self.path / "state.json")
+        _write_atomically(self.path / "state.json", json.dumps(state, indent=2, sort_keys=True))
+
+    def mark_latest(self) -> None:
+        """Makes this the run that a plain ``--resume`` of its experiment continues."""
+        _write_atomically(self.path.parent / LATEST, self.name + "\n")
 
 
-def new_run_dir(work_dir: str | Path, experiment: str) -> RunDir:
-    """Creates a fresh, timestamped run directory and marks it as the latest."""
-    root = Path(work_dir) / experiment
-    root.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, n = root / f"{experiment}-{stamp}", 1
-    while path.exists():
-        n += 1
-        path = root / f"{experiment}-{stamp}-{n}"
-    path.mkdir()
-    (root / "LATEST").write_text(path.name + "\n")
+def _write_atomically(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def _experiment_root(work_dir: str | Path, experiment: str) -> Path:
+    return Path(work_dir) / check_name(experiment, "run_experiment.name")
+
+
+def new_run_dir(work_dir: str | Path, experiment: str, name: str | None = None) -> RunDir:
+    """Creates a fresh run directory: ``name``, or a timestamped one.
+
+    Raises:
+      LmtError: if the directory cannot be made, or a run called ``name`` exists.
+    """
+    root = _experiment_root(work_dir, experiment)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if name is not None:
+            path = root / check_name(name, "--run-name")
+            if path.exists():
+                raise LmtError(f"run {name!r} of {experiment!r} exists in {root}; continue it "
+                               f"with --resume, or choose another --run-name")
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            path, n = root / f"{experiment}-{stamp}", 1
+            while path.exists():
+                n += 1
+                path = root / f"{experiment}-{stamp}-{n}"
+        path.mkdir()
+    except OSError as e:
+        raise LmtError(f"cannot create a run directory in {root} ({e.strerror})") from e
     return RunDir(path)
 
 
-def latest_run_dir(work_dir: str | Path, experiment: str) -> RunDir:
-    """The run directory that ``--resume`` continues.
+def find_run_dir(work_dir: str | Path, experiment: str, name: str | None = None) -> RunDir:
+    """The run directory that ``--resume`` continues: run ``name``, else the latest run of
+    ``experiment`` that has a checkpoint.
 
     Raises:
-      LmtError: if no earlier run of ``experiment`` exists under ``work_dir``.
+      LmtError: if there is no such run under ``work_dir``.
     """
-    root = Path(work_dir) / experiment
-    marker = root / "LATEST"
+    root = _experiment_root(work_dir, experiment)
+    if name is not None:
+        path = root / check_name(name, "--run-name")
+        if not path.is_dir():
+            raise LmtError(f"nothing to resume: no run {name!r} of {experiment!r} in {root}")
+        return RunDir(path)
+    marker = root / LATEST
     if not marker.is_file():
-        raise LmtError(f"nothing to resume: no earlier run of {experiment!r} in {root}")
+        raise LmtError(f"nothing to resume: no earlier run of {experiment!r} with a "
+                       f"checkpoint in {root}")
     path = root / marker.read_text().strip()
     if not path.is_dir():
         raise LmtError(f"nothing to resume: {path} (named by {marker}) is missing")

@@ -3,24 +3,28 @@
 The embedded default store is a SQLite file ``./mlruns.db`` with artifacts under
 ``./mlartifacts``; ``MLFLOW_TRACKING_URI`` or ``TrackingConfig.tracking_uri`` points at
 any MLflow server instead. A run always ends FINISHED, FAILED (with the error as a tag)
-or KILLED, never RUNNING.
+or KILLED, never RUNNING: a run records its owner and a heartbeat (``liveness``), and
+every ``lmt`` command that opens a store first ends the runs whose owner is gone.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmt_tf.checks import check, check_types
 from lmt_tf.errors import LmtError
+from lmt_tf.liveness import HEARTBEAT, Heartbeat, owner_tags, sweep_orphans
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -60,17 +64,68 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    request = urllib.request.Request(f"{bare.rstrip('/')}/health")
+    if parts.username is not None:
+        token = f"{urllib.parse.unquote(parts.username)}:" \
+                f"{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization",
+                           "Basic " + base64.b64encode(token.encode()).decode())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             pass
-    except (urllib.error.URLError, OSError) as e:
-        raise LmtError(f"MLflow tracking server {uri} is unreachable ({e})") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise LmtError(f"MLflow tracking server {redact_uri(uri)} is unreachable "
+                       f"({redact(str(reason), uri)})") from e
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ``***`` (``http://user:***@host``)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    user = parts.netloc.rpartition("@")[0].split(":", 1)[0]
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def redact(text: str, uri: str) -> str:
+    """``text`` with the password of ``uri`` (if any) replaced by ``***``."""
+    password = urllib.parse.urlsplit(uri).password
+    if not password:
+        return text
+    for secret in {password, urllib.parse.unquote(password)}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def sweep_store(uri: str, found_by: str,
+                echo: Callable[[str], None] | None = None) -> list[str]:
+    """Ends the runs in the store at ``uri`` whose owner is gone (see ``liveness``).
+
+    Raises:
+      LmtError: if the store cannot be opened.
+    """
+    import mlflow
+
+    check_reachable(uri)
+    try:
+        return sweep_orphans(mlflow.MlflowClient(uri), found_by, echo)
+    except Exception as e:  # the store's own errors: sqlalchemy's, MLflow's, OSError
+        raise LmtError(f"cannot use the MLflow store {redact_uri(uri)}: "
+                       f"{redact(_first_line(e), uri)}") from e
 
 
 def run_links(uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
     """Links to the run and to the experiment's runs table in the MLflow UI (the 3.x UI
     otherwise opens an experiment on its GenAI overview page)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if uri.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(uri)
+        base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+    else:
+        base = "http://127.0.0.1:5000"
     return (f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
             f"{base}/#/experiments/{experiment_id}/runs")
 
@@ -100,8 +155,8 @@ def host_tags() -> dict[str, str]:
 
 
 class TrackedRun:
-    """One MLflow run, open between ``start`` and ``end``. Only the process that owns the
-    run (the chief) creates one."""
+    """One MLflow run, owned by this process between ``start`` and ``end``. Only the
+    process that owns the run (the chief) creates one."""
 
     logs = True
 
@@ -114,33 +169,63 @@ class TrackedRun:
         self.experiment_name = config.experiment_name or experiment_name
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self._heartbeat: Heartbeat | None = None
 
-    def start(self, run_name: str, run_id: str | None = None) -> TrackedRun:
-        """Creates the run, or re-opens ``run_id`` (a resumed run) as RUNNING."""
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as it may be shown: without its password."""
+        return redact_uri(self.uri)
+
+    def start(self, run_name: str, run_id: str | None = None,
+              echo: Callable[[str], None] | None = None) -> TrackedRun:
+        """Creates the run, or re-opens ``run_id`` (a resumed run) as RUNNING, owned by
+        this process. First ends the runs in the store whose owner is gone.
+
+        Raises:
+          LmtError: if the store cannot be opened or written, or ``run_id`` is not in it.
+        """
         mlflow = self._mlflow
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        if run_id is not None:
-            try:
+        try:
+            sweep_orphans(mlflow.MlflowClient(self.uri), f"lmt (pid {os.getpid()})", echo)
+            if run_id is not None:
                 run = mlflow.start_run(run_id=run_id)
-            except mlflow.exceptions.MlflowException as e:
-                raise LmtError(f"cannot resume MLflow run {run_id} in {self.uri}: "
-                               f"{e.message}") from e
-        else:
-            experiment = mlflow.get_experiment_by_name(self.experiment_name)
-            if experiment is None:
-                experiment_id = mlflow.create_experiment(
-                    self.experiment_name, artifact_location=self._artifact_location())
             else:
-                experiment_id = experiment.experiment_id
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
-        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+                run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name)
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
+            mlflow.set_tags(owner_tags())
+        except (LmtError, KeyboardInterrupt):
+            self._end_quietly()
+            raise
+        except Exception as e:  # the store's own errors: sqlalchemy's, MLflow's, OSError
+            self._end_quietly()
+            what = f"resume MLflow run {run_id} in" if run_id else "use the MLflow store"
+            raise LmtError(f"cannot {what} {self.shown_uri}: "
+                           f"{redact(_first_line(e), self.uri)}") from e
+        client, current = mlflow.MlflowClient(self.uri), self.run_id
+        self._heartbeat = Heartbeat(lambda now: client.set_tag(current, HEARTBEAT, now)).start()
         return self
+
+    def _experiment_id(self) -> str:
+        experiment = self._mlflow.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            _check_artifact_location(experiment.artifact_location)
+            return experiment.experiment_id
+        location = self._artifact_location()
+        _check_artifact_location(location)
+        return self._mlflow.create_experiment(self.experiment_name,
+                                              artifact_location=location)
 
     def _artifact_location(self) -> str | None:
         if self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri:
             return Path(self.config.artifact_root).resolve().as_uri()
         return None  # a server decides where its artifacts go
+
+    def _end_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._mlflow.active_run() is not None:
+                self._mlflow.end_run(status="FAILED")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Logs params not yet on the run (a resumed run keeps its original values)."""
@@ -178,11 +263,15 @@ class TrackedRun:
     def end(self, status: str, error: BaseException | None = None) -> None:
         """Ends the run as FINISHED, FAILED or KILLED; a failure's message becomes the
         ``lmt.error`` tag."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
         if self.run_id is None:
             return
         with contextlib.suppress(Exception):
             if error is not None:
-                self._mlflow.set_tag("lmt.error", f"{type(error).__name__}: {error}"[:5000])
+                message = redact(f"{type(error).__name__}: {error}", self.uri)
+                self._mlflow.set_tag("lmt.error", message[:5000])
         self._mlflow.end_run(status=status)
 
     @contextlib.contextmanager
@@ -197,6 +286,29 @@ class TrackedRun:
             self.end("FAILED", e)
             raise
         self.end("FINISHED")
+
+
+def _check_artifact_location(location: str | None) -> None:
+    """A local artifact location must be a directory that can be made; a server's or a
+    cloud store's is its own business."""
+    if not location or not location.startswith("file:"):
+        return
+    path = Path(urllib.parse.unquote(urllib.parse.urlsplit(location).path))
+    if path.exists() and not path.is_dir():
+        raise LmtError(f"the MLflow artifact location {path} is a file, not a directory "
+                       f"(set TrackingConfig.artifact_root to a directory)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LmtError(f"cannot create the MLflow artifact location {path} "
+                       f"({e.strerror})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LmtError(f"the MLflow artifact location {path} is not writable")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class NullRun:

@@ -65,6 +65,47 @@ class Splits:
         return {"train": len(self.train), "validation": len(self.validation),
                 "test": len(self.test)}
 
+    def validate(self) -> Splits:
+        """Checks what training relies on, before it starts: at least one feature and
+        one example in each split (validation may be empty only if held out as 0), one
+        example shape throughout, and for classification (``num_classes`` > 1) integer
+        labels in ``[0, num_classes)``. File-backed splits check their labels as their
+        files are verified (``load_tfrecords``).
+
+        Raises:
+          DataError: naming the data set, the split and what is wrong.
+        """
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise DataError(f"data {self.name}: num_classes must be a positive integer, "
+                            f"got {self.num_classes!r}")
+        for part in ("train", "validation", "test"):
+            split = getattr(self, part)
+            if len(split) == 0 and part != "validation":
+                raise DataError(f"data {self.name}: the {part} split has no examples")
+            shape = split.example_shape
+            if not shape or int(np.prod(shape)) < 1:
+                raise DataError(f"data {self.name}: {part} examples have shape {shape}; "
+                                f"at least one feature is needed")
+            if shape != self.input_shape:
+                raise DataError(f"data {self.name}: {part} examples have shape {shape}, "
+                                f"train examples {self.input_shape}")
+            if isinstance(split, Split) and len(split) and self.num_classes > 1:
+                _check_labels(split.y, self.num_classes, f"data {self.name}: {part}")
+        return self
+
+
+def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
+    whole = np.issubdtype(y.dtype, np.integer) or (
+        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
+    if not whole:
+        raise DataError(f"{where} labels must be integer class ids for {num_classes} "
+                        f"classes, got {y.dtype} values such as {y[:3].tolist()}")
+    low, high = y.min(), y.max()
+    if low < 0 or high >= num_classes:
+        bad = y[(y < 0) | (y >= num_classes)]
+        raise DataError(f"{where} has labels outside [0, {num_classes}): "
+                        f"{len(bad)} such as {bad[:3].tolist()}")
+
 
 def hold_out(train: Split, size: int | float, seed: int) -> tuple[Split, Split]:
     """Splits ``train`` into (rest, held-out) with a seeded permutation.

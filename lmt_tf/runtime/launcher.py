@@ -5,6 +5,10 @@ Multi-worker mirrored (no ps): N workers, worker 0 is the chief; the job succeed
 every worker succeeds and fails when any fails. Parameter server (M >= 1 ps): a chief
 (the coordinator), N workers and M ps; the job is the chief's: a lost worker is not fatal
 (the coordinator reschedules its steps), a lost ps is.
+
+A job names its run (``--run-name``), so a restart resumes exactly the run this job
+made, never another run of the same experiment. When the job is stopped (timeout,
+Ctrl-C, a failed task) the launcher ends the job's MLflow run if no task could.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +31,23 @@ from lmt_tf.errors import LmtError
 
 POLL_SECONDS = 0.2
 GRACE_SECONDS = 10.0
+EXIT_USER_ERROR = 2  # a task's configuration or input error: restarting cannot help
+EXIT_INTERRUPTED = 130
+EXIT_TIMEOUT = 124
+
+
+@dataclass(frozen=True)
+class Job:
+    """What ``lmt launch`` runs: ``lmt run RUN_ARGS`` on a cluster of this shape."""
+
+    run_args: Sequence[str]  # arguments of ``lmt run`` (gin file, --gin_param, ...)
+    workers: int  # worker tasks (>= 1)
+    ps: int = 0  # parameter-server tasks; 0 means multi-worker mirrored training
+    restarts: int = 0  # restart a failed cluster with --resume up to this many times
+    timeout: float = 0  # seconds for each attempt; 0 means none
+    evaluator: bool = False  # add a side-car evaluator that validates each checkpoint
+    resume: bool = False  # the first attempt continues a run too
+    run_name: str | None = None  # the run to make or resume; None: a new name
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,8 @@ class _Cluster:
     """The processes of one attempt, with their output pumps."""
 
     def __init__(self, spec: dict[str, list[str]], command: Sequence[str],
-                 echo: Callable[[str], None]):
+                 echo: Callable[[str], None], echo_error: Callable[[str], None],
+                 environment: dict[str, str]):
         self.processes: dict[Task, subprocess.Popen] = {}
         self._pumps: list[threading.Thread] = []
         # The training tasks' TF_CONFIG does not list the evaluator; its own does.
@@ -80,24 +103,25 @@ class _Cluster:
             for task_id in range(len(addresses)):
                 task = Task(task_type, task_id)
                 cluster = spec if task_type == "evaluator" else training
-                env = {**os.environ, "GRPC_FAIL_FAST": "use_caller",
+                env = {**os.environ, **environment, "GRPC_FAIL_FAST": "use_caller",
                        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
                            "type": task_type, "index": task_id}}),
                        "PYTHONUNBUFFERED": "1"}
                 process = subprocess.Popen(
-                    list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     stdin=subprocess.DEVNULL, text=True, start_new_session=True)
                 self.processes[task] = process
                 echo(f"lmt launch: started {task.name} at {addresses[task_id]} "
                      f"(pid {process.pid})")
-                pump = threading.Thread(target=self._pump, args=(task, process, echo),
-                                        daemon=True)
-                pump.start()
-                self._pumps.append(pump)
+                for stream, sink in ((process.stdout, echo), (process.stderr, echo_error)):
+                    pump = threading.Thread(target=self._pump, args=(task, stream, sink),
+                                            daemon=True)
+                    pump.start()
+                    self._pumps.append(pump)
 
     @staticmethod
-    def _pump(task: Task, process: subprocess.Popen, echo: Callable[[str], None]) -> None:
-        for line in process.stdout:
+    def _pump(task: Task, stream: Iterable[str], echo: Callable[[str], None]) -> None:
+        for line in stream:
             echo(f"[{task.name}] {line.rstrip()}")
 
     def signal_all(self, signum: int) -> None:
@@ -153,72 +177,101 @@ def _outcome(cluster: _Cluster, parameter_server: bool,
     return None
 
 
-def launch(run_args: Sequence[str], workers: int, ps: int = 0, restarts: int = 0,
-           timeout: float = 0, echo: Callable[[str], None] = print,
-           evaluator: bool = False) -> int:
-    """Runs ``lmt run RUN_ARGS`` as a local cluster; returns the job's exit status.
+def launch(job: Job, echo: Callable[[str], None] = print,
+           echo_error: Callable[[str], None] | None = None) -> int:
+    """Runs ``job`` as a local cluster; returns the job's exit status.
+
+    A failed attempt is restarted with ``--resume`` of the same named run, up to
+    ``job.restarts`` times, unless a task failed on a configuration or input error (exit
+    status 2), which a restart would only repeat.
 
     Args:
-      run_args: arguments of ``lmt run`` (gin file, --gin_file, --gin_param, ...).
-      workers: worker tasks (>= 1).
-      ps: parameter-server tasks; 0 means multi-worker mirrored training.
-      restarts: after a failed attempt, restart the whole cluster with ``--resume`` up
-        to this many times (continuing the same MLflow run from the last checkpoint).
-      timeout: seconds for each attempt; 0 means none.
+      job: the run arguments and the cluster's shape.
       echo: where prefixed task output goes.
-      evaluator: add a side-car evaluator task that validates each checkpoint.
+      echo_error: where prefixed task errors go (default: ``echo``).
 
     Raises:
       LmtError: for a bad cluster shape.
     """
-    if workers < 1:
-        raise LmtError(f"--workers must be at least 1, got {workers}")
-    if ps < 0 or restarts < 0 or timeout < 0:
+    if job.workers < 1:
+        raise LmtError(f"--workers must be at least 1, got {job.workers}")
+    if job.ps < 0 or job.restarts < 0 or job.timeout < 0:
         raise LmtError("--ps, --restarts and --timeout must not be negative")
-    strategy = "parameter_server_strategy" if ps else "multi_worker_mirrored_strategy"
-    base = [sys.executable, "-m", "lmt_tf.cli", "run", *run_args,
+    strategy = "parameter_server_strategy" if job.ps else "multi_worker_mirrored_strategy"
+    base = [sys.executable, "-m", "lmt_tf.cli", "run", *job.run_args,
             "--gin_param", f"run_experiment.strategy = @{strategy}"]
-    resume = "--resume" in run_args
+    run_name = job.run_name
+    if run_name is None and not job.resume:
+        run_name = f"{Path(job.run_args[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    resume = job.resume
     status = 1
-    for attempt in range(restarts + 1):
-        command = [*base, "--resume"] if resume else base
-        status = _attempt(command, workers, ps, timeout, echo, evaluator)
-        if status in (0, 130) or attempt == restarts:
-            return status
-        echo(f"lmt launch: attempt {attempt + 1} failed (status {status}); restarting "
-             f"({attempt + 1}/{restarts}) from the last checkpoint")
-        resume = True
+    with tempfile.TemporaryDirectory(prefix="lmt-launch-") as scratch:
+        report = Path(scratch) / "run.json"
+        for attempt in range(job.restarts + 1):
+            command = [*base, *(["--run-name", run_name] if run_name else []),
+                       *(["--resume"] if resume else [])]
+            status = _attempt(command, job, echo, echo_error or echo,
+                              {"LMT_JOB_FILE": str(report)})
+            if status != 0:
+                _end_orphaned_run(report, echo)
+            if run_name is None and report.is_file():  # resumed the latest: keep to it
+                run_name = json.loads(report.read_text())["run_name"]
+            if status in (0, EXIT_INTERRUPTED) or attempt == job.restarts:
+                return status
+            if status == EXIT_USER_ERROR:
+                echo("lmt launch: a task failed on a configuration or input error "
+                     "(status 2); not restarting")
+                return status
+            echo(f"lmt launch: attempt {attempt + 1} failed (status {status}); restarting "
+                 f"({attempt + 1}/{job.restarts}) from the last checkpoint")
+            resume = True
     return status
 
 
-def _attempt(command: Sequence[str], workers: int, ps: int, timeout: float,
-             echo: Callable[[str], None], evaluator: bool) -> int:
-    tasks = workers + (1 + ps if ps else 0) + (1 if evaluator else 0)
-    spec = cluster_spec(workers, ps, free_ports(tasks), evaluator)
+def _end_orphaned_run(report: Path, echo: Callable[[str], None]) -> None:
+    """After a stopped attempt every task is gone; the run its chief reported, if still
+    RUNNING, has lost its owner and is ended KILLED (``liveness.sweep_orphans``)."""
+    if not report.is_file():
+        return
+    from lmt_tf.tracking import sweep_store
+
+    made = json.loads(report.read_text())
+    with contextlib.suppress(LmtError):
+        sweep_store(made["tracking_uri"], f"lmt launch (pid {os.getpid()})", echo)
+
+
+def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
+             echo_error: Callable[[str], None], environment: dict[str, str]) -> int:
+    tasks = job.workers + (1 + job.ps if job.ps else 0) + (1 if job.evaluator else 0)
+    spec = cluster_spec(job.workers, job.ps, free_ports(tasks), job.evaluator)
     echo(f"lmt launch: cluster {json.dumps(spec)}")
     lock = threading.Lock()
 
-    def locked_echo(line: str) -> None:
-        with lock:
-            echo(line)
+    def locked(sink: Callable[[str], None]) -> Callable[[str], None]:
+        def write(line: str) -> None:
+            with lock:
+                sink(line)
+        return write
 
-    cluster = _Cluster(spec, command, locked_echo)
-    deadline = time.monotonic() + timeout if timeout else None
+    locked_echo = locked(echo)
+    cluster = _Cluster(spec, command, locked_echo, locked(echo_error), environment)
+    deadline = time.monotonic() + job.timeout if job.timeout else None
     lost: set[Task] = set()
     try:
         while True:
-            status = _outcome(cluster, ps > 0, locked_echo, lost)
+            status = _outcome(cluster, job.ps > 0, locked_echo, lost)
             if status is not None:
                 return status
             if deadline and time.monotonic() > deadline:
-                locked_echo(f"lmt launch: no result after {timeout:g} s; stopping the cluster")
-                return 124
+                locked_echo(f"lmt launch: no result after {job.timeout:g} s; stopping the "
+                            f"cluster")
+                return EXIT_TIMEOUT
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         # Each task ends its own run as KILLED on SIGINT, like Ctrl-C.
         cluster.signal_all(signal.SIGINT)
         time.sleep(min(GRACE_SECONDS, 3))
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         cluster.stop()
 

@@ -6,11 +6,15 @@ metric logged per step would force a device-to-host copy each step.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
+
+from lmt_tf.errors import LmtError
 
 MetricsSink = Callable[[Mapping[str, float], int], None]
 
@@ -77,6 +81,58 @@ class StepMetrics(keras.callbacks.Callback):
         for metrics, step in self._buffer:
             self._sink(metrics, step)
         self._buffer.clear()
+
+
+class TrainingDiverged(LmtError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, value: float, step: int, epoch: int):
+        super().__init__(f"training diverged: loss is {value} at step {step} (epoch "
+                         f"{epoch}); no checkpoint or model of it was saved (lower the "
+                         f"learning rate, clip gradients, or check the data)")
+        self.step, self.epoch = step, epoch
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite training loss by raising
+    ``TrainingDiverged``; list it before the checkpoint callback so that a diverged
+    epoch is never saved.
+
+    It reads each step's loss one step late, when the next step has been dispatched:
+    that value is ready, so the check never stalls an accelerator's queue. Keras' loss in
+    the logs is the epoch's running mean, so it stays non-finite once a step's loss is.
+    """
+
+    _supports_tf_logs = True  # the check reads one scalar; leave the rest on the device
+
+    def __init__(self, steps_per_epoch: int):
+        super().__init__()
+        self._steps_per_epoch = steps_per_epoch
+        self._epoch = 0
+        self._pending: tuple[Any, int, int] | None = None  # (loss, epoch, batch)
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if not isinstance(loss, tf.Tensor | float | int):
+            return  # a parameter server's remote value: checked at the epoch's end
+        previous, self._pending = self._pending, (loss, self._epoch, batch)
+        if previous is not None:
+            self._check(*previous)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._pending is not None:
+            self._check(*self._pending)
+            self._pending = None
+        if logs and "loss" in logs:
+            self._check(logs["loss"], epoch, self._steps_per_epoch - 1)
+
+    def _check(self, loss: Any, epoch: int, batch: int) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingDiverged(value, epoch * self._steps_per_epoch + batch + 1, epoch + 1)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

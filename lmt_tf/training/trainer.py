@@ -16,7 +16,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.checks import check, check_types
+from lmt_tf.checks import check, check_types, configured_call
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.optim.decoupled import DecoupledGreedyModel
@@ -27,6 +27,8 @@ from lmt_tf.runtime.strategy import local_updates_unsupported
 
 ModelFn = Callable[..., keras.Model]
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# Metric names that model.compile() maps to the loss's own variant.
+_COMPILE_METRIC_NAMES = {"accuracy", "acc", "crossentropy", "ce"}
 
 
 @dataclass
@@ -86,6 +88,10 @@ class TrainConfig:
               "update_multipliers or unfreeze_epochs")
         check(self.steps_per_execution >= 1, "TrainConfig.steps_per_execution",
               f"must be >= 1, got {self.steps_per_execution}")
+        configured_call(keras.losses.get, "TrainConfig.loss", self.loss)
+        for metric in self.metrics:
+            if metric not in _COMPILE_METRIC_NAMES:  # names only compile() resolves
+                configured_call(keras.metrics.get, "TrainConfig.metrics", metric)
 
 
 @dataclass
@@ -146,8 +152,9 @@ class Trainer:
 
         with self.strategy.scope():
             with per_replica():
-                model = model_fn(input_shape=splits.input_shape,
-                                 num_classes=splits.num_classes)
+                model = configured_call(model_fn, "run_experiment.model",
+                                        input_shape=splits.input_shape,
+                                        num_classes=splits.num_classes)
             if self.config.decoupled_blocks:
                 model = DecoupledGreedyModel(model, self.config.decoupled_blocks,
                                              splits.num_classes, self.config.loss)
@@ -159,10 +166,11 @@ class Trainer:
                     or local):
                 model = MicroBatchTrainStep(model, self.config.micro_batches,
                                             self.config.gradient_transforms, schedule)
-            optimizer = self.config.optimizer()
-            model.compile(optimizer=optimizer, loss=self.config.loss,
-                          metrics=list(self.config.metrics),
-                          steps_per_execution=self.config.steps_per_execution)
+            optimizer = configured_call(self.config.optimizer, "TrainConfig.optimizer")
+            configured_call(model.compile, "TrainConfig (loss, metrics, optimizer)",
+                            optimizer=optimizer, loss=self.config.loss,
+                            metrics=list(self.config.metrics),
+                            steps_per_execution=self.config.steps_per_execution)
             _compile_update(model.optimizer, self._jit_compile_update())
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
             with per_replica():  # under local SGD each replica keeps its own optimizer state
