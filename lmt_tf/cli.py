@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds before an attempt is stopped (default: none)")
     launch.add_argument("--evaluator", action="store_true",
                         help="add a side-car evaluator task that validates each checkpoint")
+    launch.add_argument("--network", choices=("isolated", "host"), default="isolated",
+                        help="isolated (default): the tasks run in a network namespace of "
+                             "the job's own, unreachable from other hosts; host: this "
+                             "machine's network (needed to reach a tracking server)")
 
     shard = commands.add_parser(
         "shard", parents=[gin_options], help="write a data source into sharded TFRecord files",
@@ -155,7 +159,7 @@ def _launch(args: argparse.Namespace) -> int:
     if args.allow_changes:
         run_args.append("--allow-changes")
     job = Job(run_args, args.workers, args.ps, args.restarts, args.timeout, args.evaluator,
-              resume=args.resume, run_name=args.run_name)
+              resume=args.resume, run_name=args.run_name, network=args.network)
     return launch(job, echo=lambda line: print(line, flush=True),
                   echo_error=lambda line: print(line, file=sys.stderr, flush=True))
 
@@ -204,7 +208,10 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lmt``; returns the process exit status."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (one line, status 2)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     # A scheduler's SIGTERM ends a run like Ctrl-C: KILLED in MLflow, checkpoints kept.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
@@ -216,8 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"lmt: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("lmt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # A preemption says where its checkpoint is; Ctrl-C needs no explanation.
+        preempted = type(e).__name__ == "Preempted"
+        print(f"lmt: {e}" if preempted else "lmt: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:
         # The file system refusing a path the user chose (permissions, a file where a
@@ -225,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "traceback", False):
             traceback.print_exc()
         where = f": {e.filename}" if e.filename else ""
-        print(f"lmt: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
+        print(f"lmt: error: {reason}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -116,7 +116,12 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
         with _plain_files_only():
             gin.parse_config_files_and_bindings(list(config_files), list(bindings),
                                                 finalize_config=True)
-    except (OSError, ValueError, TypeError, SyntaxError) as e:
+    except SyntaxError as e:  # gin's parse errors: say which file or binding
+        where = f"{e.filename}, line {e.lineno}" if e.filename else \
+            f"binding {bindings[e.lineno - 1]!r}" if e.lineno and e.lineno <= len(bindings) \
+            else "a binding"
+        raise ConfigError(f"{e.msg} in {where}") from e
+    except (OSError, ValueError, TypeError) as e:
         raise ConfigError(_one_line(e)) from e
     finally:
         logging.getLogger().removeFilter(quiet)

@@ -33,17 +33,28 @@ from lmt_tf.runtime.strategy import (
     role_of,
     variable_placement,
 )
-from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, run_links
+from lmt_tf.tracking import (
+    NullRun,
+    TrackedRun,
+    TrackingConfig,
+    host_tags,
+    redact_credentials,
+    run_links,
+)
 from lmt_tf.training.callbacks import (
     DivergenceGuard,
     EpochCheckpoint,
     EpochMetrics,
+    StepDivergenceGuard,
     StepMetrics,
     Throughput,
+    TrainingDiverged,
 )
 from lmt_tf.training.export import ExportConfig, export_saved_model, load_saved_model
+from lmt_tf.training.preemption import PREEMPTED_DIR, PreemptionCheckpoint, StartAt
+from lmt_tf.training.preemption import supported as preemption_supported
 from lmt_tf.training.sidecar import evaluate_checkpoints, wait_for_run_dir
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.trainer import TrainConfig, Trainer, latest_checkpoint
 
 # An evaluator accepts a chief's run directory made this long before it started, and
 # waits this long for the chief's next checkpoint.
@@ -133,7 +144,7 @@ def run_experiment(
         built = inference_model(trainer.build_model(model, splits))
         echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
         echo(f"lmt: would train {train_config.epochs} epoch(s) in {work_dir}/{name}; "
-             f"resolved config:\n{gin.config_str()}")
+             f"resolved config:\n{redact_credentials(gin.config_str())}")
         return None
 
     role = role_of(strat)
@@ -146,16 +157,23 @@ def run_experiment(
         built = trainer.build_model(model, splits)  # what trains: perhaps a wrapper
         user_model = inference_model(built)  # the model that is logged and exported
         _log_setup(run, own, options, info, role, plan, splits, user_model)
-        initial_epoch = (trainer.restore(built, run_dir.checkpoints)
-                         if options.resume and run_dir else 0)
-        if initial_epoch:
-            echo(f"lmt: resuming {run_dir.path} after epoch {initial_epoch}")
+        start = (trainer.restore(built, run_dir.checkpoints, plan.steps_per_epoch)
+                 if options.resume and run_dir else StartAt())
+        if start != StartAt():
+            echo(f"lmt: resuming {run_dir.path} at epoch {start.epoch + 1}, step "
+                 f"{start.step + 1}")
 
         def saved(done: int) -> None:
             own.update_state(epochs=done)
             own.mark_latest()  # a run with a checkpoint is one --resume can continue
 
-        callbacks = [DivergenceGuard(plan.steps_per_epoch),  # before the checkpoint
+        def saved_on_preemption(step: int) -> None:
+            own.update_state(preempted_at_step=step)
+            own.mark_latest()
+
+        per_step = preemption_supported(strat)  # i.e. batch-level callbacks allowed
+        guard = (StepDivergenceGuard if per_step else DivergenceGuard)(plan.steps_per_epoch)
+        callbacks = [guard,  # before the checkpoint
                      Throughput(run.log_metrics, plan.examples_per_epoch),
                      EpochMetrics(run.log_metrics),
                      EpochCheckpoint(trainer.checkpoint_manager(built, own.checkpoints),
@@ -163,8 +181,15 @@ def run_experiment(
         if tracking_config.log_every_n_steps:
             callbacks.append(StepMetrics(run.log_metrics, tracking_config.log_every_n_steps,
                                          plan.steps_per_epoch))
-        result = trainer.fit(built, splits, seed, initial_epoch,
-                             [*callbacks, *options.callbacks])
+        preemption = contextlib.nullcontext()
+        if per_step:
+            preemption = PreemptionCheckpoint(
+                strat, trainer.checkpoint_manager(built, own.checkpoints / PREEMPTED_DIR, 1),
+                plan.steps_per_epoch, saved_on_preemption if role.is_chief else None)
+            callbacks.append(preemption)
+        with preemption:
+            result = _fit(trainer, built, splits, seed, start, [*callbacks, *options.callbacks],
+                          own, plan.steps_per_epoch, run, echo)
         test = trainer.evaluate(built, splits.test)
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=train_config.epochs)
         echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
@@ -179,6 +204,32 @@ def run_experiment(
     echo(f"lmt: run {run.run_id} FINISHED{hint}\n  run:  {run_url}\n  runs: {table_url}")
     return RunResult(run.run_id, run.experiment_id, run_dir.path, user_model, result.history,
                      test)
+
+
+def _fit(trainer: Trainer, model: keras.Model, splits: Splits, seed: int, start: StartAt,
+         callbacks: list[keras.callbacks.Callback], own: RunDir, steps_per_epoch: int,
+         run: TrackedRun | NullRun, echo: Callable[[str], None]) -> Any:
+    """``trainer.fit``; with ``TrainConfig.divergence_retries``, a diverged fit rolls back
+    to the last checkpoint (the weights before training if there is none yet) with a
+    lower learning rate and continues, each rollback logged as an event of the run."""
+    retries = trainer.config.divergence_retries
+    if retries and latest_checkpoint(own.checkpoints)[0] is None:
+        trainer.checkpoint_manager(model, own.checkpoints).save(checkpoint_number=0)
+    for rollback in range(retries + 1):
+        try:
+            return trainer.fit(model, splits, seed, start, callbacks)
+        except TrainingDiverged as e:
+            if rollback == retries:
+                raise
+            start = trainer.restore(model, own.checkpoints, steps_per_epoch)
+            before, after = trainer.lower_learning_rate(model)
+            event = (f"step {e.step} (epoch {e.epoch}): loss {e.value}; rolled back to epoch "
+                     f"{start.epoch + 1}, step {start.step + 1}; learning rate {before:g} -> "
+                     f"{after:g}")
+            run.set_tags({f"lmt.rollback.{rollback + 1}": event})
+            run.log_metrics({"divergence_rollbacks": rollback + 1}, step=e.step)
+            echo(f"lmt: training diverged at {event} ({rollback + 1}/{retries})")
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
@@ -214,7 +265,7 @@ def _opened_run(role: Role, tracking_config: TrackingConfig, work_dir: str, name
         run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
                              tracking_uri=run.shown_uri, finished=False)
         if not previous:
-            run_dir.update_state(params=config.bound_params())
+            run_dir.update_state(params=_params())
         else:
             _record_changes(run, run_dir, changes)
         _report_to_launcher(run, run_dir)
@@ -239,7 +290,7 @@ def _check_resume(state: dict[str, Any], options: RunOptions) -> dict[str, tuple
       ConfigError: if they change anything and ``options.allow_changes`` is off, or the
         run already finished every epoch it was bound to train.
     """
-    before, now = state.get("params", {}), config.bound_params()
+    before, now = state.get("params", {}), _params()
     changes = {k: (before.get(k, "(unset)"), now.get(k, "(unset)"))
                for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
     if changes and not options.allow_changes:
@@ -265,7 +316,12 @@ def _record_changes(run: TrackedRun, run_dir: RunDir, changes: dict[str, tuple[s
     run.log_text("".join(f"{k}: {a} -> {b}\n" for k, (a, b) in changes.items()),
                  f"config/resume-{resumes}/changes.txt")
     run.set_tags({"lmt.resumed_with_changes": resumes})
-    run_dir.update_state(params=config.bound_params())
+    run_dir.update_state(params=_params())
+
+
+def _params() -> dict[str, str]:
+    """The bindings as a run's state records them: without passwords."""
+    return {k: redact_credentials(v) for k, v in config.bound_params().items()}
 
 
 def _report_to_launcher(run: TrackedRun, run_dir: RunDir) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import urllib.error
@@ -67,9 +68,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     parts = urllib.parse.urlsplit(uri)
     bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     request = urllib.request.Request(f"{bare.rstrip('/')}/health")
-    if parts.username is not None:
-        token = f"{urllib.parse.unquote(parts.username)}:" \
-                f"{urllib.parse.unquote(parts.password or '')}"
+    user, password = parts.username, parts.password
+    if user is None:  # MLflow's own variables, as its client uses them
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None:
+        token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password or '')}"
         request.add_header("Authorization",
                            "Basic " + base64.b64encode(token.encode()).decode())
     try:
@@ -77,7 +81,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             pass
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise LmtError(f"MLflow tracking server {redact_uri(uri)} is unreachable "
+        isolated = os.environ.get("LMT_JOB_NETWORK") == "isolated"
+        hint = " from the job's own network namespace (lmt launch --network host)" \
+            if isolated else ""
+        raise LmtError(f"MLflow tracking server {redact_uri(uri)} is unreachable{hint} "
                        f"({redact(str(reason), uri)})") from e
 
 
@@ -89,6 +96,15 @@ def redact_uri(uri: str) -> str:
     user = parts.netloc.rpartition("@")[0].split(":", 1)[0]
     host = parts.netloc.rpartition("@")[2]
     return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@'\"]+):[^@\s/'\"]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it
+    replaced by ``***``: for params, tags and config files logged with a run."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
 
 
 def redact(text: str, uri: str) -> str:
@@ -165,6 +181,12 @@ class TrackedRun:
 
         self._mlflow = mlflow
         self.uri = resolve_tracking_uri(config.tracking_uri)
+        # MLflow prints "View run ... at: <uri>" when a run ends, password included;
+        # lmt prints its own links, without it.
+        if urllib.parse.urlsplit(self.uri).password:
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        else:
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.config = config
         self.experiment_name = config.experiment_name or experiment_name
         self.run_id: str | None = None
@@ -230,18 +252,19 @@ class TrackedRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Logs params not yet on the run (a resumed run keeps its original values)."""
         existing = self._mlflow.get_run(self.run_id).data.params
-        fresh = {k: _param_value(v) for k, v in params.items() if k not in existing}
+        fresh = {k: _param_value(redact_credentials(str(v))) for k, v in params.items()
+                 if k not in existing}
         if fresh:
             self._mlflow.log_params(fresh)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._mlflow.set_tags({k: redact_credentials(str(v)) for k, v in tags.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self._mlflow.log_metrics(dict(metrics), step=step)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(text, artifact_file)
+        self._mlflow.log_text(redact_credentials(text), artifact_file)
 
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         self._mlflow.log_artifacts(str(directory), artifact_path)
@@ -270,7 +293,8 @@ class TrackedRun:
             return
         with contextlib.suppress(Exception):
             if error is not None:
-                message = redact(f"{type(error).__name__}: {error}", self.uri)
+                message = redact_credentials(
+                    redact(f"{type(error).__name__}: {error}", self.uri))
                 self._mlflow.set_tag("lmt.error", message[:5000])
         self._mlflow.end_run(status=status)
 

@@ -63,6 +63,21 @@ def test_kubernetes_tfjob_runs_an_experiment_file_that_parses(monkeypatch) -> No
     bindings = [command[i + 1] for i, arg in enumerate(command) if arg == "--gin_param"]
     config.parse([command[2]], bindings)
     assert config.bound_params()["run_experiment.strategy"] == "@multi_worker_mirrored_strategy"
+    # A restarted pod continues this job's own run (and the first start makes it).
+    from lmt_tf.cli import _parser
+
+    args = _parser().parse_args(command[1:])
+    assert args.resume and args.run_name == job["metadata"]["name"]
+
+    # Only the job's own pods reach its gRPC port.
+    policy = yaml.safe_load(
+        (PROJECT_ROOT / "experiments/k8s/mnist_networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    own = {"training.kubeflow.org/job-name": job["metadata"]["name"]}
+    assert policy["spec"]["podSelector"]["matchLabels"] == own
+    (rule,) = policy["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in rule["from"]] == [own]
+    assert [p["port"] for p in rule["ports"]] == [p["containerPort"] for p in container["ports"]]
 
 
 def test_includes_resolve_with_the_project_on_sys_path(tmp_path: Path, monkeypatch) -> None:

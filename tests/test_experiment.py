@@ -113,3 +113,75 @@ def test_step_metrics_every_n_steps(gin_file, in_tmp: Path) -> None:
                           "TrainConfig.steps_per_epoch = 10"])
     steps = mlflow_client(in_tmp).get_metric_history(result.run_id, "step/loss")
     assert sorted(m.step for m in steps) == [5, 10, 15, 20]
+
+
+def _artifact(in_tmp: Path, run_id: str, path: str) -> str:
+    return Path(mlflow_client(in_tmp).download_artifacts(run_id, path, str(in_tmp))).read_text()
+
+
+def test_resume_with_changed_bindings_is_refused_unless_allowed(gin_file, in_tmp: Path) -> None:
+    from lmt_tf.errors import ConfigError
+
+    exp = gin_file(TINY + "TrainConfig.epochs = 3\n")
+    with pytest.raises(KeyboardInterrupt):
+        _run([exp], callbacks=[_StopAtEpoch(1)])
+    (killed,) = all_runs(in_tmp)
+    changed = ["TrainConfig.epochs = 4", "keras.optimizers.SGD.learning_rate = 0.05"]
+    with pytest.raises(ConfigError) as refused:
+        _run([exp], changed, resume=True)
+    assert str(refused.value).startswith(
+        "--resume with changed bindings (SGD.learning_rate: 0.1 -> 0.05; "
+        "TrainConfig.epochs: 3 -> 4)")
+    assert mlflow_client(in_tmp).get_run(killed.info.run_id).info.status == "KILLED"  # untouched
+
+    resumed = _run([exp], changed, resume=True, allow_changes=True)
+    assert resumed.run_id == killed.info.run_id
+    run = mlflow_client(in_tmp).get_run(resumed.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["TrainConfig.epochs"] == "3"
+    # The original config stays as it was; the resume's changes and config lie beside it.
+    assert "TrainConfig.epochs = 3" in _artifact(in_tmp, run.info.run_id, "config/config.gin")
+    assert _artifact(in_tmp, run.info.run_id, "config/resume-1/changes.txt") == (
+        "SGD.learning_rate: 0.1 -> 0.05\nTrainConfig.epochs: 3 -> 4\n")
+    assert "TrainConfig.epochs = 4" in _artifact(in_tmp, run.info.run_id,
+                                                 "config/resume-1/config.gin")
+    losses = mlflow_client(in_tmp).get_metric_history(resumed.run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+
+
+def test_a_failed_start_leaves_latest_on_the_run_with_a_checkpoint(gin_file,
+                                                                  in_tmp: Path) -> None:
+    from lmt_tf.errors import LmtError
+
+    exp = gin_file(TINY)
+    finished = _run([exp])
+    with pytest.raises(KeyboardInterrupt):  # stopped before its first checkpoint
+        _run([exp], callbacks=[_StopAtEpoch(0)])
+    # --resume would pick the latest run with a checkpoint: the finished one, which has
+    # nothing left to do; it is not re-opened.
+    with pytest.raises(LmtError, match="nothing to resume: run .* finished all 2 epoch"):
+        _run([exp], resume=True)
+    run = mlflow_client(in_tmp).get_run(finished.run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(r.info.status for r in all_runs(in_tmp)) == ["FINISHED", "KILLED"]
+
+
+def test_a_named_run_resumes_that_run(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.epochs = 3\n")
+    with pytest.raises(KeyboardInterrupt):
+        _run([exp], callbacks=[_StopAtEpoch(2)], run_name="first")
+    _run([exp])  # a later run of the same experiment: the latest one
+    resumed = _run([exp], resume=True, run_name="first")
+    assert resumed.run_dir.name == "first"
+    run = mlflow_client(in_tmp).get_run(resumed.run_id)
+    assert run.info.run_name == "first" and run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("binding", ["run_experiment.name = '../outside'",
+                                     "run_experiment.name = 'a/b'"])
+def test_a_run_name_cannot_leave_the_work_dir(gin_file, in_tmp: Path, binding: str) -> None:
+    from lmt_tf.errors import ConfigError
+
+    exp = gin_file(TINY)
+    with pytest.raises(ConfigError, match="run_experiment.name must be"):
+        _run([exp], [binding])
+    assert all_runs(in_tmp) == [] and not (in_tmp / "outside").exists()

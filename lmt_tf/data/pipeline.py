@@ -107,9 +107,10 @@ def epoch_order(num_examples: int, seed: int, epoch: tf.Tensor) -> tf.Tensor:
 
 
 def array_train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: int,
-                         shard_policy: str = "AUTO") -> InputFn:
+                         shard_policy: str = "AUTO", start_step: int = 0) -> InputFn:
     """An input function yielding epochs ``start_epoch, start_epoch + 1, ...`` of the
-    in-memory ``split`` without end (``model.fit`` takes ``steps_per_epoch`` per epoch).
+    in-memory ``split`` without end (``model.fit`` takes ``steps_per_epoch`` per epoch),
+    the first from its step ``start_step`` (a run resumed mid-epoch).
 
     Step ``s`` of an epoch uses examples ``order[s*B:(s+1)*B]`` of that epoch's seeded
     permutation (B = global batch), cut into per-replica chunks. Each input pipeline
@@ -154,11 +155,18 @@ def array_train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: 
             return to_model_input(tf.gather(features, ids)), tf.gather(labels, ids)
 
         epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-        dataset = epochs.flat_map(epoch_batches)
+        dataset = epochs.flat_map(epoch_batches).skip(
+            start_step * batches_per_step(context))
         dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         return without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
 
     return input_fn
+
+
+def batches_per_step(context: tf.distribute.InputContext) -> int:
+    """Per-replica batches one input pipeline yields per step of synchronous training:
+    one for each of its replicas."""
+    return max(context.num_replicas_in_sync // context.num_input_pipelines, 1)
 
 
 def array_eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:

@@ -173,10 +173,14 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
             raise DataError(f"{file}: no column {label_column!r} in header {header}")
         label_at = header.index(label_column)
         rows = [row for row in reader if row]
+    if not rows:
+        raise DataError(f"{file}: no rows below the header")
+    if len(header) < 2:
+        raise DataError(f"{file}: no feature columns besides {label_column!r}")
     try:
         table = np.asarray(rows, dtype=np.float64)
     except ValueError as e:
-        raise DataError(f"{file}: non-numeric value ({e})") from e
+        raise DataError(f"{file}: non-numeric value or a row of another length ({e})") from e
     y = table[:, label_at].astype(np.int64)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
     return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,

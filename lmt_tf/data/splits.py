@@ -32,12 +32,13 @@ class Split:
         return self.x[:count]
 
     # The input pipelines live in pipeline.py, which imports TensorFlow.
-    def train_input_fn(self, plan, seed: int, start_epoch: int, input_config=None):
+    def train_input_fn(self, plan, seed: int, start_epoch: int, input_config=None,
+                       start_step: int = 0):
         """See ``pipeline.array_train_input_fn``; ``input_config`` is an InputConfig."""
         from lmt_tf.data.pipeline import array_train_input_fn
 
         policy = input_config.auto_shard_policy if input_config else "AUTO"
-        return array_train_input_fn(self, plan, seed, start_epoch, policy)
+        return array_train_input_fn(self, plan, seed, start_epoch, policy, start_step)
 
     def eval_dataset(self, global_batch_size: int):
         """See ``pipeline.array_eval_dataset``."""

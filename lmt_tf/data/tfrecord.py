@@ -20,6 +20,7 @@ from lmt_tf.data.pipeline import (
     BatchPlan,
     InputConfig,
     InputFn,
+    batches_per_step,
     evaluation_batches,
     label_array,
     to_model_input,
@@ -149,8 +150,10 @@ class TFRecordSplit:
         return dataset
 
     def train_input_fn(self, plan: BatchPlan, seed: int, start_epoch: int,
-                       input_config: InputConfig | None = None) -> InputFn:
-        """Epochs from ``start_epoch`` without end, in per-replica batches."""
+                       input_config: InputConfig | None = None,
+                       start_step: int = 0) -> InputFn:
+        """Epochs from step ``start_step`` of ``start_epoch`` on, without end, in
+        per-replica batches."""
         config = input_config or InputConfig()
 
         def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -161,6 +164,7 @@ class TFRecordSplit:
             dataset = dataset.map(lambda _, x, y: (to_model_input(x), y),
                                   num_parallel_calls=tf.data.AUTOTUNE)
             dataset = dataset.batch(per_replica, drop_remainder=True)
+            dataset = dataset.skip(start_step * batches_per_step(context))
             return without_autoshard(dataset).prefetch(tf.data.AUTOTUNE)
 
         return input_fn
@@ -191,26 +195,71 @@ def _block_shuffle(examples: tf.data.Dataset, block: int, seeds: tf.Tensor) -> t
     return examples.batch(block).enumerate().map(permute).unbatch()
 
 
-def load_tfrecords(directory: str) -> Splits:
+def load_tfrecords(directory: str, verify: bool = True) -> Splits:
     """The splits written by ``lmt shard`` into ``directory``.
 
+    Args:
+      directory: where ``lmt shard`` wrote the files and ``manifest.json``.
+      verify: read every file once before training: each record's checksum, the
+        records per file against the manifest, and (for classification) every label
+        in ``[0, num_classes)``. A damaged shard is then an error naming the file,
+        instead of an epoch that silently ends early. About a second per 100 MB.
+
     Raises:
-      DataError: if the directory has no manifest or a listed file is missing.
+      DataError: if the manifest is missing or unreadable, a listed file is missing, or
+        (verifying) a file is corrupt, truncated, or holds labels out of range.
     """
     root = Path(directory)
     manifest_file = root / MANIFEST
     if not manifest_file.is_file():
         raise DataError(f"no TFRecord shards in {root} (no {MANIFEST}; write them with "
                         f"`lmt shard SOURCE --shards N --output {root}`)")
-    manifest = json.loads(manifest_file.read_text())
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        entries = {name: manifest["splits"][name] for name in SPLITS}
+        shape, classes = tuple(manifest["example_shape"]), int(manifest["num_classes"])
+        x_dtype, y_dtype, name = manifest["x_dtype"], manifest["y_dtype"], manifest["name"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest_file} is not a manifest written by `lmt shard` "
+                        f"({type(e).__name__}: {e})") from e
     parts = {}
-    for name in SPLITS:
-        entry = manifest["splits"][name]
+    for split_name in SPLITS:
+        entry = entries[split_name]
         missing = [f for f in entry["files"] if not (root / f).is_file()]
         if missing:
             raise DataError(f"{root}: files listed in {MANIFEST} are missing: {missing[:3]}")
-        parts[name] = TFRecordSplit(root, tuple(entry["files"]), tuple(entry["counts"]),
-                                    tuple(manifest["example_shape"]), manifest["x_dtype"],
-                                    manifest["y_dtype"])
-    return Splits(f"tfrecord:{manifest['name']}", parts["train"], parts["validation"],
-                  parts["test"], manifest["num_classes"])
+        parts[split_name] = TFRecordSplit(root, tuple(entry["files"]), tuple(entry["counts"]),
+                                          shape, x_dtype, y_dtype)
+        if verify:
+            verify_split(parts[split_name], classes)
+    return Splits(f"tfrecord:{name}", parts["train"], parts["validation"], parts["test"],
+                  classes)
+
+
+def verify_split(split: TFRecordSplit, num_classes: int) -> None:
+    """Reads every record of ``split`` once; see ``load_tfrecords(verify=True)``.
+
+    Raises:
+      DataError: naming the first file that is corrupt, truncated, short of the
+        manifest's count, or (classification) holds a label outside the classes.
+    """
+    y_type = tf.int64 if split.y_dtype.startswith("int") else tf.float32
+    labels = {"y": tf.io.FixedLenFeature([], y_type)}
+    for path, expected in zip(split.paths, split.counts, strict=True):
+        records = tf.data.TFRecordDataset(path).batch(4096)
+        count, low, high = 0, None, None
+        try:
+            for batch in records:
+                y = tf.io.parse_example(batch, labels)["y"].numpy()
+                count += len(y)
+                low = y.min() if low is None else min(low, y.min())
+                high = y.max() if high is None else max(high, y.max())
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            reason = e.message.splitlines()[0]
+            raise DataError(f"{path} is corrupt after {count} records ({reason})") from e
+        if count != expected:
+            raise DataError(f"{path} holds {count} records, but {MANIFEST} lists {expected} "
+                            f"(truncated or replaced?)")
+        if num_classes > 1 and count and (low < 0 or high >= num_classes):
+            raise DataError(f"{path} holds labels in [{low}, {high}], outside "
+                            f"[0, {num_classes})")

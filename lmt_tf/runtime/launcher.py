@@ -28,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmt_tf.errors import LmtError
+from lmt_tf.runtime.netns import JobNamespace
 
 POLL_SECONDS = 0.2
 GRACE_SECONDS = 10.0
 EXIT_USER_ERROR = 2  # a task's configuration or input error: restarting cannot help
 EXIT_INTERRUPTED = 130
 EXIT_TIMEOUT = 124
+NETWORKS = ("isolated", "host")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Job:
     evaluator: bool = False  # add a side-car evaluator that validates each checkpoint
     resume: bool = False  # the first attempt continues a run too
     run_name: str | None = None  # the run to make or resume; None: a new name
+    # "isolated": the tasks run in a network namespace of their own with only loopback,
+    # unreachable from other hosts (and unable to reach them); "host": this machine's.
+    network: str = "isolated"
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,16 @@ def launch(job: Job, echo: Callable[[str], None] = print,
         raise LmtError(f"--workers must be at least 1, got {job.workers}")
     if job.ps < 0 or job.restarts < 0 or job.timeout < 0:
         raise LmtError("--ps, --restarts and --timeout must not be negative")
+    if job.network not in NETWORKS:
+        raise LmtError(f"--network must be one of {NETWORKS}, got {job.network!r}")
+    server = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if job.network == "isolated" and server.startswith(("http://", "https://")):
+        from lmt_tf.tracking import redact_uri
+
+        raise LmtError(f"the job's tasks run in a network namespace of their own, where the "
+                       f"tracking server {redact_uri(server)} cannot be reached; add "
+                       f"--network host (the tasks' servers are then reachable from "
+                       f"other hosts: see the README's security section)")
     strategy = "parameter_server_strategy" if job.ps else "multi_worker_mirrored_strategy"
     base = [sys.executable, "-m", "lmt_tf.cli", "run", *job.run_args,
             "--gin_param", f"run_experiment.strategy = @{strategy}"]
@@ -210,8 +225,13 @@ def launch(job: Job, echo: Callable[[str], None] = print,
         for attempt in range(job.restarts + 1):
             command = [*base, *(["--run-name", run_name] if run_name else []),
                        *(["--resume"] if resume else [])]
-            status = _attempt(command, job, echo, echo_error or echo,
-                              {"LMT_JOB_FILE": str(report)})
+            environment = {"LMT_JOB_FILE": str(report), "LMT_JOB_NETWORK": job.network}
+            if job.network == "isolated":
+                with JobNamespace() as namespace:
+                    status = _attempt(namespace.command(command), job, echo,
+                                      echo_error or echo, environment)
+            else:
+                status = _attempt(command, job, echo, echo_error or echo, environment)
             if status != 0:
                 _end_orphaned_run(report, echo)
             if run_name is None and report.is_file():  # resumed the latest: keep to it
@@ -268,9 +288,8 @@ def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
                 return EXIT_TIMEOUT
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        # Each task ends its own run as KILLED on SIGINT, like Ctrl-C.
-        cluster.signal_all(signal.SIGINT)
-        time.sleep(min(GRACE_SECONDS, 3))
+        # Ctrl-C or SIGTERM of the launcher: stopping the cluster sends its tasks SIGTERM,
+        # on which they save a checkpoint at a step they agree on and end the run KILLED.
         return EXIT_INTERRUPTED
     finally:
         cluster.stop()

@@ -90,13 +90,33 @@ class TrainingDiverged(LmtError):
         super().__init__(f"training diverged: loss is {value} at step {step} (epoch "
                          f"{epoch}); no checkpoint or model of it was saved (lower the "
                          f"learning rate, clip gradients, or check the data)")
-        self.step, self.epoch = step, epoch
+        self.value, self.step, self.epoch = value, step, epoch
 
 
 class DivergenceGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite training loss by raising
+    """Stops training when an epoch's training loss is NaN or infinite by raising
     ``TrainingDiverged``; list it before the checkpoint callback so that a diverged
-    epoch is never saved.
+    epoch is never saved. The epoch-level check is all that parameter-server training
+    allows (no batch-level callbacks); elsewhere use ``StepDivergenceGuard``.
+    """
+
+    def __init__(self, steps_per_epoch: int):
+        super().__init__()
+        self._steps_per_epoch = steps_per_epoch
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if logs and "loss" in logs:
+            self._check(logs["loss"], epoch, self._steps_per_epoch - 1)
+
+    def _check(self, loss: Any, epoch: int, batch: int) -> None:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise TrainingDiverged(value, epoch * self._steps_per_epoch + batch + 1, epoch + 1)
+
+
+class StepDivergenceGuard(DivergenceGuard):
+    """``DivergenceGuard`` that also stops within the epoch, one step after the first
+    non-finite loss.
 
     It reads each step's loss one step late, when the next step has been dispatched:
     that value is ready, so the check never stalls an accelerator's queue. Keras' loss in
@@ -106,18 +126,20 @@ class DivergenceGuard(keras.callbacks.Callback):
     _supports_tf_logs = True  # the check reads one scalar; leave the rest on the device
 
     def __init__(self, steps_per_epoch: int):
-        super().__init__()
-        self._steps_per_epoch = steps_per_epoch
+        super().__init__(steps_per_epoch)
         self._epoch = 0
         self._pending: tuple[Any, int, int] | None = None  # (loss, epoch, batch)
+
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._pending = None  # a fit after a rollback starts afresh
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch = epoch
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         loss = (logs or {}).get("loss")
-        if not isinstance(loss, tf.Tensor | float | int):
-            return  # a parameter server's remote value: checked at the epoch's end
+        if loss is None:
+            return
         previous, self._pending = self._pending, (loss, self._epoch, batch)
         if previous is not None:
             self._check(*previous)
@@ -126,13 +148,7 @@ class DivergenceGuard(keras.callbacks.Callback):
         if self._pending is not None:
             self._check(*self._pending)
             self._pending = None
-        if logs and "loss" in logs:
-            self._check(logs["loss"], epoch, self._steps_per_epoch - 1)
-
-    def _check(self, loss: Any, epoch: int, batch: int) -> None:
-        value = float(loss)
-        if not math.isfinite(value):
-            raise TrainingDiverged(value, epoch * self._steps_per_epoch + batch + 1, epoch + 1)
+        super().on_epoch_end(epoch, logs)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

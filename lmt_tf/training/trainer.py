@@ -19,11 +19,13 @@ import tf_keras as keras
 from lmt_tf.checks import check, check_types, configured_call
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
+from lmt_tf.errors import ConfigError
 from lmt_tf.optim.decoupled import DecoupledGreedyModel
 from lmt_tf.optim.layerwise import BlockSchedule
 from lmt_tf.optim.local_sgd import LocalSGD, replica_local_variables
 from lmt_tf.optim.train_step import MicroBatchTrainStep, inference_model
 from lmt_tf.runtime.strategy import local_updates_unsupported
+from lmt_tf.training.preemption import PREEMPTED_DIR, StartAt
 
 ModelFn = Callable[..., keras.Model]
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -57,6 +59,10 @@ class TrainConfig:
     update_multipliers: dict[str, float] = field(default_factory=dict)  # block -> factor
     unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
     decoupled_blocks: tuple[str, ...] = ()  # layers ending each greedily trained block
+    # On a NaN or infinite loss: roll back to the last checkpoint and continue with the
+    # learning rate times divergence_lr_factor, up to this many times (0: fail at once).
+    divergence_retries: int = 0
+    divergence_lr_factor: float = 0.5  # in (0, 1)
     local_steps: int | None = None  # local SGD: average replicas every H local steps
     sync_steps: int = 0  # post-local SGD: synchronous optimizer steps before local ones
 
@@ -79,6 +85,10 @@ class TrainConfig:
                   f"must be >= 1, got {self.local_steps}")
             check(self.steps_per_execution == 1, "TrainConfig.local_steps",
                   "needs TrainConfig.steps_per_execution = 1 (averaging runs between steps)")
+        check(self.divergence_retries >= 0, "TrainConfig.divergence_retries",
+              f"must be >= 0, got {self.divergence_retries}")
+        check(0 < self.divergence_lr_factor < 1, "TrainConfig.divergence_lr_factor",
+              f"must be in (0, 1), got {self.divergence_lr_factor}")
         check(self.sync_steps >= 0, "TrainConfig.sync_steps",
               f"must be >= 0, got {self.sync_steps}")
         combined = (self.micro_batches > 1 or self.gradient_transforms
@@ -90,8 +100,7 @@ class TrainConfig:
               f"must be >= 1, got {self.steps_per_execution}")
         configured_call(keras.losses.get, "TrainConfig.loss", self.loss)
         for metric in self.metrics:
-            if metric not in _COMPILE_METRIC_NAMES:  # names only compile() resolves
-                configured_call(keras.metrics.get, "TrainConfig.metrics", metric)
+            _check_metric(metric)
 
 
 @dataclass
@@ -172,55 +181,88 @@ class Trainer:
                             metrics=list(self.config.metrics),
                             steps_per_execution=self.config.steps_per_execution)
             _compile_update(model.optimizer, self._jit_compile_update())
+            if self.config.divergence_retries:
+                check(isinstance(_learning_rate(model.optimizer), tf.Variable),
+                      "TrainConfig.divergence_retries", "needs a constant learning rate "
+                      "(a rollback lowers it; a schedule cannot be lowered)")
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
             with per_replica():  # under local SGD each replica keeps its own optimizer state
                 model.optimizer.build(model.trainable_variables)
         return model
 
-    def checkpoint_manager(self, model: keras.Model,
-                           directory: Path) -> tf.train.CheckpointManager:
-        """Keeps the two newest per-epoch checkpoints of model and optimizer."""
+    def checkpoint_manager(self, model: keras.Model, directory: Path,
+                           keep: int = 2) -> tf.train.CheckpointManager:
+        """Keeps the ``keep`` newest checkpoints of model and optimizer in ``directory``:
+        per-epoch ones in a run's ``checkpoints/``, the one saved on preemption in
+        ``checkpoints/preempted/`` (numbered by global step)."""
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-        return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=2)
+        return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=keep)
 
     @staticmethod
-    def restore(model: keras.Model, directory: Path) -> int:
-        """Restores the newest checkpoint in ``directory`` into ``model`` and its optimizer;
-        returns the epochs it completed (0 if there is none)."""
+    def restore(model: keras.Model, directory: Path, steps_per_epoch: int) -> StartAt:
+        """Restores the newest checkpoint in ``directory`` into ``model`` and its optimizer:
+        the one saved on preemption if it is further along than the last per-epoch one.
+
+        Returns:
+          Where training continues (epoch 0, step 0 if there is no checkpoint).
+        """
         latest, epochs = latest_checkpoint(directory)
+        preempted = tf.train.latest_checkpoint(str(directory / PREEMPTED_DIR))
+        step = int(preempted.rsplit("-", 1)[1]) if preempted else 0
+        if step > epochs * steps_per_epoch:
+            latest, start = preempted, StartAt(*divmod(step, steps_per_epoch))
+        else:
+            start = StartAt(epochs, 0)
         if latest is None:
-            return 0
+            return StartAt()
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         checkpoint.restore(latest).assert_existing_objects_matched()
-        return epochs
+        return start
 
-    def fit(self, model: keras.Model, splits: Splits, seed: int, initial_epoch: int = 0,
+    def fit(self, model: keras.Model, splits: Splits, seed: int,
+            start: StartAt = StartAt(),  # noqa: B008 (frozen, so one shared default is safe)
             callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
-        """Trains from ``initial_epoch`` to ``config.epochs``, validating every epoch.
+        """Trains from ``start`` to the end of epoch ``config.epochs``, validating every
+        epoch.
 
-        Epoch ``e`` sees the same batches whatever epoch training started from, so a
-        resumed run continues exactly where the interrupted one stopped.
+        Epoch ``e`` sees the same batches whatever step training started from, so a
+        resumed run continues exactly where the interrupted one stopped (a run started
+        mid-epoch logs that epoch's metrics over the steps it ran).
         """
         plan = self.plan(splits.train)
-        input_fn = splits.train.train_input_fn(plan, seed, initial_epoch, self.input_config)
+        input_fn = splits.train.train_input_fn(plan, seed, start.epoch, self.input_config,
+                                               start_step=start.step)
         if isinstance(model, MicroBatchTrainStep):
             callbacks = [*model.extra_callbacks(), *callbacks]
         if self.config.local_steps is not None:
             weights = [v for v in inference_model(model).weights if v.dtype.is_floating]
             callbacks = [LocalSGD(self.config.local_steps, self.config.sync_steps,
                                   plan.steps_per_epoch, weights), *callbacks]
-        history = model.fit(
-            keras.utils.experimental.DatasetCreator(input_fn),
-            epochs=self.config.epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=plan.steps_per_epoch,
-            validation_data=splits.validation.eval_dataset(plan.global_batch_size)
-            if len(splits.validation) else None,
-            validation_steps=eval_steps(splits.validation, plan.global_batch_size),
-            callbacks=list(callbacks),
-            verbose=self._verbosity(),
-        )
-        return TrainResult(model, dict(history.history), initial_epoch)
+        # Keras asks this for the first (epoch, step) of fit, as for its BackupAndRestore.
+        model._training_state = start if start.step else None  # noqa: SLF001
+        try:
+            history = model.fit(
+                keras.utils.experimental.DatasetCreator(input_fn),
+                epochs=self.config.epochs,
+                initial_epoch=start.epoch,
+                steps_per_epoch=plan.steps_per_epoch,
+                validation_data=splits.validation.eval_dataset(plan.global_batch_size)
+                if len(splits.validation) else None,
+                validation_steps=eval_steps(splits.validation, plan.global_batch_size),
+                callbacks=list(callbacks),
+                verbose=self._verbosity(),
+            )
+        finally:
+            model._training_state = None  # noqa: SLF001
+        return TrainResult(model, dict(history.history), start.epoch)
+
+    def lower_learning_rate(self, model: keras.Model) -> tuple[float, float]:
+        """Multiplies the optimizer's (constant) learning rate by
+        ``config.divergence_lr_factor``; returns it before and after."""
+        rate = _learning_rate(model.optimizer)
+        before = float(rate.numpy())
+        rate.assign(before * self.config.divergence_lr_factor)
+        return before, float(rate.numpy())
 
     def evaluate(self, model: keras.Model, split: Split) -> dict[str, float]:
         """Loss and metrics over the whole ``split``."""
@@ -241,6 +283,29 @@ class Trainer:
         if self.config.verbose is not None:
             return self.config.verbose
         return 1 if sys.stdout.isatty() else 2
+
+
+def _learning_rate(optimizer: keras.optimizers.Optimizer) -> Any:
+    """The learning-rate variable of ``optimizer`` (through a loss-scaling wrapper), or
+    its schedule."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return getattr(inner, "_learning_rate", None)
+
+
+def _check_metric(name: Any) -> None:
+    """Raises ConfigError unless ``name`` is a metric that ``model.compile`` resolves
+    (``keras.metrics.get`` hands an unknown string back instead of failing)."""
+    if not isinstance(name, str) or name in _COMPILE_METRIC_NAMES:
+        return
+    if callable(configured_call(keras.metrics.get, "TrainConfig.metrics", name)):
+        return
+    import difflib
+
+    known = sorted(_COMPILE_METRIC_NAMES | {n for n in dir(keras.metrics)
+                                            if n.islower() and not n.startswith("_")})
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise ConfigError(f"TrainConfig.metrics: unknown metric {name!r}{hint}")
 
 
 def latest_checkpoint(directory: Path) -> tuple[str | None, int]:

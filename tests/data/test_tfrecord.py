@@ -108,3 +108,53 @@ def test_shard_command(in_tmp: Path, capsys) -> None:
     assert "already holds shards" in capsys.readouterr().err
     assert main(["shard", "load_digts", "--shards", "3", "--output", "x"]) == 2
     assert "did you mean load_digits" in capsys.readouterr().err
+
+
+def _copy(shards: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(shards, tmp_path / "copy"))
+
+
+def _record_ends(path: Path) -> list[int]:
+    """Byte offsets where each record of a TFRecord file ends (8-byte length, 4-byte
+    length CRC, data, 4-byte data CRC)."""
+    data, ends, at = path.read_bytes(), [], 0
+    while at < len(data):
+        at += 16 + int.from_bytes(data[at:at + 8], "little")
+        ends.append(at)
+    return ends
+
+
+@pytest.mark.parametrize("damage", ["cut mid-record", "cut at a record boundary",
+                                    "flipped byte"])
+def test_a_damaged_shard_is_an_error_naming_the_file(shards: Path, tmp_path: Path,
+                                                     damage: str) -> None:
+    copy = _copy(shards, tmp_path)
+    victim = copy / "train-00002-of-00004.tfrecord"
+    data, ends = victim.read_bytes(), _record_ends(victim)
+    if damage == "cut mid-record":
+        victim.write_bytes(data[:ends[100] + 20])
+    elif damage == "cut at a record boundary":  # reads cleanly: only the count tells
+        victim.write_bytes(data[:ends[100]])
+    else:
+        flipped = bytearray(data)
+        flipped[ends[100] + 40] ^= 0xFF
+        victim.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=str(victim)) as caught:
+        load_tfrecords(str(copy))
+    expected = "holds 101 records, but manifest.json lists 292" \
+        if damage == "cut at a record boundary" else "is corrupt after"
+    assert expected in str(caught.value)
+    load_tfrecords(str(copy), verify=False)  # a user who opts out gets no check
+
+
+def test_labels_outside_the_classes_are_an_error(shards: Path, tmp_path: Path) -> None:
+    import json
+
+    copy = _copy(shards, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["num_classes"] = 5  # digits' labels go to 9
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"holds labels in \[0, 9\], outside \[0, 5\)"):
+        load_tfrecords(str(copy))

@@ -284,3 +284,88 @@ def test_local_sgd_on_two_workers_averages_every_h_steps(gin_file, in_tmp: Path)
     (run,) = all_runs(in_tmp)
     assert run.data.metrics["weight_synchronisations"] == 8.0  # 32 steps / H=4
     assert 0.3 < run.data.metrics["test_accuracy"] <= 1.0
+
+
+def test_restart_after_an_early_kill_resumes_the_jobs_own_run(gin_file, in_tmp: Path) -> None:
+    """A worker killed before the first checkpoint: the restart continues the run this
+    job made, not an earlier finished run of the same experiment, which stays untouched."""
+    exp = gin_file(TINY + "TrainConfig.epochs = 3\n")
+    config.parse([exp], [])
+    earlier = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    before = mlflow_client(in_tmp).get_run(earlier.run_id)
+    launch = Launch(["--workers", "2", "--restarts", "1", "--timeout", "240", exp], in_tmp)
+    deadline = time.monotonic() + 180
+    while not any("MLflow run" in line for line in launch.lines):
+        assert time.monotonic() < deadline and launch.process.poll() is None, launch.output
+        time.sleep(0.1)
+    os.kill(launch.pids()["worker:1"], signal.SIGKILL)  # before any checkpoint of this job
+    assert launch.wait(300) == 0, launch.output
+    assert "restarting (1/1)" in launch.output
+    after = mlflow_client(in_tmp).get_run(earlier.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.metrics == before.data.metrics
+    runs = {r.info.run_id: r for r in all_runs(in_tmp)}
+    runs.pop(earlier.run_id)
+    (job_run,) = runs.values()  # one run for the job, through both attempts
+    assert job_run.info.status == "FINISHED"
+    steps = {m.step for m in mlflow_client(in_tmp).get_metric_history(job_run.info.run_id,
+                                                                       "loss")}
+    assert steps == {1, 2, 3}
+
+
+def test_a_configuration_error_is_not_restarted_and_reaches_stderr(gin_file,
+                                                                   in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    done = subprocess.run([LMT, "launch", "--workers", "2", "--restarts", "2", "--timeout",
+                           "120", exp, "--gin_param", "TrainConfig.epochs = 0"], cwd=in_tmp,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == EXIT_USER_ERROR
+    assert "[worker:0] lmt: error: TrainConfig.epochs must be >= 1, got 0" in done.stderr
+    assert "not restarting" in done.stdout and "restarting (1/2)" not in done.stdout
+    assert all_runs(in_tmp) == []
+
+
+def test_a_timeout_leaves_no_running_run(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY + "TrainConfig.epochs = 100000\n")
+    launch = Launch(["--workers", "2", "--timeout", "25", exp], in_tmp)
+    assert launch.wait(120) == 124, launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED", launch.output
+    _assert_all_gone(launch.pids().values())
+
+
+def test_sigterm_to_a_multi_worker_job_checkpoints_and_resume_matches(gin_file,
+                                                                      in_tmp: Path) -> None:
+    """What Kubernetes and SLURM do: SIGTERM to every task. The workers save at a step
+    they agree on and the run ends KILLED; --resume finishes it with the weights of an
+    uninterrupted run (two local mirrored replicas)."""
+    exp = gin_file(TINY + "TrainConfig.epochs = 12\n")
+    args = ["--workers", "2", "--run-name", "job", "--timeout", "240", exp,
+            "--gin_param", "run_experiment.work_dir = 'cluster'"]
+    launch = Launch(args, in_tmp)
+    deadline = time.monotonic() + 180
+    while not list(in_tmp.glob("cluster/*/job/checkpoints/ckpt-2.index")):
+        assert time.monotonic() < deadline and launch.process.poll() is None, launch.output
+        time.sleep(0.05)
+    for task in ("worker:0", "worker:1"):
+        os.kill(launch.pids()[task], signal.SIGTERM)
+    assert launch.wait(120) == 130, launch.output
+    assert "preempted (SIGTERM): checkpoint saved after step" in launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED"
+    (saved,) = in_tmp.glob("cluster/*/job/checkpoints/preempted/ckpt-*.index")
+    step = int(saved.name.split("-")[1].split(".")[0])
+    assert step > 2 * 18  # after the second epoch's checkpoint (18 steps per epoch)
+    _assert_all_gone(launch.pids().values())
+
+    resumed = Launch([*args, "--resume"], in_tmp)
+    assert resumed.wait(300) == 0, resumed.output
+    assert "[worker:0] lmt: resuming" in resumed.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED"
+    config.parse([exp], ["run_experiment.work_dir = 'local'",
+                         "run_experiment.strategy = @mirrored_strategy"])
+    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -36,3 +36,42 @@ def test_divergence_is_one_line_exit_2(gin_file, in_tmp: Path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert status == EXIT_USER_ERROR and len(err) == 1
     assert err[0].startswith("lmt: error: training diverged: loss is ")
+
+
+def test_rollback_lowers_the_learning_rate_and_equals_a_run_at_that_rate(
+        gin_file, in_tmp: Path) -> None:
+    """lr 1e30 diverges at once; rolled back to the weights before training with the rate
+    times 1e-31 = 0.1, the run ends with the weights of a run at 0.1 from the start."""
+    import numpy as np
+
+    from tests.conftest import mlflow_client
+
+    exp = gin_file(TINY)
+    config.parse([exp], ["run_experiment.work_dir = 'steady'"])
+    steady = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    config.parse([exp], ["run_experiment.work_dir = 'rolled'",
+                         "keras.optimizers.SGD.learning_rate = 1e30",
+                         "TrainConfig.divergence_retries = 2",
+                         "TrainConfig.divergence_lr_factor = 1e-31"])
+    lines: list[str] = []
+    rolled = run_experiment(options=RunOptions(config_files=[exp], echo=lines.append))
+    assert any("training diverged at step" in line and "(1/2)" in line for line in lines)
+    for a, b in zip(steady.model.get_weights(), rolled.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    run = mlflow_client(in_tmp).get_run(rolled.run_id)
+    assert run.info.status == "FINISHED"
+    assert "learning rate 1e+30 -> 0.1" in run.data.tags["lmt.rollback.1"]
+    assert "rolled back to epoch 1, step 1" in run.data.tags["lmt.rollback.1"]
+    assert run.data.metrics["divergence_rollbacks"] == 1
+
+
+def test_rollbacks_that_do_not_help_end_failed(gin_file, in_tmp: Path) -> None:
+    exp = gin_file(TINY)
+    config.parse([exp], ["keras.optimizers.SGD.learning_rate = 1e30",
+                         "TrainConfig.divergence_retries = 2"])  # 1e30 * 0.5 * 0.5: no help
+    with pytest.raises(TrainingDiverged):
+        run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FAILED"
+    assert {"lmt.rollback.1", "lmt.rollback.2"} <= set(run.data.tags)
+    assert "lmt.rollback.3" not in run.data.tags

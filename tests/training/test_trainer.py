@@ -14,6 +14,7 @@ from lmt_tf.optim.transforms import ClipByGlobalNorm
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
 from lmt_tf.training.callbacks import EpochCheckpoint
+from lmt_tf.training.preemption import StartAt
 from lmt_tf.training.trainer import TrainConfig, Trainer
 
 
@@ -39,7 +40,7 @@ def test_checkpoint_restores_weights_and_epoch(tmp_path: Path) -> None:
     trainer.fit(model, splits, seed=0, callbacks=[EpochCheckpoint(manager, saved.append)])
     assert saved == [1, 2]
     fresh = trainer.build_model(build_mlp, splits)
-    assert Trainer.restore(fresh, tmp_path) == 2
+    assert Trainer.restore(fresh, tmp_path, 18) == StartAt(epoch=2, step=0)
     for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert fresh.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()

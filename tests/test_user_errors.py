@@ -1,0 +1,196 @@
+"""Every mistake a user can make ends in one line on stderr and exit status 2, and leaves
+no run RUNNING (a run already started ends FAILED): gin values, data files, the tracking
+store, the command line and the cluster description."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmt_tf.cli import EXIT_USER_ERROR, main
+from tests.conftest import TINY, all_runs
+
+
+def _csv(text: str) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        (directory / "data.csv").write_text(text)
+    return write
+
+
+def _npz(**arrays: np.ndarray) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        np.savez(directory / "data.npz", **arrays)
+    return write
+
+
+def _file(name: str, text: str = "not what it should be\n") -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        (directory / name).write_text(text)
+    return write
+
+
+def _bad_manifest(directory: Path) -> None:
+    (directory / "shards").mkdir()
+    (directory / "shards" / "manifest.json").write_text("{not json")
+
+
+@dataclass
+class Case:
+    args: list[str]  # after `lmt`
+    expected: str  # in the one stderr line
+    setup: Callable[[Path], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _run(*bindings: str) -> list[str]:
+    args = ["run", "exp.gin"]
+    for binding in bindings:
+        args += ["--gin_param", binding]
+    return args
+
+
+CSV_DATA = ("run_experiment.data = @load_csv", "load_csv.path = 'data.csv'")
+NPZ_DATA = ("run_experiment.data = @load_npz", "load_npz.path = 'data.npz'")
+TWO_WORKERS = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                          "task": {"type": "worker", "index": 0}})
+
+CASES = {
+    # gin values
+    "optimizer argument of the wrong kind": Case(
+        _run("keras.optimizers.SGD.learning_rate = 'fast'"), "TrainConfig.optimizer:"),
+    "unknown Keras loss": Case(
+        _run("TrainConfig.loss = 'sparse_categorical_crossentropyy'"), "TrainConfig.loss:"),
+    "unknown Keras metric": Case(
+        _run("TrainConfig.metrics = ['acuracy']"),
+        "unknown metric 'acuracy' (did you mean accuracy"),
+    "data source argument of the wrong type": Case(
+        _run("load_digits.validation_fraction = 'a tenth'"), "run_experiment.data:"),
+    "data source argument out of range": Case(
+        _run("load_digits.test_fraction = 1.5"), "test_fraction must be in [0, 1)"),
+    "model argument of the wrong type": Case(
+        _run("build_mlp.hidden_units = 'wide'"), "run_experiment.model:"),
+    "optimizer bound to something that is not one": Case(
+        _run("TrainConfig.optimizer = @build_mlp"), "TrainConfig.optimizer:"),
+    "batch larger than the data": Case(
+        _run("TrainConfig.global_batch_size = 100000"), "exceeds the 1168 training"),
+    "steps per epoch out of range": Case(
+        _run("TrainConfig.steps_per_epoch = 1000"), "steps_per_epoch must be in [1, 18]"),
+    "unknown precision": Case(
+        _run("TrainConfig.precision = 'float8'"), "TrainConfig.precision must be one of"),
+    "micro-batches that do not divide the batch": Case(
+        _run("TrainConfig.micro_batches = 3"), "3 must divide the per-replica batch"),
+    "unknown shard policy": Case(
+        _run("InputConfig.auto_shard_policy = 'FILES'"), "auto_shard_policy must be one of"),
+    "negative logging interval": Case(
+        _run("TrackingConfig.log_every_n_steps = -1"), "log_every_n_steps must be >= 0"),
+    "experiment name leaving the work directory": Case(
+        _run("run_experiment.name = '../elsewhere'"), "run_experiment.name must be"),
+    "binding without a value": Case(
+        _run("TrainConfig.epochs = "), "Unable to parse value. in binding 'TrainConfig.epochs = '"),
+    "unknown all-reduce": Case(
+        _run("run_experiment.strategy = @mirrored_strategy",
+             "mirrored_strategy.cross_device_ops = 'carrier_pigeon'"), "cross_device_ops"),
+    # data files
+    "CSV file missing": Case(_run(*CSV_DATA), "CSV file not found: data.csv"),
+    "CSV with a word among numbers": Case(
+        _run(*CSV_DATA), "non-numeric value", _csv("a,b,label\n1,2,0\n3,x,1\n")),
+    "CSV without the label column": Case(
+        _run(*CSV_DATA), "no column 'label'", _csv("a,b,class\n1,2,0\n")),
+    "CSV with a header only": Case(_run(*CSV_DATA), "no rows below the header",
+                                   _csv("a,b,label\n")),
+    "CSV with a negative label": Case(
+        _run(*CSV_DATA), "labels outside [0, 2)",
+        _csv("a,b,label\n" + "".join(f"{i},{i},{i % 3 - 1}\n" for i in range(60)))),
+    "npz with other keys": Case(_run(*NPZ_DATA), "expected x, y",
+                                _npz(features=np.zeros((4, 2)))),
+    "npz examples without features": Case(
+        _run(*NPZ_DATA), "at least one feature",
+        _npz(x=np.zeros(100, np.float32), y=np.arange(100) % 2)),
+    "TFRecord directory without shards": Case(
+        _run("run_experiment.data = @load_tfrecords", "load_tfrecords.directory = 'none'"),
+        "no TFRecord shards in none"),
+    "TFRecord manifest that is not JSON": Case(
+        _run("run_experiment.data = @load_tfrecords", "load_tfrecords.directory = 'shards'"),
+        "is not a manifest written by `lmt shard`", _bad_manifest),
+    # the tracking store
+    "store file that is not a database": Case(
+        _run(), "cannot use the MLflow store", _file("notes.db"),
+        {"MLFLOW_TRACKING_URI": "sqlite:///notes.db"}),
+    "artifact location that is a file": Case(
+        _run("TrackingConfig.artifact_root = 'artifacts'"), "is a file, not a directory",
+        _file("artifacts")),
+    "store in a directory that cannot exist": Case(
+        _run(), "cannot use the MLflow store", _file("blocker"),
+        {"MLFLOW_TRACKING_URI": "sqlite:///blocker/mlruns.db"}),
+    "unreachable tracking server": Case(
+        _run(), "MLflow tracking server http://127.0.0.1:1 is unreachable", None,
+        {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}),
+    "work directory that cannot be made": Case(
+        _run("run_experiment.work_dir = 'blocker/work'"), "cannot create a run directory",
+        _file("blocker")),
+    # the command line
+    "no experiment file": Case(["run"], "the following arguments are required: gin_file"),
+    "unknown option": Case(["run", "exp.gin", "--epochs", "3"], "unrecognized arguments"),
+    "port out of range": Case(["ui", "--port", "70000"], "port must be in 1..65535"),
+    "port that is not a number": Case(["ui", "--port", "http"], "port must be a number"),
+    "zero workers": Case(["launch", "--workers", "0", "exp.gin"], "--workers must be at least"),
+    "negative timeout": Case(["launch", "--workers", "1", "--timeout", "-1", "exp.gin"],
+                             "must not be negative"),
+    "launching a missing file": Case(["launch", "--workers", "2", "nope.gin"],
+                                     "gin file not found: nope.gin"),
+    "--allow-changes without --resume": Case(["run", "exp.gin", "--allow-changes"],
+                                             "--allow-changes only applies to --resume"),
+    "resuming with nothing to resume": Case(["run", "exp.gin", "--resume"],
+                                            "nothing to resume"),
+    "run name with a path in it": Case(["run", "exp.gin", "--run-name", "a/../../b"],
+                                       "--run-name must be"),
+    "zero shards": Case(["shard", "load_digits", "--shards", "0", "--output", "out"],
+                        "--shards must be at least 1"),
+    # the cluster
+    "TF_CONFIG that is not JSON": Case(
+        _run("run_experiment.strategy = @multi_worker_mirrored_strategy"),
+        "TF_CONFIG is not valid JSON", None, {"TF_CONFIG": "{cluster"}),
+    "TF_CONFIG with an unknown job": Case(
+        _run("run_experiment.strategy = @multi_worker_mirrored_strategy"),
+        "names job 'boss'", None,
+        {"TF_CONFIG": json.dumps({"cluster": {"boss": ["127.0.0.1:1"]},
+                                  "task": {"type": "boss", "index": 0}})}),
+    "parameter servers without a cluster": Case(
+        _run("run_experiment.strategy = @parameter_server_strategy"),
+        "needs TF_CONFIG with at least one worker and one ps"),
+    "SLURM cluster outside SLURM": Case(
+        _run("run_experiment.strategy = @multi_worker_mirrored_strategy",
+             "multi_worker_mirrored_strategy.cluster = 'slurm'"), "not inside a SLURM job"),
+    "unknown collective implementation": Case(
+        _run("run_experiment.strategy = @multi_worker_mirrored_strategy",
+             "multi_worker_mirrored_strategy.communication = 'carrier_pigeon'"),
+        "communication must be one of", None, {"TF_CONFIG": TWO_WORKERS}),
+}
+
+
+def test_the_table_is_at_least_thirty_distinct_inputs() -> None:
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_user_mistake_is_one_line_exit_2_and_no_running_run(
+        name: str, gin_file, in_tmp: Path, monkeypatch, capsys) -> None:
+    case = CASES[name]
+    gin_file(TINY)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    if case.setup:
+        case.setup(in_tmp)
+    assert main(case.args) == EXIT_USER_ERROR
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("lmt: error: ") and case.expected in err[0], err[0]
+    if (in_tmp / "mlruns.db").is_file() and "MLFLOW_TRACKING_URI" not in case.env:
+        assert [r.info.status for r in all_runs(in_tmp) if r.info.status != "FAILED"] == []
+
