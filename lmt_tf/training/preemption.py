@@ -91,6 +91,10 @@ class PreemptionCheckpoint(keras.callbacks.Callback):
     it restores the SIGTERM handler it replaces while training.
     """
 
+    # It reads no logs: without this, Keras would copy every step's logs to the host
+    # for it (a device sync per step).
+    _supports_tf_logs = True
+
     def __init__(self, strategy: tf.distribute.Strategy, manager: tf.train.CheckpointManager,
                  steps_per_epoch: int, on_saved: Callable[[int], None] | None = None):
         super().__init__()
