@@ -107,3 +107,13 @@ def test_ui_on_a_port_in_use_is_an_error(in_tmp: Path, capsys) -> None:
         busy.listen()
         assert main(["ui", "--port", str(busy.getsockname()[1])]) == EXIT_USER_ERROR
     assert "is in use" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_still_makes_a_complete_run(in_tmp: Path) -> None:
+    (in_tmp / "exp.gin").write_text(TINY)
+    done = subprocess.run(["sh", "-c", f'exec "{LMT}" run exp.gin >&-'], cwd=in_tmp,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics

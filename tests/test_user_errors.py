@@ -149,6 +149,9 @@ CASES = {
                                             "nothing to resume"),
     "run name with a path in it": Case(["run", "exp.gin", "--run-name", "a/../../b"],
                                        "--run-name must be"),
+    "isolated launch with a tracking server": Case(
+        ["launch", "--workers", "1", "exp.gin"], "add --network host", None,
+        {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"}),
     "zero shards": Case(["shard", "load_digits", "--shards", "0", "--output", "out"],
                         "--shards must be at least 1"),
     # the cluster
@@ -194,3 +197,13 @@ def test_a_user_mistake_is_one_line_exit_2_and_no_running_run(
     if (in_tmp / "mlruns.db").is_file() and "MLFLOW_TRACKING_URI" not in case.env:
         assert [r.info.status for r in all_runs(in_tmp) if r.info.status != "FAILED"] == []
 
+
+
+def test_a_run_that_fails_before_training_is_failed_with_its_error(gin_file, in_tmp: Path,
+                                                                   capsys) -> None:
+    gin_file(TINY)
+    assert main(["run", "exp.gin", "--gin_param", "build_mlp.hidden_units = 'wide'"]) == 2
+    (run,) = all_runs(in_tmp)  # the model is built once the run has started
+    assert run.info.status == "FAILED"
+    assert "run_experiment.model:" in run.data.tags["lmt.error"]
+    assert "test_loss" not in run.data.metrics
