@@ -108,7 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     import_tensorflow()
     _quiet_mlflow()
     from lmt_tf import config
-    from lmt_tf.experiment import RunOptions, run_experiment
+    from lmt_tf.config import run_experiment
+    from lmt_tf.experiment import RunOptions
 
     files = [args.gin_file, *args.more_files]
     config.parse(files, args.bindings)
@@ -116,7 +117,9 @@ def _run(args: argparse.Namespace) -> int:
         raise LmtError("--allow-changes only applies to --resume")
     options = RunOptions(config_files=files, bindings=args.bindings, resume=args.resume,
                          dry_run=args.dry_run, run_name=args.run_name,
-                         allow_changes=args.allow_changes)
+                         allow_changes=args.allow_changes,
+                         # Line by line, also into a pipe (`| tee log`, a scheduler's log).
+                         echo=lambda line: print(line, flush=True))
     run_experiment(options=options)
     return 0
 
@@ -175,7 +178,7 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
     _check_port_free(args.port)
     _quiet_mlflow()
-    sweep_store(uri, "lmt ui", echo=print)
+    sweep_store(uri, "lmt ui", echo=lambda line: print(line, flush=True))
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]

@@ -1,13 +1,15 @@
 """gin at the edge: the one place where configurables are registered, config files and
-bindings are parsed, and the bound parameters are read back as flat params.
+bindings are parsed, the bound parameters are read back as flat params, and the gin
+root ``run_experiment`` builds the config objects that the plain root takes.
 
-Library modules (data, models, training, runtime) never import gin; their functions and
-config dataclasses are registered here explicitly.
+Nothing else imports gin: library modules' functions, config dataclasses and stages are
+registered here explicitly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
 import re
@@ -18,12 +20,14 @@ from typing import Any
 import gin
 import tf_keras as keras
 
+from lmt_tf import experiment
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.errors import ConfigError
 from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
+from lmt_tf.stages import Configs, Export, RunOptions, Train
 from lmt_tf.tracking import TrackingConfig
 from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
@@ -48,22 +52,46 @@ _KERAS = {
                                    keras.optimizers.schedules.PiecewiseConstantDecay],
     "keras.callbacks": [keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau],
 }
-_registered: list[str] = []
+# Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
+_STAGES = {"train": Train, "export": Export}
+_registered: list[str] = ["run_experiment"]
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+@gin.configurable("run_experiment", denylist=["options"])
+def run_experiment(name: str | None = None,
+                   data: Callable[[], Any] = gin.REQUIRED,
+                   model: Callable[..., keras.Model] = gin.REQUIRED,
+                   strategy: Callable[[], Any] = strategy.default_strategy,
+                   seed: int = 0,
+                   work_dir: str = "lmt_work",
+                   stages: Sequence[Any] | None = None,
+                   options: RunOptions | None = None) -> experiment.RunResult | None:
+    """The gin root: ``experiment.run_experiment`` with the config objects built from
+    the bindings (``TrainConfig.epochs = 3``, ...) and the record of the configuration
+    (flattened params, the resolved and, afterwards, the operative config).
+
+    Args are ``experiment.run_experiment``'s; ``options`` is set by the caller, not gin.
+    """
+    options = dataclasses.replace(options or RunOptions(), params=bound_params(),
+                                  config_text=gin.config_str(),
+                                  operative_config=gin.operative_config_str)
+    configs = Configs(train=configured(TrainConfig), tracking=configured(TrackingConfig),
+                      export=configured(ExportConfig), input=configured(InputConfig))
+    return experiment.run_experiment(data, model, name=name, strategy=strategy, seed=seed,
+                                     work_dir=work_dir, stages=stages, configs=configs,
+                                     options=options)
+
+
 def register() -> None:
     """Registers lmt_tf's and Keras's configurables with gin (idempotent)."""
-    if _registered:
+    if len(_registered) > 1:
         return
-    # The root declares itself configurable where it is defined; importing it here makes
-    # parsing independent of what the caller happened to import (experiment imports
-    # this module, hence the import at call time).
-    from lmt_tf.experiment import run_experiment
-
-    _registered.append(run_experiment.__name__)
+    for stage_name, stage in _STAGES.items():
+        gin.external_configurable(stage, name=stage_name, module="lmt.stages")
+        _registered.extend([stage_name, f"lmt.stages.{stage_name}"])
     for module, items in {**_PROJECT, **_KERAS}.items():
         for item in items:
             gin.external_configurable(item, module=module)

@@ -335,6 +335,65 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def find_run(reference: str, uri: str | None = None) -> Any:
+    """The MLflow run with id ``reference`` or, failing that, the newest run named
+    ``reference``, in the store at ``uri`` (default: the store in force).
+
+    Raises:
+      LmtError: if there is no such run, or the store cannot be read.
+    """
+    import mlflow
+
+    store = resolve_tracking_uri(uri)
+    client = mlflow.MlflowClient(store)
+    try:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            return client.get_run(reference)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        named = client.search_runs(
+            experiments, filter_string=f"attributes.run_name = '{reference}'",
+            order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+    except Exception as e:  # the store's own errors
+        raise LmtError(f"cannot read the MLflow store {redact_uri(store)}: "
+                       f"{redact(_first_line(e), store)}") from e
+    if not named:
+        raise LmtError(f"no MLflow run with id or name {reference!r} in {redact_uri(store)}")
+    return named[0]
+
+
+def load_model(reference: str, uri: str | None = None) -> Any:
+    """A Keras model logged or exported by an earlier run.
+
+    Args:
+      reference: a SavedModel directory, an MLflow model URI (``runs:/<run id>/model``,
+        ``models:/m-...``), or a run's id or name (its logged model).
+      uri: the tracking store for MLflow references (default: the store in force).
+
+    Raises:
+      LmtError: if nothing loadable is found under ``reference``.
+    """
+    from lmt_tf.training.export import load_saved_model
+
+    path = Path(reference)
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise LmtError(f"{path} is not a SavedModel directory (no saved_model.pb)")
+        return load_saved_model(path)
+    import mlflow
+    import mlflow.tensorflow
+
+    store = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(store)
+    model_uri = reference
+    if not reference.startswith(("runs:/", "models:/")):
+        model_uri = f"runs:/{find_run(reference, store).info.run_id}/model"
+    try:
+        return mlflow.tensorflow.load_model(model_uri)
+    except Exception as e:  # MLflow's errors for a missing run or model
+        raise LmtError(f"cannot load the model {model_uri} from {redact_uri(store)}: "
+                       f"{redact(_first_line(e), store)}") from e
+
+
 class NullRun:
     """What tasks other than the chief log to: nothing."""
 

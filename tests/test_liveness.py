@@ -69,13 +69,16 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_lmt_command(in_tmp: Path) 
     (in_tmp / "exp.gin").write_text(TINY)
     process = subprocess.Popen(
         [LMT, "run", "exp.gin", "--gin_param", "TrainConfig.epochs = 100000"], cwd=in_tmp,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        for line in process.stdout:
-            if "MLflow run" in line:
-                break
+        deadline = time.monotonic() + 120
+        while not [r for r in all_runs(in_tmp) if r.info.status == "RUNNING"]:
+            assert process.poll() is None and time.monotonic() < deadline, "no run started"
+            time.sleep(0.2)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
     (run,) = all_runs(in_tmp)
     assert run.info.status == "RUNNING"  # it could not end its own run

@@ -15,6 +15,7 @@ import tf_keras as keras
 
 from lmt_tf.errors import ConfigError
 from lmt_tf.optim.train_step import TrainingOnlyMetrics
+from lmt_tf.training.model_transforms import ModelTransform
 
 
 def _chain(model: keras.Model) -> list[keras.layers.Layer]:
@@ -105,3 +106,17 @@ class DecoupledGreedyModel(TrainingOnlyMetrics):
             mean.update_state(loss * replicas)
         self.compiled_metrics.update_state(y, outputs[-1], sample_weight)
         return {m.name: m.result() for m in self.metrics}
+
+
+class DecoupledBlocks(ModelTransform):
+    """The transform behind ``TrainConfig.decoupled_blocks``: wraps the model in a
+    ``DecoupledGreedyModel``."""
+
+    def __init__(self, boundaries: Sequence[str], num_classes: int, loss: str):
+        self.boundaries, self.num_classes, self.loss = tuple(boundaries), num_classes, loss
+
+    def wrap(self, model: keras.Model) -> keras.Model:
+        return DecoupledGreedyModel(model, self.boundaries, self.num_classes, self.loss)
+
+    def strip(self, wrapped: keras.Model) -> keras.Model:
+        return wrapped.inner

@@ -11,13 +11,14 @@ learning-rate schedules see one optimizer step per k micro-batches.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
 from lmt_tf.optim.transforms import Transform, apply_transforms
+from lmt_tf.training.model_transforms import ModelTransform
 
 
 class TrainingOnlyMetrics(keras.Model):
@@ -139,8 +140,26 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         return [self.schedule.callback()] if self.schedule else []
 
 
-def inference_model(model: keras.Model) -> keras.Model:
-    """The user's model inside a training wrapper, or the model itself."""
-    from lmt_tf.optim.decoupled import DecoupledGreedyModel
+class CustomTrainStep(ModelTransform):
+    """The transform behind micro-batching, gradient transforms after aggregation,
+    layer-wise update multipliers, gradual unfreezing and local SGD: wraps the model in
+    a ``MicroBatchTrainStep``."""
 
-    return model.inner if isinstance(model, MicroBatchTrainStep | DecoupledGreedyModel) else model
+    def __init__(self, micro_batches: int = 1, transforms: Sequence[Transform] = (),
+                 multipliers: Mapping[str, float] | None = None,
+                 unfreeze_epochs: Mapping[str, int] | None = None):
+        self.micro_batches = micro_batches
+        self.transforms = transforms
+        self.multipliers = dict(multipliers or {})
+        self.unfreeze_epochs = dict(unfreeze_epochs or {})
+
+    def wrap(self, model: keras.Model) -> keras.Model:
+        schedule = (BlockSchedule(model, self.multipliers, self.unfreeze_epochs)
+                    if self.multipliers or self.unfreeze_epochs else None)
+        return MicroBatchTrainStep(model, self.micro_batches, self.transforms, schedule)
+
+    def callbacks(self, wrapped: keras.Model) -> list[keras.callbacks.Callback]:
+        return wrapped.extra_callbacks()
+
+    def strip(self, wrapped: keras.Model) -> keras.Model:
+        return wrapped.inner

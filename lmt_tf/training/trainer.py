@@ -20,11 +20,12 @@ from lmt_tf.checks import check, check_types, configured_call
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
-from lmt_tf.optim.decoupled import DecoupledGreedyModel
-from lmt_tf.optim.layerwise import BlockSchedule
+from lmt_tf.optim.decoupled import DecoupledBlocks
 from lmt_tf.optim.local_sgd import LocalSGD, replica_local_variables
-from lmt_tf.optim.train_step import MicroBatchTrainStep, inference_model
+from lmt_tf.optim.train_step import CustomTrainStep
 from lmt_tf.runtime.strategy import local_updates_unsupported
+from lmt_tf.training import model_transforms
+from lmt_tf.training.model_transforms import ModelTransform, inference_model
 from lmt_tf.training.preemption import PREEMPTED_DIR, StartAt
 
 ModelFn = Callable[..., keras.Model]
@@ -134,23 +135,26 @@ class Trainer:
               f"per-replica batch of {plan.per_replica_batch_size}")
         return plan
 
-    def build_model(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
+    def build_model(self, model_fn: ModelFn, splits: Splits,
+                    extra: Sequence[ModelTransform] = ()) -> keras.Model:
         """Builds and compiles the model; variables (optimizer slots included) are created
         in the strategy's scope so that they are mirrored or placed on parameter servers.
 
-        With micro-batches or gradient transforms the returned model is a
-        ``MicroBatchTrainStep`` around the built one (``inference_model`` unwraps it).
+        The returned model is the built one with the ``extra`` model transforms (a
+        stage's) and then the configured ones applied (``model_transforms.
+        inference_model`` strips them again).
         """
         previous = keras.mixed_precision.global_policy()
         # Layers take the policy in force when they are built, and compile wraps the
         # optimizer for loss scaling under mixed_float16; nothing else sees the policy.
         keras.mixed_precision.set_global_policy(self.config.precision)
         try:
-            return self._build(model_fn, splits)
+            return self._build(model_fn, splits, extra)
         finally:
             keras.mixed_precision.set_global_policy(previous)
 
-    def _build(self, model_fn: ModelFn, splits: Splits) -> keras.Model:
+    def _build(self, model_fn: ModelFn, splits: Splits,
+               extra: Sequence[ModelTransform]) -> keras.Model:
         local = self.config.local_steps is not None
         if local:
             reason = local_updates_unsupported(self.strategy)
@@ -164,17 +168,7 @@ class Trainer:
                 model = configured_call(model_fn, "run_experiment.model",
                                         input_shape=splits.input_shape,
                                         num_classes=splits.num_classes)
-            if self.config.decoupled_blocks:
-                model = DecoupledGreedyModel(model, self.config.decoupled_blocks,
-                                             splits.num_classes, self.config.loss)
-            schedule = (BlockSchedule(model, self.config.update_multipliers,
-                                      self.config.unfreeze_epochs)
-                        if self.config.update_multipliers or self.config.unfreeze_epochs
-                        else None)
-            if (self.config.micro_batches > 1 or self.config.gradient_transforms or schedule
-                    or local):
-                model = MicroBatchTrainStep(model, self.config.micro_batches,
-                                            self.config.gradient_transforms, schedule)
+            model = model_transforms.apply(model, [*extra, *self.model_transforms(splits)])
             optimizer = configured_call(self.config.optimizer, "TrainConfig.optimizer")
             configured_call(model.compile, "TrainConfig (loss, metrics, optimizer)",
                             optimizer=optimizer, loss=self.config.loss,
@@ -189,6 +183,17 @@ class Trainer:
             with per_replica():  # under local SGD each replica keeps its own optimizer state
                 model.optimizer.build(model.trainable_variables)
         return model
+
+    def model_transforms(self, splits: Splits) -> list[ModelTransform]:
+        """The model transforms that ``config`` asks for, in the order they wrap."""
+        config = self.config
+        if config.decoupled_blocks:  # combined with nothing else (checked in TrainConfig)
+            return [DecoupledBlocks(config.decoupled_blocks, splits.num_classes, config.loss)]
+        if (config.micro_batches > 1 or config.gradient_transforms or config.update_multipliers
+                or config.unfreeze_epochs or config.local_steps is not None):
+            return [CustomTrainStep(config.micro_batches, config.gradient_transforms,
+                                    config.update_multipliers, config.unfreeze_epochs)]
+        return []
 
     def checkpoint_manager(self, model: keras.Model, directory: Path,
                            keep: int = 2) -> tf.train.CheckpointManager:
@@ -232,8 +237,7 @@ class Trainer:
         plan = self.plan(splits.train)
         input_fn = splits.train.train_input_fn(plan, seed, start.epoch, self.input_config,
                                                start_step=start.step)
-        if isinstance(model, MicroBatchTrainStep):
-            callbacks = [*model.extra_callbacks(), *callbacks]
+        callbacks = [*model_transforms.transform_callbacks(model), *callbacks]
         if self.config.local_steps is not None:
             weights = [v for v in inference_model(model).weights if v.dtype.is_floating]
             callbacks = [LocalSGD(self.config.local_steps, self.config.sync_steps,

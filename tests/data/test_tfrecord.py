@@ -10,10 +10,11 @@ import tensorflow as tf
 
 from lmt_tf import config
 from lmt_tf.cli import main
+from lmt_tf.config import run_experiment
 from lmt_tf.data.sources import load_digits
 from lmt_tf.data.tfrecord import load_tfrecords, write_shards
 from lmt_tf.errors import ConfigError, DataError
-from lmt_tf.experiment import RunOptions, run_experiment
+from lmt_tf.experiment import RunOptions
 from tests.conftest import TINY
 
 

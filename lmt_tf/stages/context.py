@@ -1,0 +1,123 @@
+"""What the stages of one run share: the config objects, how this invocation runs, and
+the run context that carries the model from stage to stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+import tf_keras as keras
+
+from lmt_tf.data.pipeline import BatchPlan, InputConfig
+from lmt_tf.data.splits import Splits
+from lmt_tf.rundir import RunDir
+from lmt_tf.runtime.cluster import Role
+from lmt_tf.runtime.strategy import StrategyInfo
+from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig
+from lmt_tf.training.export import ExportConfig
+from lmt_tf.training.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class Configs:
+    """The config objects of one experiment; gin builds them from the bindings at the
+    edge (``config.run_experiment``), a test or a script passes them directly."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+
+
+@dataclass
+class RunOptions:
+    """How one invocation runs an experiment; set by the CLI or a test, not by gin."""
+
+    config_files: Sequence[str] = ()  # the gin files as given, logged as artifacts
+    bindings: Sequence[str] = ()  # the --gin_param bindings as given
+    resume: bool = False  # continue the latest run of this experiment (or run_name)
+    run_name: str | None = None  # the run directory's name; None: experiment + time
+    allow_changes: bool = False  # let a resume change bindings (recorded beside the config)
+    dry_run: bool = False  # describe what would run, train nothing
+    callbacks: Sequence[keras.callbacks.Callback] = ()  # extra Keras callbacks (training)
+    echo: Callable[[str], None] = print  # progress output
+    # What the config edge knows of the configuration, for the run's record: every
+    # binding flattened ({'TrainConfig.epochs': '3'}), the resolved config as text, and
+    # (after the run) the config that was actually used.
+    params: Mapping[str, str] = field(default_factory=dict)
+    config_text: str = ""
+    operative_config: Callable[[], str] = str
+
+
+@dataclass
+class RunContext:
+    """One run as its stages see it. ``run_experiment`` sets it up; each stage reads what
+    it needs and leaves its result (the model, metrics) for the stages after it."""
+
+    strategy: tf.distribute.Strategy
+    info: StrategyInfo
+    role: Role
+    splits: Splits
+    plan: BatchPlan
+    trainer: Trainer
+    model_fn: Callable[..., keras.Model]
+    seed: int
+    configs: Configs
+    options: RunOptions
+    run: TrackedRun | NullRun
+    run_dir: RunDir | None  # the run restored from; None for a fresh task that is not chief
+    own: RunDir  # where this task writes checkpoints and exports
+    trainable: keras.Model | None = None  # the model inside its training wrappers
+    model: keras.Model | None = None  # the current model, as it is exported
+    history: dict[str, list[float]] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def echo(self) -> Callable[[str], None]:
+        return self.options.echo
+
+    def done(self, stage: str) -> bool:
+        """Whether ``stage`` finished in an earlier attempt of this run (``--resume``)."""
+        state = (self.run_dir or self.own).read_state() if self.options.resume else {}
+        return stage in state.get("stages_done", [])
+
+    def mark_done(self, stage: str) -> None:
+        """Records that ``stage`` finished, so a resume goes on after it."""
+        if self.role.is_chief:
+            done = self.own.read_state().get("stages_done", [])
+            self.own.update_state(stages_done=[*done, stage] if stage not in done else done)
+
+    def stage_dir(self, stage: str) -> RunDir:
+        """The part of this task's run directory that belongs to ``stage``."""
+        path = self.own.path / "stages" / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return RunDir(path)
+
+
+class Stage:
+    """One step of an experiment: ``train``, ``export``, and the compression stages.
+
+    ``run`` reads the context (the model of the stages before it) and leaves its own
+    result in it. It logs metrics under ``<name>/`` and artifacts under ``<name>/``
+    (``train`` keeps the plain names of a training run), and must be resumable: when
+    ``context.done(name)`` it only restores what the stages after it need.
+    """
+
+    name = "stage"
+
+    def run(self, context: RunContext) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for the dry run."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def prefixed(metrics: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """``metrics`` under ``stage/``."""
+    return {f"{stage}/{k}": v for k, v in metrics.items()}

@@ -1,0 +1,105 @@
+"""The ``train`` stage: fit the model under the experiment's TrainConfig (validating every
+epoch, a checkpoint per epoch, and one on preemption), then test it."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import tf_keras as keras
+
+from lmt_tf.stages.context import RunContext, Stage
+from lmt_tf.training.callbacks import (
+    DivergenceGuard,
+    EpochCheckpoint,
+    EpochMetrics,
+    StepDivergenceGuard,
+    StepMetrics,
+    Throughput,
+    TrainingDiverged,
+)
+from lmt_tf.training.preemption import PREEMPTED_DIR, PreemptionCheckpoint, StartAt
+from lmt_tf.training.preemption import supported as preemption_supported
+from lmt_tf.training.trainer import latest_checkpoint
+
+
+class Train(Stage):
+    """Trains ``context.trainable`` (the model and its training wrappers) from the last
+    checkpoint, tests it, and leaves the trained model in the context. Its metrics and
+    checkpoints keep the plain names of a training run (``loss``, ``test_accuracy``,
+    ``checkpoints/``)."""
+
+    name = "train"
+
+    def run(self, context: RunContext) -> None:
+        trainer, plan, own, run = context.trainer, context.plan, context.own, context.run
+        model = context.trainable
+        start = (trainer.restore(model, context.run_dir.checkpoints, plan.steps_per_epoch)
+                 if context.options.resume and context.run_dir else StartAt())
+        if context.done(self.name):
+            context.echo(f"lmt: train: done in an earlier attempt; restored epoch "
+                         f"{start.epoch}")
+            return
+        if start != StartAt():
+            context.echo(f"lmt: resuming {context.run_dir.path} at epoch {start.epoch + 1}, "
+                         f"step {start.step + 1}")
+
+        def saved(done: int) -> None:
+            own.update_state(epochs=done)
+            own.mark_latest()  # a run with a checkpoint is one --resume can continue
+
+        def saved_on_preemption(step: int) -> None:
+            own.update_state(preempted_at_step=step)
+            own.mark_latest()
+
+        per_step = preemption_supported(context.strategy)  # batch-level callbacks allowed
+        guard = (StepDivergenceGuard if per_step else DivergenceGuard)(plan.steps_per_epoch)
+        chief = context.role.is_chief
+        callbacks = [guard,  # before the checkpoint: a diverged epoch is never saved
+                     Throughput(run.log_metrics, plan.examples_per_epoch),
+                     EpochMetrics(run.log_metrics),
+                     EpochCheckpoint(trainer.checkpoint_manager(model, own.checkpoints),
+                                     saved if chief else None)]
+        every = context.configs.tracking.log_every_n_steps
+        if every:
+            callbacks.append(StepMetrics(run.log_metrics, every, plan.steps_per_epoch))
+        preemption: Any = contextlib.nullcontext()
+        if per_step:
+            preemption = PreemptionCheckpoint(
+                context.strategy,
+                trainer.checkpoint_manager(model, own.checkpoints / PREEMPTED_DIR, 1),
+                plan.steps_per_epoch, saved_on_preemption if chief else None)
+            callbacks.append(preemption)
+        with preemption:
+            result = _fit(context, start, [*callbacks, *context.options.callbacks])
+        test = trainer.evaluate(model, context.splits.test)
+        run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=trainer.config.epochs)
+        context.echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        context.history, context.test_metrics = result.history, test
+        context.mark_done(self.name)
+
+
+def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Callback]
+         ) -> Any:
+    """``trainer.fit``; with ``TrainConfig.divergence_retries``, a diverged fit rolls back
+    to the last checkpoint (the weights before training if there is none yet) with a
+    lower learning rate and continues, each rollback logged as an event of the run."""
+    trainer, model, own = context.trainer, context.trainable, context.own
+    retries = trainer.config.divergence_retries
+    if retries and latest_checkpoint(own.checkpoints)[0] is None:
+        trainer.checkpoint_manager(model, own.checkpoints).save(checkpoint_number=0)
+    for rollback in range(retries + 1):
+        try:
+            return trainer.fit(model, context.splits, context.seed, start, callbacks)
+        except TrainingDiverged as e:
+            if rollback == retries:
+                raise
+            start = trainer.restore(model, own.checkpoints, context.plan.steps_per_epoch)
+            before, after = trainer.lower_learning_rate(model)
+            event = (f"step {e.step} (epoch {e.epoch}): loss {e.value}; rolled back to epoch "
+                     f"{start.epoch + 1}, step {start.step + 1}; learning rate {before:g} -> "
+                     f"{after:g}")
+            context.run.set_tags({f"lmt.rollback.{rollback + 1}": event})
+            context.run.log_metrics({"divergence_rollbacks": rollback + 1}, step=e.step)
+            context.echo(f"lmt: training diverged at {event} ({rollback + 1}/{retries})")
+    raise AssertionError("unreachable")
