@@ -1,0 +1,1 @@
+"""Compression on the model-transform seam: pruning (TF-MOT), ..."""
