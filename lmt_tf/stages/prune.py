@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from lmt_tf.checks import check
-from lmt_tf.compression.pruning import SCHEDULES, Pruning, PruningSchedule, kernel_sparsity
+from lmt_tf.compression.pruning import (
+    SCHEDULES,
+    Pruning,
+    PruningSchedule,
+    gzip_bytes,
+    kernel_sparsity,
+)
 from lmt_tf.rundir import RunDir
 from lmt_tf.stages.context import RunContext, Stage, prefixed
 from lmt_tf.training import model_transforms
@@ -80,6 +86,7 @@ class Prune(Stage):
         own, run, plan = context.stage_dir(self.name), context.run, context.plan
         trainer = Trainer(_fine_tuning(context, self.epochs), context.strategy,
                           context.configs.input)
+        dense_bytes = gzip_bytes(context.model.get_weights())
         steps = self.epochs * plan.steps_per_epoch
         transform = Pruning(PruningSchedule(self.final_sparsity, steps, self.schedule,
                                             self.initial_sparsity, self.frequency),
@@ -104,10 +111,14 @@ class Prune(Stage):
                  for name in transform.pruned}
         overall = sum(sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
         log({f"test_{k}": v for k, v in test.items()}, self.epochs)
-        log({"sparsity": overall, **{f"sparsity/{n}": v for n, v in sparsity.items()}},
-            self.epochs)
+        pruned_bytes = gzip_bytes(stripped.get_weights())
+        log({"sparsity": overall, **{f"sparsity/{n}": v for n, v in sparsity.items()},
+             "dense_weights_gzip_bytes": dense_bytes, "weights_gzip_bytes": pruned_bytes,
+             "gzip_ratio": dense_bytes / pruned_bytes}, self.epochs)
         context.echo("lmt: prune: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
-                     + f"; sparsity {overall:.1%} of the pruned kernels")
+                     + f"; sparsity {overall:.1%} of the pruned kernels; weights "
+                     f"{dense_bytes / 1e6:.2f} -> {pruned_bytes / 1e6:.2f} MB gzipped "
+                     f"({dense_bytes / pruned_bytes:.1f}x)")
         if context.role.is_chief:
             np.savez(Path(own.path) / FINAL_WEIGHTS, *stripped.get_weights())
         context.model = stripped

@@ -60,6 +60,8 @@ def test_sparsity_per_layer_equals_the_target(in_tmp: Path, strategy: str,
     assert run.info.status == "FINISHED"
     assert run.data.metrics["prune/sparsity/dense_0"] == pytest.approx(target, abs=1e-3)
     assert 0 < run.data.metrics["prune/test_accuracy"] <= 1
+    # Zeros compress: at 80% sparsity the gzipped weights are a fraction of the dense ones.
+    assert run.data.metrics["prune/gzip_ratio"] > (2.0 if target == 0.8 else 1.2)
     assert "test_accuracy" in run.data.metrics  # the train stage keeps its plain names
 
 
