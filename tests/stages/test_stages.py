@@ -35,7 +35,7 @@ def test_an_experiment_without_export_exports_nothing(gin_file, in_tmp: Path) ->
 @pytest.mark.parametrize("stages, message", [
     ("[@train]", "run_experiment.stages must list stages such as @train()"),
     ("[@train(), @train()]", "names train more than once"),
-    ("[@prune()]", "No configurable matching reference '@prune()'"),
+    ("[@squeeze()]", "No configurable matching reference '@squeeze()'"),
 ])
 def test_bad_stage_lists_are_one_line(gin_file, in_tmp: Path, capsys, stages: str,
                                       message: str) -> None:
