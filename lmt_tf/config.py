@@ -29,6 +29,7 @@ from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Configs, Export, RunOptions, Train
 from lmt_tf.stages.prune import Prune
+from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking import TrackingConfig
 from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
@@ -54,7 +55,7 @@ _KERAS = {
     "keras.callbacks": [keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau],
 }
 # Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
-_STAGES = {"train": Train, "prune": Prune, "export": Export}
+_STAGES = {"train": Train, "prune": Prune, "qat": QAT, "tflite": TFLite, "export": Export}
 _registered: list[str] = ["run_experiment"]
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.

@@ -99,15 +99,11 @@ def measure(model: bytes, x: np.ndarray, y: np.ndarray,
     return TFLiteMeasurement(accuracy, latency, len(model))
 
 
-def weight_dtypes(model: bytes) -> dict[str, str]:
-    """The dtype of each constant tensor with more than 16 elements (the weights)."""
+def inner_dtypes(model: bytes) -> dict[str, str]:
+    """The dtype of every tensor of ``model`` with more than 16 elements (weights and
+    activations) except its input and output: a full-integer model has only int8 ones
+    (and int32 biases) there."""
     runner = interpreter(model, 1)
-    found = {}
-    for detail in runner.get_tensor_details():
-        if int(np.prod(detail["shape"])) > 16:
-            try:
-                runner.get_tensor(detail["index"])  # only constant tensors hold data now
-            except ValueError:
-                continue
-            found[detail["name"]] = np.dtype(detail["dtype"]).name
-    return found
+    ends = {d["index"] for d in runner.get_input_details() + runner.get_output_details()}
+    return {d["name"]: np.dtype(d["dtype"]).name for d in runner.get_tensor_details()
+            if d["index"] not in ends and int(np.prod(d["shape"])) > 16}

@@ -1,0 +1,106 @@
+"""The ``qat`` stage (quantization-aware fine-tuning) and the ``tflite`` stage (TFLite
+exports, quantized after training or from a QAT model, measured in LiteRT)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from lmt_tf.checks import check
+from lmt_tf.compression.quantization import QuantizationAware
+from lmt_tf.compression.tflite import MODES, convert, measure
+from lmt_tf.data.splits import Split
+from lmt_tf.stages.context import RunContext, Stage, prefixed
+from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.training.export import export_saved_model, load_saved_model
+
+
+class QAT(FineTune):
+    """Quantization-aware fine-tuning (TF-MOT ``quantize_model``, 8-bit) for ``epochs``.
+    ``preserve`` = ``sparsity`` (PQAT) or ``clusters`` (CQAT) keeps what an earlier prune
+    or cluster stage made. The QAT model goes on; a ``tflite`` stage makes it int8."""
+
+    name = "qat"
+
+    def __init__(self, epochs: int = 1, preserve: str | None = None):
+        super().__init__(epochs)
+        self.preserve = preserve
+        QuantizationAware(preserve)  # checks ``preserve`` now, before any training
+
+    def describe(self) -> str:
+        scheme = {None: "QAT", "sparsity": "PQAT", "clusters": "CQAT"}[self.preserve]
+        return f"qat ({scheme}, {self.epochs} epoch(s))"
+
+    def transform(self, context: RunContext) -> QuantizationAware:
+        return QuantizationAware(self.preserve)
+
+
+class TFLite(Stage):
+    """Converts the current model to TFLite once per mode and measures each file in the
+    LiteRT interpreter: test accuracy, mean latency per example at batch 1, bytes.
+    Logged as ``tflite/<mode>/...`` metrics and ``tflite/model_<mode>.tflite`` artifacts.
+
+    Args:
+      modes: any of ``float``, ``dynamic`` (int8 weights), ``float16``, ``int8`` (int8
+        weights and activations, calibrated on training examples).
+      representative_examples: training examples that calibrate ``int8``.
+      latency_examples: examples timed one at a time.
+    """
+
+    name = "tflite"
+
+    def __init__(self, modes: Sequence[str] = ("float", "int8"),
+                 representative_examples: int = 200, latency_examples: int = 100):
+        unknown = [m for m in modes if m not in MODES]
+        check(bool(modes) and not unknown, "tflite.modes",
+              f"must list some of {MODES}, got {list(modes)!r}")
+        check(representative_examples >= 1, "tflite.representative_examples",
+              f"must be >= 1, got {representative_examples}")
+        self.modes = tuple(modes)
+        self.representative_examples = representative_examples
+        self.latency_examples = latency_examples
+
+    def describe(self) -> str:
+        return f"tflite ({', '.join(self.modes)})"
+
+    def run(self, context: RunContext) -> None:
+        if context.done(self.name):
+            return
+        own = context.stage_dir(self.name)
+        with tempfile.TemporaryDirectory(prefix="lmt-tflite-") as scratch:
+            # Every task saves (saving may need all workers); the chief converts the
+            # model re-loaded outside any strategy.
+            saved = Path(scratch) / "saved_model"
+            export_saved_model(context.model, saved)
+            if not context.role.is_chief:
+                return
+            model = load_saved_model(saved)
+        x, y = _arrays(context.splits.test)
+        representative = _arrays(context.splits.train)[0][:self.representative_examples]
+        for mode in self.modes:
+            flat = convert(model, mode, representative)
+            path = own.path / f"model_{mode}.tflite"
+            path.write_bytes(flat)
+            result = measure(flat, x, y, self.latency_examples)
+            context.run.log_metrics(prefixed({"test_accuracy": result.accuracy,
+                                              "latency_ms": result.latency_ms,
+                                              "bytes": result.bytes}, f"{self.name}/{mode}"),
+                                    step=0)
+            context.echo(f"lmt: tflite {mode}: test accuracy {result.accuracy:.4f} (LiteRT), "
+                         f"{result.bytes / 1e6:.2f} MB, {result.latency_ms:.3f} ms per example")
+        if context.run.logs:
+            context.run.log_artifacts(own.path, self.name)
+        context.mark_done(self.name)
+
+
+def _arrays(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """Model-ready inputs (as the input pipeline makes them) and labels of a split."""
+    xs, ys = [], []
+    batches = split.eval_dataset(1024)
+    for _, (x, y) in zip(range(-(-len(split) // 1024)), batches, strict=False):
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)

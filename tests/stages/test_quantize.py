@@ -1,0 +1,93 @@
+"""Quantization: TFLite exports measured in LiteRT, int8 weights, agreement with the
+float model; quantization-aware fine-tuning into an int8 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from lmt_tf import experiment
+from lmt_tf.compression.tflite import inner_dtypes, predict
+from lmt_tf.data.sources import load_digits
+from lmt_tf.errors import ConfigError
+from lmt_tf.experiment import Configs, RunOptions
+from lmt_tf.models.mlp import build_mlp
+from lmt_tf.stages import Train
+from lmt_tf.stages.quantize import QAT, TFLite
+from lmt_tf.stages.quantize import _arrays as model_ready
+from lmt_tf.training.export import ExportConfig
+from lmt_tf.training.trainer import TrainConfig
+from tests.conftest import all_runs
+
+# int8 rounds weights and activations to 256 levels: a prediction changes only where the
+# top two classes were within that rounding of each other. On a model that is right on
+# ~95% of digits such near-ties are a few percent; 95% agreement leaves room for them and
+# still fails a broken conversion (which agrees on ~10%, chance for 10 classes).
+AGREEMENT = 0.95
+
+
+def _run(stages, strategy=None):
+    from lmt_tf.runtime.strategy import default_strategy
+
+    configs = Configs(train=TrainConfig(epochs=4, global_batch_size=64, verbose=0,
+                                        optimizer=lambda: keras.optimizers.Adam(0.01)),
+                      export=ExportConfig(mlflow_model=False))
+    return experiment.run_experiment(
+        load_digits, lambda **k: build_mlp(hidden_units=(64,), **k), name="quantized",
+        strategy=strategy or default_strategy, stages=stages, configs=configs,
+        options=RunOptions(echo=lambda _: None))
+
+
+def _tflite(result, mode: str) -> bytes:
+    return (result.run_dir / "stages" / "tflite" / f"model_{mode}.tflite").read_bytes()
+
+
+def test_post_training_quantization_in_every_mode(in_tmp: Path) -> None:
+    result = _run([Train(), TFLite(modes=("float", "dynamic", "float16", "int8"))])
+    (run,) = all_runs(in_tmp)
+    metrics = run.data.metrics
+    x, _ = model_ready(load_digits().test)
+    keras_predictions = result.model.predict(x, verbose=0)
+    # The float conversion is the same function: LiteRT's accuracy equals Keras'.
+    assert metrics["tflite/float/test_accuracy"] == pytest.approx(
+        result.test_metrics["accuracy"], abs=1e-6)
+    dtypes = {mode: set(inner_dtypes(_tflite(result, mode)).values())
+              for mode in ("float", "float16", "int8")}
+    assert dtypes["float"] == {"float32"} and "float16" in dtypes["float16"]
+    assert dtypes["int8"] <= {"int8", "int32"}, dtypes  # weights and activations
+    int8 = predict(_tflite(result, "int8"), x)
+    agreement = np.mean(np.argmax(int8, -1) == np.argmax(keras_predictions, -1))
+    assert agreement >= AGREEMENT, agreement
+    # 4x fewer weight bytes; the flatbuffer's fixed part weighs on a model this small.
+    assert metrics["tflite/int8/bytes"] < metrics["tflite/float/bytes"] / 2
+    assert metrics["tflite/int8/test_accuracy"] > result.test_metrics["accuracy"] - 0.03
+    assert all(metrics[f"tflite/{m}/latency_ms"] > 0 for m in ("float", "int8"))
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_quantization_aware_training_gives_an_int8_model(in_tmp: Path, strategy: str) -> None:
+    from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
+
+    make = default_strategy if strategy == "default" else lambda: mirrored_strategy(2)
+    result = _run([Train(), QAT(epochs=1), TFLite(modes=("int8",))], make)
+    (run,) = all_runs(in_tmp)
+    qat_accuracy = run.data.metrics["qat/test_accuracy"]
+    assert qat_accuracy > 0.85
+    flat = _tflite(result, "int8")
+    assert set(inner_dtypes(flat).values()) <= {"int8", "int32"}
+    # QAT learned the int8 rounding: the converted model keeps the QAT model's accuracy.
+    assert run.data.metrics["tflite/int8/test_accuracy"] == pytest.approx(qat_accuracy,
+                                                                          abs=0.02)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TFLite(modes=("int4",)), "tflite.modes must list some of"),
+    (lambda: QAT(preserve="everything"), "qat.preserve must be None, 'sparsity' or"),
+    (lambda: QAT(epochs=0), "qat.epochs must be an integer >= 1"),
+])
+def test_bad_quantization_settings(make, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make()
