@@ -1,0 +1,57 @@
+"""Weight clustering with TF-MOT as a model transform: ``cluster_weights`` ties each
+kernel's weights to a few shared centroids while fine-tuning; ``strip_clustering`` leaves
+a plain model whose kernels hold at most that many distinct values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+
+from lmt_tf.errors import ConfigError
+from lmt_tf.training.model_transforms import ModelTransform
+
+clustering = tfmot.clustering.keras
+INITIALISATIONS = ("kmeans_plus_plus", "linear", "density_based", "random")
+
+
+class Clustering(ModelTransform):
+    """Clusters the kernels of ``layers`` (all clusterable layers if empty) into
+    ``clusters`` centroids, initialised as ``init`` says."""
+
+    def __init__(self, clusters: int, init: str = "kmeans_plus_plus",
+                 layers: Sequence[str] = ()):
+        if init not in INITIALISATIONS:
+            raise ConfigError(f"cluster.init must be one of {INITIALISATIONS}, got {init!r}")
+        self.clusters, self.init, self.layers = clusters, init, tuple(layers)
+        self.clustered: list[str] = []
+
+    def wrap(self, model: keras.Model) -> keras.Model:
+        clusterable = [layer.name for layer in model.layers
+                       if layer.weights and hasattr(layer, "kernel")]
+        chosen = set(self.layers or clusterable)
+        unknown = sorted(chosen - set(clusterable))
+        if unknown or not chosen:
+            raise ConfigError(f"cluster cannot cluster {unknown or 'anything'} in "
+                              f"{model.name!r} (clusterable layers: "
+                              f"{', '.join(clusterable) or 'none'})")
+        init = getattr(clustering.CentroidInitialization, self.init.upper())
+
+        def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+            if layer.name not in chosen:
+                return layer  # the same layer objects: the trained weights carry over
+            return clustering.cluster_weights(layer, number_of_clusters=self.clusters,
+                                              cluster_centroids_init=init)
+
+        self.clustered = sorted(chosen)
+        return keras.models.clone_model(model, clone_function=clone)
+
+    def strip(self, wrapped: keras.Model) -> keras.Model:
+        return clustering.strip_clustering(wrapped)
+
+
+def distinct_values(model: keras.Model, layers: Sequence[str]) -> dict[str, int]:
+    """How many distinct values the kernel of each of ``layers`` holds."""
+    return {name: int(np.unique(model.get_layer(name).kernel.numpy()).size) for name in layers}
