@@ -29,6 +29,7 @@ from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Configs, Export, RunOptions, Train
 from lmt_tf.stages.cluster import Cluster
+from lmt_tf.stages.distill import Distill
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking import TrackingConfig
@@ -57,7 +58,7 @@ _KERAS = {
 }
 # Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
 _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tflite": TFLite,
-           "export": Export}
+           "distill": Distill, "export": Export}
 _registered: list[str] = ["run_experiment"]
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.

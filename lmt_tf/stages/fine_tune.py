@@ -41,6 +41,10 @@ class FineTune(Stage):
         """The transform to fine-tune through (called before the model is built)."""
         raise NotImplementedError
 
+    def model_fn(self, context: RunContext) -> Any:
+        """What the stage trains: the current model (a distillation: a fresh one)."""
+        return lambda **_: context.model
+
     def report(self, context: RunContext, transform: ModelTransform, trained: keras.Model,
                log: Any) -> str:
         """Logs what the stage achieved beyond test metrics; returns it as a phrase."""
@@ -52,7 +56,7 @@ class FineTune(Stage):
         trainer = Trainer(fine_tuning(context.configs.train, self.epochs, plan.steps_per_epoch),
                           context.strategy, context.configs.input)
         transform = self.transform(context)
-        trained = trainer.build_model(lambda **_: context.model, context.splits, [transform])
+        trained = trainer.build_model(self.model_fn(context), context.splits, [transform])
         start = (trainer.restore(trained, source.checkpoints, plan.steps_per_epoch)
                  if context.options.resume else StartAt())
         if context.done(self.name):

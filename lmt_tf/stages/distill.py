@@ -1,0 +1,58 @@
+"""The ``distill`` stage: train a fresh student (the experiment's model) on the labels and
+on a teacher's softened outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmt_tf.checks import check
+from lmt_tf.compression.distillation import Distillation
+from lmt_tf.errors import ConfigError
+from lmt_tf.stages.context import RunContext
+from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.tracking import load_model
+
+
+class Distill(FineTune):
+    """Knowledge distillation into a student built by ``run_experiment.model``.
+
+    Args:
+      teacher: an earlier run's id or name, an MLflow model URI (``runs:/<id>/model``,
+        ``models:/m-...``) or a SavedModel directory; None: the current model of this
+        experiment (e.g. what its ``train`` stage trained).
+      alpha: weight of the hard (label) term; 1 - alpha weighs the soft term.
+      temperature: softens both distributions (Hinton et al. used 1 to 20).
+      epochs: training epochs of the student.
+    """
+
+    name = "distill"
+
+    def __init__(self, teacher: str | None = None, alpha: float = 0.1,
+                 temperature: float = 4.0, epochs: int = 2):
+        super().__init__(epochs)
+        check(0 <= alpha <= 1, "distill.alpha", f"must be in [0, 1], got {alpha!r}")
+        check(temperature > 0, "distill.temperature", f"must be > 0, got {temperature!r}")
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def describe(self) -> str:
+        source = self.teacher or "this experiment's model"
+        return (f"distill (teacher {source}, alpha {self.alpha}, T {self.temperature}, "
+                f"{self.epochs} epoch(s))")
+
+    def model_fn(self, context: RunContext) -> Any:
+        return context.model_fn  # a fresh student
+
+    def transform(self, context: RunContext) -> Distillation:
+        if self.teacher is None:
+            teacher = context.model
+        else:
+            with context.strategy.scope():  # its variables mirrored like the student's
+                teacher = load_model(self.teacher, context.configs.tracking.tracking_uri)
+        classes = teacher.output_shape[-1]
+        if classes != context.splits.num_classes:
+            raise ConfigError(f"distill.teacher {self.teacher or 'model'} outputs "
+                              f"{teacher.output_shape}, but the student predicts "
+                              f"{context.splits.num_classes} classes")
+        train = context.configs.train
+        return Distillation(teacher, self.alpha, self.temperature, train.micro_batches,
+                            train.gradient_transforms)
