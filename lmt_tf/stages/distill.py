@@ -3,9 +3,12 @@ on a teacher's softened outputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from lmt_tf.checks import check
+import tf_keras as keras
+
+from lmt_tf.checks import check, configured_call
 from lmt_tf.compression.distillation import Distillation
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext
@@ -23,13 +26,16 @@ class Distill(FineTune):
       alpha: weight of the hard (label) term; 1 - alpha weighs the soft term.
       temperature: softens both distributions (Hinton et al. used 1 to 20).
       epochs: training epochs of the student.
+      student: builds the student (e.g. ``@build_mlp``); None: ``run_experiment.model``.
     """
 
     name = "distill"
 
     def __init__(self, teacher: str | None = None, alpha: float = 0.1,
-                 temperature: float = 4.0, epochs: int = 2):
+                 temperature: float = 4.0, epochs: int = 2,
+                 student: Callable[..., keras.Model] | None = None):
         super().__init__(epochs)
+        self.student = student
         check(0 <= alpha <= 1, "distill.alpha", f"must be in [0, 1], got {alpha!r}")
         check(temperature > 0, "distill.temperature", f"must be > 0, got {temperature!r}")
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
@@ -40,7 +46,12 @@ class Distill(FineTune):
                 f"{self.epochs} epoch(s))")
 
     def model_fn(self, context: RunContext) -> Any:
-        return context.model_fn  # a fresh student
+        student = self.student or context.model_fn  # a fresh model
+
+        def build(**kwargs: Any) -> keras.Model:
+            return configured_call(student, "distill.student", **kwargs)
+
+        return build
 
     def transform(self, context: RunContext) -> Distillation:
         if self.teacher is None:
