@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import configured_call
+from lmt_tf.compression import report
 from lmt_tf.data.pipeline import BatchPlan
 from lmt_tf.data.splits import Splits
 from lmt_tf.errors import ConfigError
@@ -124,11 +125,16 @@ def run_experiment(
             strategy=strat, info=info, role=role, splits=splits, plan=plan, trainer=trainer,
             model_fn=model, seed=seed, configs=configs, options=options, run=session.run,
             run_dir=session.run_dir, own=session.own, trainable=trainable,
-            model=inference_model(trainable))
+            model=inference_model(trainable),
+            compressing=any(stage.name not in ("train", "export") for stage in stages))
         log_setup(session, options, info, role, _derived(info, plan, splits, context.model),
                   context.model.variables)
         for stage in stages:
             stage.run(context)
+        if context.report:
+            session.run.log_text(report.as_json(context.report), "compression/report.json")
+            session.run.log_text(report.as_markdown(context.report), "compression/report.md")
+            echo("lmt: compression report\n" + report.as_markdown(context.report).rstrip())
         session.run.log_text(options.operative_config(),
                              config_path(session.own, "operative_config.gin"))
         if role.is_chief:

@@ -73,6 +73,9 @@ class RunContext:
     model: keras.Model | None = None  # the current model, as it is exported
     history: dict[str, list[float]] = field(default_factory=dict)
     test_metrics: dict[str, float] = field(default_factory=dict)
+    compressing: bool = False  # the run has a stage beyond train and export: report it
+    report: list[Any] = field(default_factory=list)  # compression.report.Row per output
+    _test_arrays: tuple[Any, Any] | None = None
 
     @property
     def echo(self) -> Callable[[str], None]:
@@ -88,6 +91,21 @@ class RunContext:
         if self.role.is_chief:
             done = self.own.read_state().get("stages_done", [])
             self.own.update_state(stages_done=[*done, stage] if stage not in done else done)
+
+    def test_arrays(self) -> tuple[Any, Any]:
+        """The test split as model-ready inputs and labels (what the pipeline feeds)."""
+        if self._test_arrays is None:
+            self._test_arrays = model_ready(self.splits.test)
+        return self._test_arrays
+
+    def add_row(self, stage: str, model: keras.Model, test_metrics: dict[str, float]) -> None:
+        """Adds ``model``, the output of ``stage``, to the compression report (chief only;
+        classification only: the report compares accuracies)."""
+        if self.compressing and self.role.is_chief and "accuracy" in test_metrics:
+            from lmt_tf.compression.report import keras_row
+
+            self.report.append(keras_row(stage, model, test_metrics["accuracy"],
+                                         self.test_arrays()[0]))
 
     def stage_dir(self, stage: str) -> RunDir:
         """The part of this task's run directory that belongs to ``stage``."""
@@ -116,6 +134,18 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def model_ready(split: Any) -> tuple[Any, Any]:
+    """Model-ready inputs (as the input pipeline makes them) and labels of a split."""
+    import numpy as np
+
+    xs, ys = [], []
+    batches = split.eval_dataset(1024)
+    for _, (x, y) in zip(range(-(-len(split) // 1024)), batches, strict=False):
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def prefixed(metrics: Mapping[str, Any], stage: str) -> dict[str, Any]:

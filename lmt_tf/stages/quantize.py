@@ -11,9 +11,9 @@ import numpy as np
 
 from lmt_tf.checks import check
 from lmt_tf.compression.quantization import QuantizationAware
+from lmt_tf.compression.report import tflite_row
 from lmt_tf.compression.tflite import MODES, convert, measure
-from lmt_tf.data.splits import Split
-from lmt_tf.stages.context import RunContext, Stage, prefixed
+from lmt_tf.stages.context import RunContext, Stage, model_ready, prefixed
 from lmt_tf.stages.fine_tune import FineTune
 from lmt_tf.training.export import export_saved_model, load_saved_model
 
@@ -78,8 +78,11 @@ class TFLite(Stage):
             if not context.role.is_chief:
                 return
             model = load_saved_model(saved)
-        x, y = _arrays(context.splits.test)
-        representative = _arrays(context.splits.train)[0][:self.representative_examples]
+        x, y = context.test_arrays()
+        representative = model_ready(context.splits.train)[0][:self.representative_examples]
+        weights = model.get_weights()
+        parameters = sum(w.size for w in weights)
+        nonzero = sum(int(np.count_nonzero(w)) for w in weights)
         for mode in self.modes:
             flat = convert(model, mode, representative)
             path = own.path / f"model_{mode}.tflite"
@@ -89,18 +92,11 @@ class TFLite(Stage):
                                               "latency_ms": result.latency_ms,
                                               "bytes": result.bytes}, f"{self.name}/{mode}"),
                                     step=0)
+            if context.compressing:
+                context.report.append(tflite_row(f"tflite:{mode}", flat, result.accuracy,
+                                                 result.latency_ms, parameters, nonzero))
             context.echo(f"lmt: tflite {mode}: test accuracy {result.accuracy:.4f} (LiteRT), "
                          f"{result.bytes / 1e6:.2f} MB, {result.latency_ms:.3f} ms per example")
         if context.run.logs:
             context.run.log_artifacts(own.path, self.name)
         context.mark_done(self.name)
-
-
-def _arrays(split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Model-ready inputs (as the input pipeline makes them) and labels of a split."""
-    xs, ys = [], []
-    batches = split.eval_dataset(1024)
-    for _, (x, y) in zip(range(-(-len(split) // 1024)), batches, strict=False):
-        xs.append(x.numpy())
-        ys.append(y.numpy())
-    return np.concatenate(xs), np.concatenate(ys)

@@ -76,6 +76,7 @@ class Train(Stage):
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=trainer.config.epochs)
         context.echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         context.history, context.test_metrics = result.history, test
+        context.add_row(self.name, context.model, test)
         context.mark_done(self.name)
 
 

@@ -16,8 +16,8 @@ from lmt_tf.errors import ConfigError
 from lmt_tf.experiment import Configs, RunOptions
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.stages import Train
+from lmt_tf.stages.context import model_ready
 from lmt_tf.stages.quantize import QAT, TFLite
-from lmt_tf.stages.quantize import _arrays as model_ready
 from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
 from tests.conftest import all_runs
@@ -91,3 +91,30 @@ def test_quantization_aware_training_gives_an_int8_model(in_tmp: Path, strategy:
 def test_bad_quantization_settings(make, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make()
+
+
+def test_the_compression_report_has_a_row_per_stage_output(in_tmp: Path) -> None:
+    import json
+
+    from lmt_tf.stages.prune import Prune
+    from tests.conftest import mlflow_client
+
+    _run([Train(), Prune(final_sparsity=0.5, epochs=1, frequency=1),
+          TFLite(modes=("float", "int8"))])
+    (run,) = all_runs(in_tmp)
+    client = mlflow_client(in_tmp)
+    rows = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "compression/report.json", str(in_tmp))).read_text())
+    by_stage = {row["stage"]: row for row in rows}
+    assert list(by_stage) == ["train", "prune", "tflite:float", "tflite:int8"]
+    assert by_stage["prune"]["nonzero_parameters"] < 0.6 * by_stage["train"]["nonzero_parameters"]
+    assert by_stage["prune"]["gzip_bytes"] < by_stage["train"]["gzip_bytes"]
+    assert by_stage["tflite:int8"]["bytes"] < by_stage["tflite:float"]["bytes"]
+    assert by_stage["tflite:int8"]["test_accuracy"] == pytest.approx(
+        run.data.metrics["tflite/int8/test_accuracy"])
+    assert by_stage["prune"]["test_accuracy"] == pytest.approx(
+        run.data.metrics["prune/test_accuracy"])
+    assert all(row["latency_ms"] > 0 for row in rows)
+    table = Path(client.download_artifacts(run.info.run_id, "compression/report.md",
+                                           str(in_tmp))).read_text()
+    assert table.count("\n") == 2 + len(rows) and "| tflite:int8 |" in table

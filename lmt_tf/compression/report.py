@@ -1,0 +1,70 @@
+"""The compression report: one row per stage output (the trained model, the pruned one,
+each TFLite file, ...), with its size, accuracy and latency, logged as
+``compression/report.json`` and a Markdown table ``compression/report.md``."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tf_keras as keras
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model a stage produced."""
+
+    stage: str  # e.g. train, prune, tflite:int8
+    parameters: int
+    nonzero_parameters: int
+    bytes: int  # the weights as saved (.npz), or the .tflite file
+    gzip_bytes: int  # the same, gzip-compressed
+    test_accuracy: float  # the interpreter's for TFLite
+    latency_ms: float  # mean per example at batch 1
+
+
+def keras_row(stage: str, model: keras.Model, test_accuracy: float, x: np.ndarray,
+              latency_examples: int = 50) -> Row:
+    """The row of a Keras model; latency is timed on ``x`` one example at a time."""
+    weights = model.get_weights()
+    buffer = io.BytesIO()
+    np.savez(buffer, *weights)
+    raw = buffer.getvalue()
+    predict = model.__call__
+    predict(x[:1], training=False)  # the first call traces; not timed
+    samples = x[:latency_examples]
+    start = time.perf_counter()
+    for sample in samples:
+        predict(sample[None], training=False)
+    latency = (time.perf_counter() - start) / len(samples) * 1000
+    return Row(stage, int(sum(w.size for w in weights)),
+               int(sum(np.count_nonzero(w) for w in weights)), len(raw),
+               len(gzip.compress(raw, compresslevel=9)), test_accuracy, latency)
+
+
+def tflite_row(stage: str, flat: bytes, test_accuracy: float, latency_ms: float,
+               parameters: int, nonzero: int) -> Row:
+    """The row of a ``.tflite`` file measured in LiteRT."""
+    return Row(stage, parameters, nonzero, len(flat), len(gzip.compress(flat, compresslevel=9)),
+               test_accuracy, latency_ms)
+
+
+def as_json(rows: list[Row]) -> str:
+    return json.dumps([asdict(r) for r in rows], indent=2) + "\n"
+
+
+def as_markdown(rows: list[Row]) -> str:
+    """The report as a Markdown table, sizes relative to the first row."""
+    base = rows[0]
+    lines = ["| stage | parameters | non-zero | bytes | gzip bytes | gzip vs first | "
+             "test accuracy | latency ms (batch 1) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r.stage} | {r.parameters:,} | {r.nonzero_parameters:,} | "
+                     f"{r.bytes:,} | {r.gzip_bytes:,} | {base.gzip_bytes / r.gzip_bytes:.2f}x | "
+                     f"{r.test_accuracy:.4f} | {r.latency_ms:.3f} |")
+    return "\n".join(lines) + "\n"
