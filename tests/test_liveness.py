@@ -3,6 +3,7 @@ and runs of owners still alive, or of other tools, are left alone."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -71,8 +72,11 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_lmt_command(in_tmp: Path) 
         [LMT, "run", "exp.gin", "--gin_param", "TrainConfig.epochs = 100000"], cwd=in_tmp,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        # Wait for the run id in the run directory, not in the store: opening a new
+        # SQLite store while the run creates it would race its schema migration.
         deadline = time.monotonic() + 120
-        while not [r for r in all_runs(in_tmp) if r.info.status == "RUNNING"]:
+        while not any("run_id" in json.loads(f.read_text())
+                      for f in in_tmp.glob("lmt_work/*/*/state.json")):
             assert process.poll() is None and time.monotonic() < deadline, "no run started"
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGKILL)
