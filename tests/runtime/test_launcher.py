@@ -370,3 +370,19 @@ def test_sigterm_to_a_multi_worker_job_checkpoints_and_resume_matches(gin_file,
     for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pruning_on_two_workers(gin_file, in_tmp: Path) -> None:
+    """The prune stage under multi-worker mirrored: every worker prunes the same weights
+    (the masks follow the all-reduced weights), and the run holds the target sparsity."""
+    exp = gin_file(TINY + "run_experiment.stages = [@train(), @prune(), @export()]\n"
+                          "prune.final_sparsity = 0.5\nprune.epochs = 1\nprune.frequency = 1\n"
+                          "ExportConfig.mlflow_model = False\n")
+    launch = Launch(["--workers", "2", "--timeout", "240", exp], in_tmp)
+    assert launch.wait(300) == 0, launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED"
+    for layer in ("dense_0", "predictions"):
+        assert run.data.metrics[f"prune/sparsity/{layer}"] == pytest.approx(0.5, abs=0.01)
+    kernels = [w for w in _exported_weights(in_tmp / "lmt_work") if w.ndim == 2]
+    assert kernels and all(abs(np.mean(k == 0) - 0.5) < 0.01 for k in kernels)
