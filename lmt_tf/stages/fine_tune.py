@@ -77,6 +77,7 @@ class FineTune(Stage):
         test = trainer.evaluate(trained, context.splits.test)
         log({f"test_{k}": v for k, v in test.items()}, self.epochs)
         context.model = model_transforms.inference_model(trained)
+        context.test_metrics = test  # of the current model, as RunResult reports them
         context.add_row(self.name, context.model, test)
         achieved = self.report(context, transform, trained, log)
         context.echo(f"lmt: {self.name}: test "
