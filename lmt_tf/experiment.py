@@ -130,6 +130,8 @@ def run_experiment(
         log_setup(session, options, info, role, _derived(info, plan, splits, context.model),
                   context.model.variables)
         for stage in stages:
+            stage.check(context)
+        for stage in stages:
             stage.run(context)
         if context.report:
             session.run.log_text(report.as_json(context.report), "compression/report.json")

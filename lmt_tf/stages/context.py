@@ -128,6 +128,10 @@ class Stage:
     def run(self, context: RunContext) -> None:
         raise NotImplementedError
 
+    def check(self, context: RunContext) -> None:
+        """Raises ConfigError if the stage cannot run here (its strategy, its model);
+        called for every stage before the first one runs, so nothing trains in vain."""
+
     def describe(self) -> str:
         """One line for the dry run."""
         return self.name

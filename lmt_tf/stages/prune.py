@@ -16,8 +16,10 @@ from lmt_tf.compression.pruning import (
     gzip_bytes,
     kernel_sparsity,
 )
+from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext
 from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.training.preemption import supported as per_step_supported
 
 
 class Prune(FineTune):
@@ -62,6 +64,12 @@ class Prune(FineTune):
         target = (f"{self.m_by_n[0]}:{self.m_by_n[1]}" if self.m_by_n
                   else f"{self.final_sparsity:.0%} sparsity")
         return f"prune (to {target} over {self.epochs} epoch(s))"
+
+    def check(self, context: RunContext) -> None:
+        if not per_step_supported(context.strategy):
+            raise ConfigError("prune cannot run under ParameterServerStrategy: TF-MOT's "
+                              "UpdatePruningStep is a batch-level callback, which Keras "
+                              "does not allow there (use multi-worker mirrored)")
 
     def transform(self, context: RunContext) -> Pruning:
         # Measured before: pruning zeroes the kernels of these very layers in place.

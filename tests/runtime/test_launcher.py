@@ -386,3 +386,14 @@ def test_pruning_on_two_workers(gin_file, in_tmp: Path) -> None:
         assert run.data.metrics[f"prune/sparsity/{layer}"] == pytest.approx(0.5, abs=0.01)
     kernels = [w for w in _exported_weights(in_tmp / "lmt_work") if w.ndim == 2]
     assert kernels and all(abs(np.mean(k == 0) - 0.5) < 0.01 for k in kernels)
+
+
+def test_pruning_under_parameter_servers_is_refused_before_training(gin_file,
+                                                                    in_tmp: Path) -> None:
+    exp = gin_file(TINY + "run_experiment.stages = [@train(), @prune()]\n")
+    done = subprocess.run([LMT, "launch", "--workers", "1", "--ps", "1", "--timeout", "120",
+                           exp], cwd=in_tmp, capture_output=True, text=True, timeout=240)
+    assert done.returncode == EXIT_USER_ERROR, done.stdout + done.stderr
+    assert "[chief:0] lmt: error: prune cannot run under ParameterServerStrategy" in done.stderr
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FAILED" and "loss" not in run.data.metrics  # nothing trained
