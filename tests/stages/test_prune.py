@@ -99,3 +99,20 @@ def test_a_layer_that_is_not_there_fails_the_run_with_training_logged(in_tmp: Pa
         _run([Train(), Prune(layers=("conv_9",)), Export()])
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FAILED" and "test_accuracy" in run.data.metrics
+
+
+def test_a_run_killed_after_pruning_resumes_with_the_pruned_model(in_tmp: Path) -> None:
+    from tests.conftest import mlflow_client
+    from tests.stages.test_stages import _Interrupted
+
+    stages = [Train(), Prune(final_sparsity=0.5, epochs=1, frequency=1)]
+    with pytest.raises(KeyboardInterrupt):
+        _run([*stages, _Interrupted(fail=True), Export()])
+    resumed = _run([*stages, _Interrupted(fail=False), Export()], resume=True)
+    for name, kernel in _kernels(resumed.model).items():
+        assert np.mean(kernel == 0) == pytest.approx(0.5, abs=0.01), name
+    client = mlflow_client(in_tmp)
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FINISHED" and run.info.run_id == resumed.run_id
+    # Pruning ran once: its test metrics were logged once.
+    assert len(client.get_metric_history(run.info.run_id, "prune/test_accuracy")) == 1
