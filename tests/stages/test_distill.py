@@ -9,18 +9,15 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from lmt_tf import experiment
 from lmt_tf.cli import main
 from lmt_tf.compression.distillation import distillation_loss
-from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError, LmtError
-from lmt_tf.experiment import Configs, RunOptions
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.stages import Export, Train
 from lmt_tf.stages.distill import Distill
-from lmt_tf.training.export import ExportConfig, export_saved_model
-from lmt_tf.training.trainer import TrainConfig
+from lmt_tf.training.export import export_saved_model
 from tests.conftest import TINY, all_runs
+from tests.stages import run_stages
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -44,16 +41,9 @@ def test_the_loss_equals_a_hand_computation(temperature: float) -> None:
 
 
 def _run(stages, strategy=None, micro_batches: int = 1, **options):
-    from lmt_tf.runtime.strategy import default_strategy
-
-    configs = Configs(train=TrainConfig(epochs=2, global_batch_size=64, verbose=0,
-                                        micro_batches=micro_batches,
-                                        optimizer=lambda: keras.optimizers.Adam(0.01)),
-                      export=ExportConfig(mlflow_model=False))
-    return experiment.run_experiment(
-        load_digits, lambda **k: build_mlp(hidden_units=(16,), **k), name="distilled",
-        strategy=strategy or default_strategy, stages=stages, configs=configs,
-        options=RunOptions(echo=lambda _: None, **options))
+    return run_stages(stages, hidden=16, epochs=2, strategy=strategy,
+                      micro_batches=micro_batches,
+                      optimizer=lambda: keras.optimizers.Adam(0.01), **options)
 
 
 def test_a_student_taught_by_an_earlier_runs_model(gin_file, in_tmp: Path) -> None:

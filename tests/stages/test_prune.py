@@ -9,29 +9,16 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from lmt_tf import experiment
 from lmt_tf.cli import main
-from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
-from lmt_tf.experiment import Configs, RunOptions
-from lmt_tf.models.mlp import build_mlp
 from lmt_tf.stages import Export, Train
 from lmt_tf.stages.prune import Prune
-from lmt_tf.training.export import ExportConfig
-from lmt_tf.training.trainer import TrainConfig
 from tests.conftest import TINY, all_runs
+from tests.stages import run_stages
 
 
 def _run(stages, strategy=None, **options):
-    from lmt_tf.runtime.strategy import default_strategy
-
-    configs = Configs(train=TrainConfig(epochs=1, global_batch_size=64, verbose=0,
-                                        optimizer=lambda: keras.optimizers.SGD(0.1)),
-                      export=ExportConfig(mlflow_model=False))
-    return experiment.run_experiment(
-        load_digits, lambda **k: build_mlp(hidden_units=(32,), **k), name="pruned",
-        strategy=strategy or default_strategy, stages=stages, configs=configs,
-        options=RunOptions(echo=lambda _: None, **options))
+    return run_stages(stages, strategy=strategy, **options)
 
 
 def _kernels(model: keras.Model) -> dict[str, np.ndarray]:

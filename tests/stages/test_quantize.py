@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from lmt_tf import experiment
 from lmt_tf.compression.tflite import inner_dtypes, predict
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
-from lmt_tf.experiment import Configs, RunOptions
-from lmt_tf.models.mlp import build_mlp
 from lmt_tf.stages import Train
 from lmt_tf.stages.context import model_ready
 from lmt_tf.stages.quantize import QAT, TFLite
-from lmt_tf.training.export import ExportConfig
-from lmt_tf.training.trainer import TrainConfig
 from tests.conftest import all_runs
+from tests.stages import run_stages
 
 # int8 rounds weights and activations to 256 levels: a prediction changes only where the
 # top two classes were within that rounding of each other. On a model that is right on
@@ -30,15 +26,8 @@ AGREEMENT = 0.95
 
 
 def _run(stages, strategy=None):
-    from lmt_tf.runtime.strategy import default_strategy
-
-    configs = Configs(train=TrainConfig(epochs=4, global_batch_size=64, verbose=0,
-                                        optimizer=lambda: keras.optimizers.Adam(0.01)),
-                      export=ExportConfig(mlflow_model=False))
-    return experiment.run_experiment(
-        load_digits, lambda **k: build_mlp(hidden_units=(64,), **k), name="quantized",
-        strategy=strategy or default_strategy, stages=stages, configs=configs,
-        options=RunOptions(echo=lambda _: None))
+    return run_stages(stages, hidden=64, epochs=4, strategy=strategy,
+                      optimizer=lambda: keras.optimizers.Adam(0.01))
 
 
 def _tflite(result, mode: str) -> bytes:
