@@ -6,7 +6,13 @@ the student (an MLP with one hidden layer of 128 units) is trained twice from th
 initial weights and data order: on the labels alone, and with the ``distill`` stage
 (alpha 0.1, T 4: keras.io's distillation example and Hinton et al. 2015).
 
-    python benchmarks/distillation.py [--seeds 3] [--epochs 2]
+Measured (2-core CPU, 2026-11-27): at 5 student epochs distillation wins on every seed
+(97.27% against 96.99% from scratch, mean of 3). At 2 epochs it loses (94.94% against
+95.60%; also with alpha 0.5 and T 2 or 4), while alpha 1 (no soft term) equals scratch
+(95.76% against 95.71%): the underfit student learns the labels faster than the
+teacher's softened outputs.
+
+    python benchmarks/distillation.py [--seeds 3] [--epochs 5] [--alpha 0.1] [--temperature 4]
 
 Prints a table and writes benchmarks/results/distillation.json.
 """
@@ -63,7 +69,11 @@ def run(work: Path, name: str, model, stages, epochs: int, seed: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=2, help="student epochs")
+    parser.add_argument("--epochs", type=int, default=5, help="student epochs")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="weight of the labels")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
+    parser.add_argument("--output", default="distillation.json",
+                        help="file name under benchmarks/results/")
     args = parser.parse_args()
     splits = load_mnist()
     rows = []
@@ -78,8 +88,9 @@ def main() -> None:
             scratch = run(work, f"scratch{seed}", student, [Train()], args.epochs, seed,
                           splits)
             distilled = run(work, f"distilled{seed}", student,
-                            [Distill(teacher=teacher_path, alpha=ALPHA, temperature=TEMPERATURE,
-                                     epochs=args.epochs)], args.epochs, seed, splits)
+                            [Distill(teacher=teacher_path, alpha=args.alpha,
+                                     temperature=args.temperature, epochs=args.epochs)],
+                            args.epochs, seed, splits)
             row = {"seed": seed, "scratch": scratch.test_metrics["accuracy"],
                    "distilled": distilled.test_metrics["accuracy"]}
             rows.append(row)
@@ -93,7 +104,8 @@ def main() -> None:
                     "gpus": len(tf.config.list_physical_devices("GPU"))},
         "setup": {"teacher": "build_cnn (quickstart), 2 epochs, Adam 0.001, batch 128",
                   "student": "build_mlp(hidden_units=(128,))", "epochs": args.epochs,
-                  "alpha": ALPHA, "temperature": TEMPERATURE, "data": "MNIST 55k/5k/10k"},
+                  "alpha": args.alpha, "temperature": args.temperature,
+                  "data": "MNIST 55k/5k/10k"},
         "teacher_test_accuracy": teacher.test_metrics["accuracy"],
         "per_seed": rows, "scratch_mean": scratch_mean, "distilled_mean": distilled_mean,
         "distilled_minus_scratch": distilled_mean - scratch_mean,
@@ -101,7 +113,7 @@ def main() -> None:
     print(f"{'student':<24}{'mean test accuracy':>20}")
     print(f"{'from scratch':<24}{scratch_mean:>20.4f}")
     print(f"{'distilled':<24}{distilled_mean:>20.4f}")
-    out = ROOT / "benchmarks" / "results" / "distillation.json"
+    out = ROOT / "benchmarks" / "results" / args.output
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

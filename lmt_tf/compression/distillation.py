@@ -1,15 +1,17 @@
 """Knowledge distillation (Hinton, Vinyals and Dean, 2015): a student learns from the
 labels and from a teacher's softened outputs,
 
-    alpha * CE(y, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+    alpha * CE(y, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
 
-The T^2 factor keeps the soft term's gradients on the scale of the hard term's as T
-grows (the paper, section 2). lmt's models end in a softmax, so logits are recovered as
-log-probabilities (softmax is unchanged by the constant that separates the two)."""
+on logits. The T^2 factor keeps the soft term's gradients on the scale of the hard
+term's as T grows (the paper, section 2). lmt's models end in a Dense softmax layer;
+their logits are read before the softmax (``logit_function``), since the small
+probabilities that carry the teacher's knowledge do not survive float32 and clipping.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 import tf_keras as keras
@@ -18,23 +20,43 @@ from lmt_tf.optim.train_step import MicroBatchTrainStep
 from lmt_tf.optim.transforms import Transform
 from lmt_tf.training.model_transforms import ModelTransform
 
-_EPSILON = 1e-7
+Logits = Callable[..., tf.Tensor]
 
 
-def soft_term(teacher_probs: tf.Tensor, student_probs: tf.Tensor,
+def logit_function(model: keras.Model) -> Logits:
+    """``f(x, training)``: the logits of a classifier that ends in a Dense softmax layer
+    (its kernel and bias applied to what feeds it), or else the log of its clipped
+    probabilities."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax:
+        body = keras.Model(model.inputs, last.input)
+
+        def logits(x: tf.Tensor, training: bool = False) -> tf.Tensor:
+            z = tf.matmul(tf.cast(body(x, training=training), last.kernel.dtype), last.kernel)
+            return z + last.bias if last.use_bias else z
+
+        return logits
+
+    def from_probabilities(x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        probabilities = tf.cast(model(x, training=training), tf.float32)
+        return tf.math.log(tf.maximum(probabilities, 1e-30))
+
+    return from_probabilities
+
+
+def soft_term(teacher_logits: tf.Tensor, student_logits: tf.Tensor,
               temperature: float) -> tf.Tensor:
-    """Per example: T^2 * KL(softmax(log teacher / T) || softmax(log student / T))."""
-    t = tf.nn.softmax(tf.math.log(tf.maximum(teacher_probs, _EPSILON)) / temperature)
-    log_s = tf.nn.log_softmax(tf.math.log(tf.maximum(student_probs, _EPSILON)) / temperature)
-    kl = tf.reduce_sum(t * (tf.math.log(tf.maximum(t, _EPSILON)) - log_s), axis=-1)
-    return temperature ** 2 * kl
+    """Per example: T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+    log_t = tf.nn.log_softmax(tf.cast(teacher_logits, tf.float32) / temperature)
+    log_s = tf.nn.log_softmax(tf.cast(student_logits, tf.float32) / temperature)
+    return temperature ** 2 * tf.reduce_sum(tf.exp(log_t) * (log_t - log_s), axis=-1)
 
 
-def distillation_loss(y: tf.Tensor, student_probs: tf.Tensor, teacher_probs: tf.Tensor,
+def distillation_loss(y: tf.Tensor, student_logits: tf.Tensor, teacher_logits: tf.Tensor,
                       alpha: float, temperature: float) -> tf.Tensor:
     """The mean over the batch of alpha * CE(y, student) + (1 - alpha) * soft term."""
-    hard = keras.losses.sparse_categorical_crossentropy(y, student_probs)
-    soft = soft_term(teacher_probs, student_probs, temperature)
+    hard = keras.losses.sparse_categorical_crossentropy(y, student_logits, from_logits=True)
+    soft = soft_term(teacher_logits, student_logits, temperature)
     return tf.reduce_mean(alpha * hard + (1 - alpha) * soft)
 
 
@@ -50,12 +72,26 @@ class Distiller(MicroBatchTrainStep):
         self.teacher = teacher
         self.teacher.trainable = False
         self.alpha, self.temperature = alpha, temperature
+        self._student_logits = logit_function(student)
+        self._teacher_logits = logit_function(teacher)
+        self._forwarded: tuple[tf.Tensor, tf.Tensor] | None = None  # (probabilities, logits)
+
+    def _forward(self, x):
+        # The student's logits of this training step's forward pass, for the soft term:
+        # compute_loss runs right after, in the same traced step.
+        logits = self._student_logits(x, training=True)
+        probabilities = tf.nn.softmax(logits)
+        self._forwarded = (probabilities, logits)
+        return probabilities
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
         # The compiled loss averages over the global batch (each replica's share); the
         # soft term is averaged the same way so that the replicas' gradients sum right.
         hard = super().compute_loss(x, y, y_pred, sample_weight)
-        soft = soft_term(self.teacher(x, training=False), y_pred, self.temperature)
+        if self._forwarded is None or y_pred is not self._forwarded[0]:
+            return hard  # evaluating: the loss on the labels, comparable across runs
+        soft = soft_term(self._teacher_logits(x, training=False), self._forwarded[1],
+                         self.temperature)
         return self.alpha * hard + (1 - self.alpha) * tf.nn.compute_average_loss(soft)
 
 

@@ -74,7 +74,7 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
     def _loss_and_gradients(self, x, y, sample_weight, variables):
         with tf.GradientTape() as tape:
             tape.watch(variables)  # replica-local weights are not trainable to TensorFlow
-            y_pred = self.inner(x, training=True)
+            y_pred = self._forward(x)
             loss = self.compute_loss(x, y, y_pred, sample_weight)
             scaled = loss / self.micro_batches
             if self.local_updates:
@@ -89,6 +89,10 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         self.compiled_metrics.update_state(y, y_pred, sample_weight)
         return [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
                 for g, v in zip(gradients, variables, strict=True)]
+
+    def _forward(self, x):
+        """The trained model's predictions on ``x`` (a subclass may keep more of them)."""
+        return self.inner(x, training=True)
 
     def _micro_batch_gradients(self, x, y, sample_weight, variables):
         k = self.micro_batches

@@ -30,13 +30,12 @@ def test_the_loss_equals_a_hand_computation(temperature: float) -> None:
     student_logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]])
     teacher_logits = np.array([[3.0, 0.5, 0.2], [0.1, 1.5, 0.3]])
     y, alpha = np.array([0, 2]), 0.3
-    student, teacher = _softmax(student_logits), _softmax(teacher_logits)
-    hard = -np.log(student[np.arange(2), y])
+    hard = -np.log(_softmax(student_logits)[np.arange(2), y])
     t, s = _softmax(teacher_logits / temperature), _softmax(student_logits / temperature)
     kl = np.sum(t * (np.log(t) - np.log(s)), axis=-1)
     expected = np.mean(alpha * hard + (1 - alpha) * temperature ** 2 * kl)
-    got = distillation_loss(y, student.astype(np.float32), teacher.astype(np.float32),
-                            alpha, temperature)
+    got = distillation_loss(y, student_logits.astype(np.float32),
+                            teacher_logits.astype(np.float32), alpha, temperature)
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
@@ -44,6 +43,17 @@ def _run(stages, strategy=None, micro_batches: int = 1, **options):
     return run_stages(stages, hidden=16, epochs=2, strategy=strategy,
                       micro_batches=micro_batches,
                       optimizer=lambda: keras.optimizers.Adam(0.01), **options)
+
+
+def test_logits_are_read_before_the_softmax() -> None:
+    from lmt_tf.compression.distillation import logit_function
+    from lmt_tf.data.sources import load_digits
+
+    model = build_mlp((8, 8), 10)
+    x = load_digits().test.x[:4]
+    logits = logit_function(model)(x).numpy()
+    np.testing.assert_allclose(_softmax(logits), model.predict(x, verbose=0), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_a_student_taught_by_an_earlier_runs_model(gin_file, in_tmp: Path) -> None:
