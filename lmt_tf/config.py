@@ -59,7 +59,7 @@ _KERAS = {
 # Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
 _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tflite": TFLite,
            "distill": Distill, "export": Export}
-_registered: list[str] = ["run_experiment"]
+_registered: list[str] = []  # every registered name, for "did you mean" hints
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -92,8 +92,9 @@ def run_experiment(name: str | None = None,
 
 def register() -> None:
     """Registers lmt_tf's and Keras's configurables with gin (idempotent)."""
-    if len(_registered) > 1:
+    if _registered:
         return
+    _registered.append("run_experiment")  # registered where it is defined, above
     for stage_name, stage in _STAGES.items():
         gin.external_configurable(stage, name=stage_name, module="lmt.stages")
         _registered.extend([stage_name, f"lmt.stages.{stage_name}"])

@@ -134,9 +134,10 @@ def run_experiment(
         for stage in stages:
             stage.run(context)
         if context.report:
+            table = report.as_markdown(context.report)
             session.run.log_text(report.as_json(context.report), "compression/report.json")
-            session.run.log_text(report.as_markdown(context.report), "compression/report.md")
-            echo("lmt: compression report\n" + report.as_markdown(context.report).rstrip())
+            session.run.log_text(table, "compression/report.md")
+            echo("lmt: compression report\n" + table.rstrip())
         session.run.log_text(options.operative_config(),
                              config_path(session.own, "operative_config.gin"))
         if role.is_chief:

@@ -26,6 +26,7 @@ from typing import Any
 from lmt_tf.checks import check, check_types
 from lmt_tf.errors import LmtError
 from lmt_tf.liveness import HEARTBEAT, Heartbeat, owner_tags, sweep_orphans
+from lmt_tf.runtime.launcher import JOB_NETWORK_ENV
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -81,7 +82,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             pass
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        isolated = os.environ.get("LMT_JOB_NETWORK") == "isolated"
+        isolated = os.environ.get(JOB_NETWORK_ENV) == "isolated"
         hint = " from the job's own network namespace (lmt launch --network host)" \
             if isolated else ""
         raise LmtError(f"MLflow tracking server {redact_uri(uri)} is unreachable{hint} "

@@ -11,7 +11,6 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
-from lmt_tf.checks import check
 from lmt_tf.errors import ConfigError
 from lmt_tf.training.model_transforms import ModelTransform
 
@@ -102,18 +101,3 @@ def kernel_sparsity(model: keras.Model, layers: Sequence[str]) -> dict[str, floa
         kernel = model.get_layer(name).kernel.numpy()
         result[name] = float(np.mean(kernel == 0))
     return result
-
-
-def check_fraction(value: float, setting: str) -> None:
-    check(0 <= value < 1, setting, f"must be in [0, 1), got {value}")
-
-
-def gzip_bytes(weights: Sequence[np.ndarray]) -> int:
-    """Bytes of ``weights`` saved as one .npz and gzip-compressed: what pruning's zeros
-    save in storage and transfer (TF-MOT's guide measures its models the same way)."""
-    import gzip
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, *weights)
-    return len(gzip.compress(buffer.getvalue(), compresslevel=9))

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,13 +28,25 @@ class Row:
     latency_ms: float  # mean per example at batch 1
 
 
+def weight_counts(weights: Sequence[np.ndarray]) -> tuple[int, int]:
+    """Parameters and non-zero parameters in ``weights``."""
+    return (int(sum(w.size for w in weights)),
+            int(sum(np.count_nonzero(w) for w in weights)))
+
+
+def weight_bytes(weights: Sequence[np.ndarray]) -> tuple[int, int]:
+    """Bytes of ``weights`` saved as one .npz, raw and gzip-compressed: what zeros and
+    shared values save in storage and transfer (TF-MOT's guides measure the same way)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *weights)
+    raw = buffer.getvalue()
+    return len(raw), len(gzip.compress(raw, compresslevel=9))
+
+
 def keras_row(stage: str, model: keras.Model, test_accuracy: float, x: np.ndarray,
               latency_examples: int = 50) -> Row:
     """The row of a Keras model; latency is timed on ``x`` one example at a time."""
     weights = model.get_weights()
-    buffer = io.BytesIO()
-    np.savez(buffer, *weights)
-    raw = buffer.getvalue()
     predict = model.__call__
     predict(x[:1], training=False)  # the first call traces; not timed
     samples = x[:latency_examples]
@@ -41,16 +54,15 @@ def keras_row(stage: str, model: keras.Model, test_accuracy: float, x: np.ndarra
     for sample in samples:
         predict(sample[None], training=False)
     latency = (time.perf_counter() - start) / len(samples) * 1000
-    return Row(stage, int(sum(w.size for w in weights)),
-               int(sum(np.count_nonzero(w) for w in weights)), len(raw),
-               len(gzip.compress(raw, compresslevel=9)), test_accuracy, latency)
+    return Row(stage, *weight_counts(weights), *weight_bytes(weights), test_accuracy,
+               latency)
 
 
 def tflite_row(stage: str, flat: bytes, test_accuracy: float, latency_ms: float,
-               parameters: int, nonzero: int) -> Row:
-    """The row of a ``.tflite`` file measured in LiteRT."""
-    return Row(stage, parameters, nonzero, len(flat), len(gzip.compress(flat, compresslevel=9)),
-               test_accuracy, latency_ms)
+               weights: Sequence[np.ndarray]) -> Row:
+    """The row of a ``.tflite`` file measured in LiteRT, converted from ``weights``."""
+    return Row(stage, *weight_counts(weights), len(flat),
+               len(gzip.compress(flat, compresslevel=9)), test_accuracy, latency_ms)
 
 
 def as_json(rows: list[Row]) -> str:

@@ -36,6 +36,11 @@ EXIT_USER_ERROR = 2  # a task's configuration or input error: restarting cannot 
 EXIT_INTERRUPTED = 130
 EXIT_TIMEOUT = 124
 NETWORKS = ("isolated", "host")
+# Set in every task's environment: a file where the chief names the MLflow run it made
+# (read back to end that run if the job is stopped, and to resume it by name), and the
+# job's network mode (an unreachable tracking server's error then says why).
+JOB_FILE_ENV = "LMT_JOB_FILE"
+JOB_NETWORK_ENV = "LMT_JOB_NETWORK"
 
 
 @dataclass(frozen=True)
@@ -225,17 +230,18 @@ def launch(job: Job, echo: Callable[[str], None] = print,
         for attempt in range(job.restarts + 1):
             command = [*base, *(["--run-name", run_name] if run_name else []),
                        *(["--resume"] if resume else [])]
-            environment = {"LMT_JOB_FILE": str(report), "LMT_JOB_NETWORK": job.network}
+            environment = {JOB_FILE_ENV: str(report), JOB_NETWORK_ENV: job.network}
             if job.network == "isolated":
                 with JobNamespace() as namespace:
                     status = _attempt(namespace.command(command), job, echo,
                                       echo_error or echo, environment)
             else:
                 status = _attempt(command, job, echo, echo_error or echo, environment)
-            if status != 0:
-                _end_orphaned_run(report, echo)
-            if run_name is None and report.is_file():  # resumed the latest: keep to it
-                run_name = json.loads(report.read_text())["run_name"]
+            made = json.loads(report.read_text()) if report.is_file() else None
+            if status != 0 and made:
+                _end_orphaned_run(made, echo)
+            if run_name is None and made:  # resumed the latest: keep to it
+                run_name = made["run_name"]
             if status in (0, EXIT_INTERRUPTED) or attempt == job.restarts:
                 return status
             if status == EXIT_USER_ERROR:
@@ -248,14 +254,11 @@ def launch(job: Job, echo: Callable[[str], None] = print,
     return status
 
 
-def _end_orphaned_run(report: Path, echo: Callable[[str], None]) -> None:
-    """After a stopped attempt every task is gone; the run its chief reported, if still
-    RUNNING, has lost its owner and is ended KILLED (``liveness.sweep_orphans``)."""
-    if not report.is_file():
-        return
+def _end_orphaned_run(made: dict[str, str], echo: Callable[[str], None]) -> None:
+    """After a stopped attempt every task is gone; the run its chief reported (``made``),
+    if still RUNNING, has lost its owner and is ended KILLED (``liveness.sweep_orphans``)."""
     from lmt_tf.tracking import sweep_store
 
-    made = json.loads(report.read_text())
     with contextlib.suppress(LmtError):
         sweep_store(made["tracking_uri"], f"lmt launch (pid {os.getpid()})", echo)
 

@@ -10,7 +10,6 @@ import tf_keras as keras
 
 from lmt_tf.checks import check
 from lmt_tf.compression.clustering import Clustering, distinct_values
-from lmt_tf.compression.pruning import gzip_bytes
 from lmt_tf.stages.context import RunContext
 from lmt_tf.stages.fine_tune import FineTune
 
@@ -26,6 +25,7 @@ class Cluster(FineTune):
     """
 
     name = "cluster"
+    measures_size = True
 
     def __init__(self, clusters: int = 16, init: str = "kmeans_plus_plus", epochs: int = 1,
                  layers: Sequence[str] = ()):
@@ -34,22 +34,15 @@ class Cluster(FineTune):
               f"must be an integer >= 2, got {clusters!r}")
         self.clusters, self.init, self.layers = clusters, init, tuple(layers)
         Clustering(clusters, init, layers)  # checks ``init`` now, before any training
-        self._dense_bytes = 0
 
     def describe(self) -> str:
         return f"cluster ({self.clusters} centroids, {self.init}, {self.epochs} epoch(s))"
 
     def transform(self, context: RunContext) -> Clustering:
-        self._dense_bytes = gzip_bytes(context.model.get_weights())
         return Clustering(self.clusters, self.init, self.layers)
 
     def report(self, context: RunContext, transform: Any, trained: keras.Model,
                log: Any) -> str:
         values = distinct_values(context.model, transform.clustered)
-        clustered_bytes = gzip_bytes(context.model.get_weights())
-        log({**{f"distinct_values/{n}": v for n, v in values.items()},
-             "dense_weights_gzip_bytes": self._dense_bytes,
-             "weights_gzip_bytes": clustered_bytes,
-             "gzip_ratio": self._dense_bytes / clustered_bytes}, self.epochs)
-        return (f"at most {max(values.values())} distinct values per kernel; weights "
-                f"{self._dense_bytes / 1e6:.2f} -> {clustered_bytes / 1e6:.2f} MB gzipped")
+        log({f"distinct_values/{n}": v for n, v in values.items()}, self.epochs)
+        return f"at most {max(values.values())} distinct values per kernel"

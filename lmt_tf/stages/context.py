@@ -140,16 +140,19 @@ class Stage:
         return f"{type(self).__name__}()"
 
 
-def model_ready(split: Any) -> tuple[Any, Any]:
-    """Model-ready inputs (as the input pipeline makes them) and labels of a split."""
+def model_ready(split: Any, limit: int | None = None) -> tuple[Any, Any]:
+    """Model-ready inputs (as the input pipeline makes them) and labels of a split, or of
+    its first ``limit`` examples."""
     import numpy as np
 
     xs, ys = [], []
-    batches = split.eval_dataset(1024)
-    for _, (x, y) in zip(range(-(-len(split) // 1024)), batches, strict=False):
+    count = len(split) if limit is None else min(limit, len(split))
+    batch = min(1024, max(count, 1))
+    batches = split.eval_dataset(batch)
+    for _, (x, y) in zip(range(-(-count // batch)), batches, strict=False):
         xs.append(x.numpy())
         ys.append(y.numpy())
-    return np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs)[:count], np.concatenate(ys)[:count]
 
 
 def prefixed(metrics: Mapping[str, Any], stage: str) -> dict[str, Any]:

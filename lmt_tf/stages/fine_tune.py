@@ -11,18 +11,13 @@ from typing import Any
 import tf_keras as keras
 
 from lmt_tf.checks import check
+from lmt_tf.compression.report import weight_bytes
 from lmt_tf.rundir import RunDir
 from lmt_tf.stages.context import RunContext, Stage, prefixed
 from lmt_tf.training import model_transforms
-from lmt_tf.training.callbacks import (
-    DivergenceGuard,
-    EpochCheckpoint,
-    EpochMetrics,
-    StepDivergenceGuard,
-)
+from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, divergence_guard
 from lmt_tf.training.model_transforms import ModelTransform
 from lmt_tf.training.preemption import StartAt
-from lmt_tf.training.preemption import supported as per_step_supported
 from lmt_tf.training.trainer import TrainConfig, Trainer
 
 
@@ -31,6 +26,9 @@ class FineTune(Stage):
     stage's name (``prune/test_accuracy``), checkpoints under ``stages/<name>/``."""
 
     epochs = 1
+    # Log the gzipped weights before and after (``weights_gzip_bytes``, ...): for stages
+    # whose zeros or shared values make the model smaller.
+    measures_size = False
 
     def __init__(self, epochs: int):
         check(isinstance(epochs, int) and epochs >= 1, f"{self.name}.epochs",
@@ -55,6 +53,8 @@ class FineTune(Stage):
         source = RunDir((context.run_dir or context.own).path / "stages" / self.name)
         trainer = Trainer(fine_tuning(context.configs.train, self.epochs, plan.steps_per_epoch),
                           context.strategy, context.configs.input)
+        # Before the transform: pruning and clustering change these very layers in place.
+        before = weight_bytes(context.model.get_weights())[1] if self.measures_size else 0
         transform = self.transform(context)
         trained = trainer.build_model(self.model_fn(context), context.splits, [transform])
         start = (trainer.restore(trained, source.checkpoints, plan.steps_per_epoch)
@@ -67,8 +67,7 @@ class FineTune(Stage):
         def log(metrics: dict, step: int) -> None:
             run.log_metrics(prefixed(metrics, self.name), step)
 
-        guard = (StepDivergenceGuard if per_step_supported(context.strategy)
-                 else DivergenceGuard)(plan.steps_per_epoch)
+        guard = divergence_guard(context.strategy, plan.steps_per_epoch)
         own = context.stage_dir(self.name)
         callbacks = [guard, EpochMetrics(log),
                      EpochCheckpoint(trainer.checkpoint_manager(trained, own.checkpoints))]
@@ -80,6 +79,12 @@ class FineTune(Stage):
         context.test_metrics = test  # of the current model, as RunResult reports them
         context.add_row(self.name, context.model, test)
         achieved = self.report(context, transform, trained, log)
+        if self.measures_size:
+            after = weight_bytes(context.model.get_weights())[1]
+            log({"dense_weights_gzip_bytes": before, "weights_gzip_bytes": after,
+                 "gzip_ratio": before / after}, self.epochs)
+            achieved += (f"; weights {before / 1e6:.2f} -> {after / 1e6:.2f} MB gzipped "
+                         f"({before / after:.1f}x)")
         context.echo(f"lmt: {self.name}: test "
                      + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
                      + (f"; {achieved}" if achieved else ""))

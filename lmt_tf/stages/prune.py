@@ -13,13 +13,12 @@ from lmt_tf.compression.pruning import (
     SCHEDULES,
     Pruning,
     PruningSchedule,
-    gzip_bytes,
     kernel_sparsity,
 )
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext
 from lmt_tf.stages.fine_tune import FineTune
-from lmt_tf.training.preemption import supported as per_step_supported
+from lmt_tf.training.callbacks import batch_hooks_allowed
 
 
 class Prune(FineTune):
@@ -38,6 +37,7 @@ class Prune(FineTune):
     """
 
     name = "prune"
+    measures_size = True
 
     def __init__(self, final_sparsity: float = 0.8, epochs: int = 2,
                  schedule: str = "polynomial", initial_sparsity: float = 0.0,
@@ -58,7 +58,6 @@ class Prune(FineTune):
         self.initial_sparsity, self.frequency = initial_sparsity, frequency
         self.layers = tuple(layers)
         self.m_by_n = tuple(m_by_n) if m_by_n else None
-        self._dense_bytes = 0
 
     def describe(self) -> str:
         target = (f"{self.m_by_n[0]}:{self.m_by_n[1]}" if self.m_by_n
@@ -66,14 +65,12 @@ class Prune(FineTune):
         return f"prune (to {target} over {self.epochs} epoch(s))"
 
     def check(self, context: RunContext) -> None:
-        if not per_step_supported(context.strategy):
+        if not batch_hooks_allowed(context.strategy):
             raise ConfigError("prune cannot run under ParameterServerStrategy: TF-MOT's "
                               "UpdatePruningStep is a batch-level callback, which Keras "
                               "does not allow there (use multi-worker mirrored)")
 
     def transform(self, context: RunContext) -> Pruning:
-        # Measured before: pruning zeroes the kernels of these very layers in place.
-        self._dense_bytes = gzip_bytes(context.model.get_weights())
         steps = self.epochs * context.plan.steps_per_epoch
         return Pruning(PruningSchedule(self.final_sparsity, steps, self.schedule,
                                        self.initial_sparsity, self.frequency),
@@ -86,11 +83,6 @@ class Prune(FineTune):
         sizes = {name: stripped.get_layer(name).kernel.shape.num_elements()
                  for name in transform.pruned}
         overall = sum(sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
-        pruned_bytes = gzip_bytes(stripped.get_weights())
-        log({"sparsity": overall, **{f"sparsity/{n}": v for n, v in sparsity.items()},
-             "dense_weights_gzip_bytes": self._dense_bytes,
-             "weights_gzip_bytes": pruned_bytes,
-             "gzip_ratio": self._dense_bytes / pruned_bytes}, self.epochs)
-        return (f"sparsity {overall:.1%} of {', '.join(transform.pruned)}; weights "
-                f"{self._dense_bytes / 1e6:.2f} -> {pruned_bytes / 1e6:.2f} MB gzipped "
-                f"({self._dense_bytes / pruned_bytes:.1f}x)")
+        log({"sparsity": overall, **{f"sparsity/{n}": v for n, v in sparsity.items()}},
+            self.epochs)
+        return f"sparsity {overall:.1%} of {', '.join(transform.pruned)}"

@@ -7,8 +7,6 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from lmt_tf.checks import check
 from lmt_tf.compression.quantization import QuantizationAware
 from lmt_tf.compression.report import tflite_row
@@ -79,10 +77,8 @@ class TFLite(Stage):
                 return
             model = load_saved_model(saved)
         x, y = context.test_arrays()
-        representative = model_ready(context.splits.train)[0][:self.representative_examples]
+        representative = model_ready(context.splits.train, self.representative_examples)[0]
         weights = model.get_weights()
-        parameters = sum(w.size for w in weights)
-        nonzero = sum(int(np.count_nonzero(w)) for w in weights)
         for mode in self.modes:
             flat = convert(model, mode, representative)
             path = own.path / f"model_{mode}.tflite"
@@ -92,9 +88,8 @@ class TFLite(Stage):
                                               "latency_ms": result.latency_ms,
                                               "bytes": result.bytes}, f"{self.name}/{mode}"),
                                     step=0)
-            if context.compressing:
-                context.report.append(tflite_row(f"tflite:{mode}", flat, result.accuracy,
-                                                 result.latency_ms, parameters, nonzero))
+            context.report.append(tflite_row(f"tflite:{mode}", flat, result.accuracy,
+                                             result.latency_ms, weights))
             context.echo(f"lmt: tflite {mode}: test accuracy {result.accuracy:.4f} (LiteRT), "
                          f"{result.bytes / 1e6:.2f} MB, {result.latency_ms:.3f} ms per example")
         if context.run.logs:

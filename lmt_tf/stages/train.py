@@ -10,16 +10,15 @@ import tf_keras as keras
 
 from lmt_tf.stages.context import RunContext, Stage
 from lmt_tf.training.callbacks import (
-    DivergenceGuard,
     EpochCheckpoint,
     EpochMetrics,
-    StepDivergenceGuard,
     StepMetrics,
     Throughput,
     TrainingDiverged,
+    batch_hooks_allowed,
+    divergence_guard,
 )
 from lmt_tf.training.preemption import PREEMPTED_DIR, PreemptionCheckpoint, StartAt
-from lmt_tf.training.preemption import supported as preemption_supported
 from lmt_tf.training.trainer import latest_checkpoint
 
 
@@ -52,9 +51,8 @@ class Train(Stage):
             own.update_state(preempted_at_step=step)
             own.mark_latest()
 
-        per_step = preemption_supported(context.strategy)  # batch-level callbacks allowed
-        guard = (StepDivergenceGuard if per_step else DivergenceGuard)(plan.steps_per_epoch)
         chief = context.role.is_chief
+        guard = divergence_guard(context.strategy, plan.steps_per_epoch)
         callbacks = [guard,  # before the checkpoint: a diverged epoch is never saved
                      Throughput(run.log_metrics, plan.examples_per_epoch),
                      EpochMetrics(run.log_metrics),
@@ -64,7 +62,7 @@ class Train(Stage):
         if every:
             callbacks.append(StepMetrics(run.log_metrics, every, plan.steps_per_epoch))
         preemption: Any = contextlib.nullcontext()
-        if per_step:
+        if batch_hooks_allowed(context.strategy):  # the handler runs at each step's end
             preemption = PreemptionCheckpoint(
                 context.strategy,
                 trainer.checkpoint_manager(model, own.checkpoints / PREEMPTED_DIR, 1),

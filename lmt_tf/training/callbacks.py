@@ -83,6 +83,20 @@ class StepMetrics(keras.callbacks.Callback):
         self._buffer.clear()
 
 
+def batch_hooks_allowed(strategy: tf.distribute.Strategy) -> bool:
+    """Whether Keras runs batch-level callbacks under ``strategy``: everywhere but under
+    parameter servers, where ``fit`` refuses them."""
+    return not isinstance(strategy, tf.distribute.ParameterServerStrategy)
+
+
+def divergence_guard(strategy: tf.distribute.Strategy,
+                     steps_per_epoch: int) -> DivergenceGuard:
+    """The guard for ``strategy``: per step where batch-level callbacks run, else per
+    epoch."""
+    guard = StepDivergenceGuard if batch_hooks_allowed(strategy) else DivergenceGuard
+    return guard(steps_per_epoch)
+
+
 class TrainingDiverged(LmtError):
     """The training loss became NaN or infinite."""
 

@@ -7,7 +7,8 @@ agreement: the worker that is signalled picks the next step, the others acknowle
 through the coordination service, and all save there. lmt gives it its own save (a
 checkpoint numbered by global step in ``checkpoints/preempted/``) and exit (raising
 ``Preempted``). Parameter-server training is not covered (the handler does not support
-it): there SIGTERM stops the coordinator at once and the last per-epoch checkpoint is
+it, and Keras allows no batch-level callbacks there: ``callbacks.batch_hooks_allowed``):
+there SIGTERM stops the coordinator at once and the last per-epoch checkpoint is
 where a resume starts.
 """
 
@@ -57,12 +58,6 @@ class StartAt:
         """What Keras' ``fit`` asks ``model._training_state`` for the first (epoch, step);
         Keras' own BackupAndRestore answers the same question this way."""
         return self.epoch, self.step
-
-
-def supported(strategy: tf.distribute.Strategy) -> bool:
-    """Whether SIGTERM saves a checkpoint under ``strategy``: all but parameter servers,
-    where Keras allows no batch-level callbacks and TensorFlow's handler does not run."""
-    return not isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
 
 @contextlib.contextmanager

@@ -292,8 +292,12 @@ class Trainer:
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> Any:
     """The learning-rate variable of ``optimizer`` (through a loss-scaling wrapper), or
     its schedule."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return getattr(inner, "_learning_rate", None)
+    return getattr(_inner(optimizer), "_learning_rate", None)
+
+
+def _inner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer itself, under a loss-scaling wrapper (mixed_float16) if any."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 def _check_metric(name: Any) -> None:
@@ -325,6 +329,6 @@ def _compile_update(optimizer: keras.optimizers.Optimizer, jit_compile: bool) ->
     keep their fused kernels."""
     from tf_keras.src.utils.tf_utils import can_jit_compile
 
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner = _inner(optimizer)
     if hasattr(inner, "jit_compile"):
         inner.jit_compile = jit_compile and can_jit_compile()
