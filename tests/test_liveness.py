@@ -95,3 +95,24 @@ def test_a_sigkilled_run_is_marked_killed_by_the_next_lmt_command(in_tmp: Path) 
     killed = statuses.pop(run.info.run_id)
     assert killed.info.status == "KILLED" and "no longer exists" in killed.data.tags[ENDED_BY]
     assert [r.info.status for r in statuses.values()] == ["FINISHED"]
+
+
+def test_the_heartbeat_beats_until_stopped_and_survives_a_failed_write() -> None:
+    from lmt_tf.liveness import Heartbeat
+
+    beats: list[str] = []
+
+    def beat(now: str) -> None:
+        beats.append(now)
+        if len(beats) == 1:
+            raise OSError("store briefly locked")  # the next beat tries again
+
+    heartbeat = Heartbeat(beat, interval=0.02).start()
+    deadline = time.monotonic() + 5
+    while len(beats) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    heartbeat.stop()
+    assert len(beats) >= 3 and all(float(b) > 0 for b in beats)
+    stopped_at = len(beats)
+    time.sleep(0.1)
+    assert len(beats) == stopped_at  # no beat after stop
