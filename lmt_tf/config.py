@@ -24,12 +24,15 @@ from lmt_tf import experiment
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.errors import ConfigError
+from lmt_tf.federated import algorithm as federated
+from lmt_tf.federated.partition import PartitionConfig
 from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Configs, Export, RunOptions, Train
 from lmt_tf.stages.cluster import Cluster
 from lmt_tf.stages.distill import Distill
+from lmt_tf.stages.federate import Federate
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking import TrackingConfig
@@ -43,6 +46,8 @@ _PROJECT = {
                  tfrecord.load_tfrecords],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
+    "lmt.federated": [federated.FederatedConfig, PartitionConfig, federated.FedAvg,
+                      federated.FedAvgM, federated.FedAdam],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
@@ -58,7 +63,7 @@ _KERAS = {
 }
 # Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
 _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tflite": TFLite,
-           "distill": Distill, "export": Export}
+           "distill": Distill, "federate": Federate, "export": Export}
 _registered: list[str] = []  # every registered name, for "did you mean" hints
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.

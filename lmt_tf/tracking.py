@@ -270,6 +270,9 @@ class TrackedRun:
     def log_artifacts(self, directory: Path, artifact_path: str) -> None:
         self._mlflow.log_artifacts(str(directory), artifact_path)
 
+    def log_artifact(self, file: Path, artifact_path: str) -> None:
+        self._mlflow.log_artifact(str(file), artifact_path)
+
     def log_keras_model(self, model: Any, example: Any) -> str:
         """Logs ``model`` as an MLflow TensorFlow model (tf-keras flavour) with a signature
         inferred from ``example``; returns its ``models:/`` URI."""
@@ -411,6 +414,9 @@ class NullRun:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_artifact(self, file: Path, artifact_path: str) -> None:
         pass
 
     @contextlib.contextmanager

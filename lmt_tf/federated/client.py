@@ -1,0 +1,122 @@
+"""A client's local training: one compiled model that every client of every round
+reuses. Weights are assigned, never rebuilt, and the local loop is one ``tf.function``
+traced once (its inputs have unknown example counts), so a round costs its steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from lmt_tf.checks import configured_call
+from lmt_tf.data.pipeline import label_array, to_model_input
+from lmt_tf.data.splits import Split
+from lmt_tf.federated.algorithm import ClientResult, FederatedConfig, Weights, local_batches
+from lmt_tf.optim.train_step import MicroBatchTrainStep
+
+
+class ProximalStep(MicroBatchTrainStep):
+    """A train step whose objective adds FedProx's proximal term
+    mu/2 * ||w - w_global||^2 (Li et al., 2020) to the compiled loss, through the loss
+    seam distillation uses (``compute_loss``). ``anchor`` holds w_global."""
+
+    def __init__(self, inner: keras.Model, mu: float, **kwargs: Any):
+        super().__init__(inner, **kwargs)
+        self.mu = mu
+        self.anchor = [tf.Variable(v, trainable=False, name=f"anchor_{i}")
+                       for i, v in enumerate(inner.trainable_variables)]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        loss = super().compute_loss(x, y, y_pred, sample_weight)
+        if not self.mu or self._evaluating:  # evaluation reports the plain loss
+            return loss
+        distance = tf.add_n([tf.reduce_sum(tf.square(v - a)) for v, a in
+                             zip(self.inner.trainable_variables, self.anchor, strict=True)])
+        return loss + 0.5 * self.mu * distance
+
+
+class ClientModel:
+    """Local training of any client on one compiled model.
+
+    Args:
+      model_fn: builds the experiment's model (``input_shape``, ``num_classes``).
+      input_shape, num_classes, feature_dtype: of the data (as stored: uint8 images
+        are scaled to [0, 1] in the loop, as the input pipeline does).
+      config: the federated settings (learning rate, mu, E, B).
+      loss, metrics: the experiment's (TrainConfig's) loss and metrics.
+    """
+
+    def __init__(self, model_fn: Callable[..., keras.Model], input_shape: Sequence[int],
+                 num_classes: int, config: FederatedConfig,
+                 loss: str = "sparse_categorical_crossentropy",
+                 metrics: Sequence[str] = ("accuracy",), feature_dtype: Any = np.float32):
+        self.config = config
+        inner = configured_call(model_fn, "run_experiment.model", input_shape=tuple(input_shape),
+                                num_classes=num_classes)
+        self.step = ProximalStep(inner, config.prox_mu)
+        # Plain SGD, as in McMahan et al.: stateless, so no state leaks between clients.
+        optimizer = keras.optimizers.SGD(config.client_learning_rate, jit_compile=False)
+        self.step.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+        # The optimizer's and metrics' variables exist before the loop is traced (else
+        # tf.function traces a second time, after the first one created them).
+        optimizer.build(inner.trainable_variables)
+        example = tf.zeros([1, *input_shape], tf.as_dtype(feature_dtype))
+        prediction = inner(to_model_input(example))
+        self.step.compiled_metrics.build(prediction, tf.zeros([1], tf.int64))
+        self.model = inner
+        self.weights = inner.weights
+        self.traces = 0  # how many times the local loop was traced (1 in a healthy run)
+        shapes = [tf.TensorSpec(w.shape, w.dtype) for w in self.weights]
+        self._train = tf.function(self._local_training, input_signature=[
+            tf.TensorSpec([None, *input_shape], tf.as_dtype(feature_dtype)),
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([None, 2], tf.int32), shapes])
+        self.feature_dtype = np.dtype(feature_dtype)
+
+    def get_weights(self) -> Weights:
+        return [w.numpy() for w in self.weights]
+
+    def set_weights(self, weights: Weights) -> None:
+        for variable, value in zip(self.weights, weights, strict=True):
+            variable.assign(value)
+
+    def fit(self, weights: Weights, split: Split, seed: int, round_: int,
+            client: int) -> ClientResult:
+        """Trains a copy of ``weights`` on ``split`` (this client's examples) for the
+        round, as ``local_batches`` orders them; returns the new weights."""
+        order, bounds = local_batches(self.config, len(split), seed, round_, client)
+        x = np.asarray(split.x, self.feature_dtype)
+        new, loss = self._train(x, label_array(split.y).astype(np.int64), order, bounds,
+                                [tf.convert_to_tensor(w) for w in weights])
+        return ClientResult(client, [w.numpy() for w in new], len(split), float(loss))
+
+    def _local_training(self, x, y, order, bounds, weights):
+        self.traces += 1  # Python runs only while tracing
+        for variable, value in zip(self.weights, weights, strict=True):
+            variable.assign(value)
+        for anchor, variable in zip(self.step.anchor, self.model.trainable_variables,
+                                    strict=True):
+            anchor.assign(variable)
+        for variable in self.step.optimizer.variables:  # iterations: a fresh local run
+            variable.assign(tf.zeros_like(variable))
+        for metric in self.step.metrics:
+            metric.reset_state()
+        loss = tf.constant(0.0)  # the loss tracker's mean over this client's steps
+        for b in tf.range(tf.shape(bounds)[0]):
+            ids = order[bounds[b, 0]:bounds[b, 1]]
+            features = to_model_input(tf.gather(x, ids))
+            loss = self.step.train_step((features, tf.gather(y, ids)))["loss"]
+        return [tf.identity(v) for v in self.weights], loss
+
+    def evaluate(self, weights: Weights, split: Split, batch_size: int = 1000
+                 ) -> dict[str, float]:
+        """The metrics of ``weights`` on ``split`` (the compiled loss and metrics)."""
+        from lmt_tf.data.pipeline import eval_steps
+
+        self.set_weights(weights)
+        return self.step.evaluate(split.eval_dataset(batch_size),
+                                  steps=eval_steps(split, batch_size), verbose=0,
+                                  return_dict=True)

@@ -1,0 +1,175 @@
+"""Federated rounds in one process: the ``Federation`` (clients' data and the server's
+arithmetic, shared with a Flower deployment), per-round checkpoints, and the round loop
+of the simulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lmt_tf.data.splits import Split
+from lmt_tf.federated.algorithm import (
+    ClientResult,
+    FederatedConfig,
+    Weights,
+    aggregate,
+    privacy_spent,
+    sample_clients,
+    weight_bytes,
+)
+from lmt_tf.federated.client import ClientModel
+from lmt_tf.federated.partition import Partition
+
+
+@dataclass
+class RoundState:
+    """The server after ``round`` rounds: what a checkpoint holds and a resume needs."""
+
+    round: int
+    weights: Weights
+    server_state: Weights = field(default_factory=list)
+    reached_target: int | None = None  # the first round whose accuracy met the target
+    bytes_up: int = 0  # sent by clients in all rounds so far
+    bytes_down: int = 0  # sent to clients in all rounds so far
+
+    def save(self, directory: Path, keep: int = 2) -> Path:
+        """Writes ``round-NNNNNN.npz`` atomically and keeps the newest ``keep``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"round-{self.round:06d}.npz"
+        arrays = {f"w{i}": w for i, w in enumerate(self.weights)}
+        arrays.update({f"s{i}": s for i, s in enumerate(self.server_state)})
+        meta = {"round": self.round, "weights": len(self.weights),
+                "server_state": len(self.server_state), "reached_target": self.reached_target,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(partial, path)
+        for old in sorted(directory.glob("round-*[0-9].npz"))[:-keep]:
+            old.unlink()
+        return path
+
+    @classmethod
+    def latest(cls, directory: Path) -> RoundState | None:
+        """The newest checkpoint in ``directory``, or None."""
+        found = sorted(directory.glob("round-*[0-9].npz")) if directory.is_dir() else []
+        if not found:
+            return None
+        with np.load(found[-1]) as saved:
+            meta = json.loads(str(saved["meta"]))
+            return cls(meta["round"], [saved[f"w{i}"] for i in range(meta["weights"])],
+                       [saved[f"s{i}"] for i in range(meta["server_state"])],
+                       meta["reached_target"], meta["bytes_up"], meta["bytes_down"])
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, as it is logged."""
+
+    round: int
+    clients: list[int]
+    examples: int
+    train_loss: float
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    test: dict[str, float] = field(default_factory=dict)  # empty: not evaluated this round
+    epsilon: float | None = None
+    facts: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self, state: RoundState) -> dict[str, float]:
+        """The round's metrics, with the run's totals so far from ``state``."""
+        out = {"bytes_up_total": state.bytes_up, "bytes_down_total": state.bytes_down,
+               "clients": len(self.clients), "examples": self.examples,
+               "train_loss": self.train_loss, "bytes_up": self.bytes_up,
+               "bytes_down": self.bytes_down, "round_seconds": self.seconds, **self.facts}
+        out.update({f"test_{k}": v for k, v in self.test.items()})
+        if self.epsilon is not None:
+            out["epsilon"] = self.epsilon
+        return out
+
+
+class Federation:
+    """The clients' data and the server's side of the algorithm for one run.
+
+    Args:
+      config: the algorithm's settings.
+      partition: which training examples each client holds.
+      train: the training split the partition indexes.
+      seed: the run's seed (client sampling, local order, DP noise).
+    """
+
+    def __init__(self, config: FederatedConfig, partition: Partition, train: Split, seed: int):
+        self.config, self.partition, self.train, self.seed = config, partition, train, seed
+
+    @property
+    def clients(self) -> int:
+        return len(self.partition)
+
+    def client_split(self, client: int) -> Split:
+        ids = self.partition.clients[client]
+        return Split(self.train.x[ids], self.train.y[ids])
+
+    def sample(self, round_: int) -> np.ndarray:
+        return sample_clients(self.config, self.clients, self.seed, round_)
+
+    def initial_state(self, weights: Weights) -> RoundState:
+        return RoundState(0, [np.array(w) for w in weights],
+                          self.config.server_optimizer.initial_state(weights))
+
+    def server_update(self, state: RoundState, results: Sequence[ClientResult], round_: int
+                      ) -> tuple[RoundState, dict[str, float]]:
+        """The global model after round ``round_`` and facts of its aggregation."""
+        delta, facts = aggregate(self.config, state.weights, results, self.clients,
+                                 self.seed, round_)
+        weights, server = self.config.server_optimizer.apply(state.weights, delta,
+                                                             state.server_state)
+        size = weight_bytes(weights) * len(results)
+        return RoundState(round_, weights, server, state.reached_target,
+                          state.bytes_up + size, state.bytes_down + size), facts
+
+    def record(self, round_: int, results: Sequence[ClientResult], weights: Weights,
+               seconds: float, facts: dict[str, float]) -> RoundRecord:
+        """The round's record without its evaluation."""
+        examples = sum(r.examples for r in results)
+        loss = (sum(r.loss * r.examples for r in results) / examples) if examples else 0.0
+        size = weight_bytes(weights)
+        epsilon = (privacy_spent(self.config, self.clients, round_)
+                   if self.config.private and self.config.dp_noise_multiplier else None)
+        return RoundRecord(round_, [r.client for r in results], examples, loss,
+                           size * len(results), size * len(results), seconds,
+                           epsilon=epsilon, facts=facts)
+
+    def evaluates(self, round_: int) -> bool:
+        return round_ % self.config.eval_every == 0 or round_ == self.config.rounds
+
+    def reached(self, record: RoundRecord) -> bool:
+        target = self.config.target_accuracy
+        return target is not None and record.test.get("accuracy", 0.0) >= target
+
+
+def simulate(federation: Federation, client: ClientModel, state: RoundState, test: Split,
+             on_round: Callable[[RoundRecord, RoundState], None]) -> RoundState:
+    """Runs rounds ``state.round + 1 ...`` until ``config.rounds`` or the target accuracy,
+    every client on ``client``'s one model; ``on_round`` logs and checkpoints each."""
+    config = federation.config
+    for round_ in range(state.round + 1, config.rounds + 1):
+        if state.reached_target is not None:
+            break
+        started = time.perf_counter()
+        results = [client.fit(state.weights, federation.client_split(k), federation.seed,
+                              round_, int(k)) for k in federation.sample(round_)]
+        state, facts = federation.server_update(state, results, round_)
+        record = federation.record(round_, results, state.weights,
+                                   time.perf_counter() - started, facts)
+        if federation.evaluates(round_):
+            record.test = client.evaluate(state.weights, test)
+            if federation.reached(record):
+                state.reached_target = round_
+        on_round(record, state)
+    return state

@@ -1,0 +1,120 @@
+"""The ``federate`` stage: federated training of the current model, simulated in this
+process (every client on one compiled model), each round logged to the run and
+checkpointed, so a killed run resumes at its last round."""
+
+from __future__ import annotations
+
+import json
+
+from lmt_tf.checks import check
+from lmt_tf.data.splits import Split
+from lmt_tf.errors import ConfigError
+from lmt_tf.federated.algorithm import FederatedConfig, dp_delta
+from lmt_tf.federated.client import ClientModel
+from lmt_tf.federated.partition import PartitionConfig, partition, write_artifacts
+from lmt_tf.federated.simulation import Federation, RoundRecord, RoundState, simulate
+from lmt_tf.rundir import RunDir
+from lmt_tf.stages.context import RunContext, Stage, prefixed
+
+
+class Federate(Stage):
+    """Federated training (FedSGD, FedAvg, FedProx, FedAvgM, FedAdam, DP-FedAvg) from the
+    current model's weights, on the experiment's model builder, loss and data.
+
+    Args:
+      config: the algorithm (``@FederatedConfig()``; its fields are gin bindings).
+      partition: how the training split is divided among clients (``@PartitionConfig()``).
+    """
+
+    name = "federate"
+
+    def __init__(self, config: FederatedConfig | None = None,
+                 partition: PartitionConfig | None = None):
+        self.config = config or FederatedConfig()
+        self.partition = partition or PartitionConfig()
+        check(isinstance(self.config, FederatedConfig), "federate.config",
+              f"must be @FederatedConfig(), got {self.config!r}")
+        check(isinstance(self.partition, PartitionConfig), "federate.partition",
+              f"must be @PartitionConfig(), got {self.partition!r}")
+
+    def describe(self) -> str:
+        return (f"federate ({self.config.describe(self.partition.clients)}; "
+                f"{self.partition.scheme} partition)")
+
+    def check(self, context: RunContext) -> None:
+        if context.info.replicas != 1 or not context.role.is_chief:
+            raise ConfigError(f"the federate stage simulates clients in one process; run it "
+                              f"under the default strategy, not {context.info.name} with "
+                              f"{context.info.replicas} replica(s)")
+        if not isinstance(context.splits.train, Split):
+            raise ConfigError("the federate stage partitions examples in memory; its data "
+                              "source must load arrays (not TFRecord files)")
+        check(self.partition.clients <= len(context.splits.train), "PartitionConfig.clients",
+              f"{self.partition.clients} clients need at least as many training examples, "
+              f"got {len(context.splits.train)}")
+
+    def run(self, context: RunContext) -> None:
+        config, run, seed, splits = self.config, context.run, context.seed, context.splits
+        own = context.stage_dir(self.name)
+        source = RunDir((context.run_dir or context.own).path / "stages" / self.name)
+        parts = partition(splits.train.y, self.partition, seed)
+        federation = Federation(config, parts, splits.train, seed)
+        client = ClientModel(context.model_fn, splits.input_shape, splits.num_classes, config,
+                             context.configs.train.loss, context.configs.train.metrics,
+                             feature_dtype=splits.train.x.dtype)
+        saved = RoundState.latest(source.checkpoints) if context.options.resume else None
+        if context.done(self.name) and saved is not None:
+            context.model.set_weights(saved.weights)
+            context.echo(f"lmt: federate: done in an earlier attempt; restored round "
+                         f"{saved.round}")
+            return
+        if saved is None:
+            summary = parts.summary(splits.train.y, splits.num_classes, self.partition, seed)
+            for path in write_artifacts(summary, splits.num_classes, own.path):
+                run.log_artifact(path, self.name)
+            run.log_params({f"{self.name}.delta": dp_delta(config, len(parts))}
+                           if config.private else {})
+            state = federation.initial_state(context.model.get_weights())
+        else:
+            state = saved
+            context.echo(f"lmt: federate: resuming at round {state.round + 1}")
+        context.echo(f"lmt: {self.describe()}; client sizes "
+                     f"{int(parts.sizes().min())}..{int(parts.sizes().max())}")
+        log_file = own.path / "rounds.jsonl"
+
+        def on_round(record: RoundRecord, new: RoundState) -> None:
+            # The checkpoint first: a run killed in between logs no round twice.
+            new.save(own.checkpoints)
+            context.own.update_state(federate_round=record.round)
+            context.own.mark_latest()  # a run with a checkpoint is one --resume continues
+            run.log_metrics(prefixed(record.metrics(new), self.name), record.round)
+            with log_file.open("a") as out:
+                out.write(json.dumps({"round": record.round, "clients": record.clients,
+                                      **record.metrics(new)}) + "\n")
+            context.echo(_progress(record, config.rounds))
+
+        state = simulate(federation, client, state, splits.test, on_round)
+        context.model.set_weights(state.weights)
+        test = client.evaluate(state.weights, splits.test)  # logged with its round
+        if state.reached_target is not None:
+            run.log_metrics({f"{self.name}/rounds_to_target": state.reached_target},
+                            state.round)
+        run.log_artifact(log_file, self.name)
+        run.set_tags({"lmt.federate.traces": client.traces})
+        context.test_metrics = test
+        context.add_row(self.name, context.model, test)
+        reached = (f"; target {config.target_accuracy} reached in round {state.reached_target}"
+                   if state.reached_target is not None else "")
+        context.echo(f"lmt: federate: {state.round} rounds, test "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + reached)
+        context.mark_done(self.name)
+
+
+def _progress(record: RoundRecord, rounds: int) -> str:
+    text = (f"lmt: round {record.round}/{rounds}: {len(record.clients)} clients, "
+            f"train loss {record.train_loss:.4f}")
+    if record.test:
+        text += ", test " + ", ".join(f"{k} {v:.4f}" for k, v in record.test.items())
+    if record.epsilon is not None:
+        text += f", epsilon {record.epsilon:.3g}"
+    return text + f" ({record.seconds:.1f} s)"
