@@ -68,6 +68,28 @@ def _parser() -> argparse.ArgumentParser:
                                           "(TF_CONFIG set) the task's role comes from it.")
     run.add_argument("--dry-run", action="store_true",
                      help="print the resolved config, strategy, data and model; train nothing")
+    run.add_argument("--flower-server", default=None, metavar="HOST:PORT",
+                     help="run the federate stage as a Flower server listening on HOST:PORT, "
+                          "for clients started with `lmt flower-client`")
+    federate = commands.add_parser(
+        "federate", parents=[run_options],
+        help="run a federated experiment as a Flower server and client processes",
+        description="Start a Flower server (`lmt run --flower-server`, which logs the MLflow "
+                    "run) and N client processes (`lmt flower-client`) on 127.0.0.1; each "
+                    "client loads only its own part of the data.")
+    federate.add_argument("--clients", type=int, required=True,
+                          help="client processes (sets PartitionConfig.clients)")
+    federate.add_argument("--timeout", type=float, default=0,
+                          help="seconds before the job is stopped (default: none)")
+    client = commands.add_parser(
+        "flower-client", parents=[gin_options], help="serve one client of a Flower federation",
+        description="Train client K's part of the experiment's data whenever the Flower "
+                    "server at --server asks; exits when the server ends the federation.")
+    client.add_argument("gin_file", help="the server's experiment file")
+    client.add_argument("--server", required=True, metavar="HOST:PORT",
+                        help="the Flower server's address")
+    client.add_argument("--client", type=int, required=True, metavar="K",
+                        help="which client this is, 0 <= K < PartitionConfig.clients")
 
     launch = commands.add_parser(
         "launch", parents=[run_options], help="run an experiment on a local multi-process cluster",
@@ -115,13 +137,55 @@ def _run(args: argparse.Namespace) -> int:
     config.parse(files, args.bindings)
     if args.allow_changes and not args.resume:
         raise LmtError("--allow-changes only applies to --resume")
+    from lmt_tf.stages.context import FlowerRole
+
+    flower = FlowerRole(args.flower_server) if args.flower_server else None
     options = RunOptions(config_files=files, bindings=args.bindings, resume=args.resume,
                          dry_run=args.dry_run, run_name=args.run_name,
-                         allow_changes=args.allow_changes,
+                         allow_changes=args.allow_changes, flower=flower,
                          # Line by line, also into a pipe (`| tee log`, a scheduler's log).
                          echo=lambda line: print(line, flush=True))
     run_experiment(options=options)
     return 0
+
+
+def _flower_client(args: argparse.Namespace) -> int:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    from lmt_tf import config
+    from lmt_tf.config import run_experiment
+    from lmt_tf.experiment import RunOptions
+    from lmt_tf.stages.context import FlowerRole
+
+    files = [args.gin_file, *args.more_files]
+    config.parse(files, args.bindings)
+    run_experiment(options=RunOptions(
+        config_files=files, bindings=args.bindings,
+        flower=FlowerRole(args.server, args.client), echo=lambda line: print(line, flush=True)))
+    return 0
+
+
+def _federate(args: argparse.Namespace) -> int:
+    from lmt_tf.federated.deploy import Deployment, deploy
+    from lmt_tf.runtime.launcher import project_file
+
+    for file in [args.gin_file, *args.more_files]:
+        project_file(file)
+    job = Deployment(_gin_args(args), args.clients, args.timeout, args.run_name, args.resume,
+                     args.allow_changes)
+    return deploy(job, echo=lambda line: print(line, flush=True),
+                  echo_error=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _gin_args(args: argparse.Namespace) -> list[str]:
+    """The gin file and the --gin_file/--gin_param arguments, to pass on to a process."""
+    gin_args = [args.gin_file]
+    for file in args.more_files:
+        gin_args += ["--gin_file", file]
+    for binding in args.bindings:
+        gin_args += ["--gin_param", binding]
+    return gin_args
 
 
 def _quiet_mlflow() -> None:
@@ -154,11 +218,7 @@ def _launch(args: argparse.Namespace) -> int:
 
     for file in [args.gin_file, *args.more_files]:
         project_file(file)
-    run_args = [args.gin_file]
-    for file in args.more_files:
-        run_args += ["--gin_file", file]
-    for binding in args.bindings:
-        run_args += ["--gin_param", binding]
+    run_args = _gin_args(args)
     if args.allow_changes:
         run_args.append("--allow-changes")
     job = Job(run_args, args.workers, args.ps, args.restarts, args.timeout, args.evaluator,
@@ -218,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A scheduler's SIGTERM ends a run like Ctrl-C: KILLED in MLflow, checkpoints kept.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        commands = {"run": _run, "launch": _launch, "shard": _shard, "ui": _ui}
+        commands = {"run": _run, "launch": _launch, "federate": _federate,
+                    "flower-client": _flower_client, "shard": _shard, "ui": _ui}
         return commands[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):

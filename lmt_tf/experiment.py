@@ -113,6 +113,9 @@ def run_experiment(
              f"resolved config:\n{redact_credentials(options.config_text)}")
         return None
 
+    if options.flower is not None and options.flower.client is not None:
+        _serve_flower_client(stages, splits, model, seed, configs, options)
+        return None
     role = role_of(strat)
     if role.task_type == "evaluator":
         _evaluate_beside(trainer, trainer.build_model(model, splits), splits, work_dir, name,
@@ -177,6 +180,19 @@ def _checked(stages: Sequence[Stage] | None) -> tuple[Stage, ...]:
     if not checked:
         raise ConfigError("run_experiment.stages is empty")
     return checked
+
+
+def _serve_flower_client(stages: Sequence[Stage], splits: Splits, model: Callable[..., Any],
+                         seed: int, configs: Configs, options: RunOptions) -> None:
+    """A Flower client process (``lmt federate``): the experiment's federate stage serves
+    one client; nothing is logged to MLflow (the server logs the run)."""
+    from lmt_tf.stages.federate import Federate
+
+    federate = [stage for stage in stages if isinstance(stage, Federate)]
+    if not federate:
+        raise ConfigError("a Flower client needs an experiment with a federate stage "
+                          "(include 'gin/federated/fedavg.gin')")
+    federate[0].serve_client(splits, model, seed, configs.train, options.flower, options.echo)
 
 
 def _derived(info: StrategyInfo, plan: BatchPlan, splits: Splits,

@@ -133,6 +133,11 @@ class FederatedConfig:
     dp_delta: float | None = None  # None: 1 / clients^1.1 (below 1/clients)
     target_accuracy: float | None = None  # stop at the first round reaching it (test split)
     eval_every: int = 1  # rounds between evaluations of the global model
+    # Deployed (Flower) only: seconds a round waits for its clients, and what a client
+    # that fails or disconnects does to the run: 'fail' ends it (resumable from the
+    # last round), 'continue' aggregates the other clients' results.
+    round_timeout: float = 600.0
+    on_client_failure: str = "fail"
 
     def __post_init__(self) -> None:
         check(isinstance(self.server_optimizer, ServerOptimizer),
@@ -162,6 +167,10 @@ class FederatedConfig:
               "FederatedConfig.target_accuracy", f"must be in (0, 1], got {self.target_accuracy}")
         check(self.eval_every >= 1, "FederatedConfig.eval_every",
               f"must be >= 1, got {self.eval_every}")
+        check(self.round_timeout > 0, "FederatedConfig.round_timeout",
+              f"must be > 0 seconds, got {self.round_timeout}")
+        check(self.on_client_failure in ("fail", "continue"), "FederatedConfig.on_client_failure",
+              f"must be 'fail' or 'continue', got {self.on_client_failure!r}")
 
     @property
     def private(self) -> bool:

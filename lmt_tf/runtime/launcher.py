@@ -99,35 +99,28 @@ def cluster_spec(workers: int, ps: int, ports: Sequence[int],
     return spec
 
 
-class _Cluster:
-    """The processes of one attempt, with their output pumps."""
+class ProcessGroup:
+    """Named processes, each in a process group of its own, their output prefixed with
+    their names; ``stop`` leaves none running."""
 
-    def __init__(self, spec: dict[str, list[str]], command: Sequence[str],
-                 echo: Callable[[str], None], echo_error: Callable[[str], None],
-                 environment: dict[str, str]):
+    def __init__(self, echo: Callable[[str], None], echo_error: Callable[[str], None]):
         self.processes: dict[Task, subprocess.Popen] = {}
+        self._echo, self._echo_error = echo, echo_error
         self._pumps: list[threading.Thread] = []
-        # The training tasks' TF_CONFIG does not list the evaluator; its own does.
-        training = {job: addresses for job, addresses in spec.items() if job != "evaluator"}
-        for task_type, addresses in spec.items():
-            for task_id in range(len(addresses)):
-                task = Task(task_type, task_id)
-                cluster = spec if task_type == "evaluator" else training
-                env = {**os.environ, **environment, "GRPC_FAIL_FAST": "use_caller",
-                       "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
-                           "type": task_type, "index": task_id}}),
-                       "PYTHONUNBUFFERED": "1"}
-                process = subprocess.Popen(
-                    list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-                self.processes[task] = process
-                echo(f"lmt launch: started {task.name} at {addresses[task_id]} "
-                     f"(pid {process.pid})")
-                for stream, sink in ((process.stdout, echo), (process.stderr, echo_error)):
-                    pump = threading.Thread(target=self._pump, args=(task, stream, sink),
-                                            daemon=True)
-                    pump.start()
-                    self._pumps.append(pump)
+
+    def start(self, task: Task, command: Sequence[str], environment: dict[str, str],
+              where: str) -> subprocess.Popen:
+        env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.processes[task] = process
+        self._echo(f"lmt launch: started {task.name} at {where} (pid {process.pid})")
+        for stream, sink in ((process.stdout, self._echo), (process.stderr, self._echo_error)):
+            pump = threading.Thread(target=self._pump, args=(task, stream, sink), daemon=True)
+            pump.start()
+            self._pumps.append(pump)
+        return process
 
     @staticmethod
     def _pump(task: Task, stream: Iterable[str], echo: Callable[[str], None]) -> None:
@@ -142,6 +135,23 @@ class _Cluster:
         stop_process_groups(list(self.processes.values()))
         for pump in self._pumps:
             pump.join(timeout=5)
+
+
+def _start_cluster(spec: dict[str, list[str]], command: Sequence[str],
+                   echo: Callable[[str], None], echo_error: Callable[[str], None],
+                   environment: dict[str, str]) -> ProcessGroup:
+    """One ``command`` per task of ``spec``, each with its ``TF_CONFIG``."""
+    group = ProcessGroup(echo, echo_error)
+    # The training tasks' TF_CONFIG does not list the evaluator; its own does.
+    training = {job: addresses for job, addresses in spec.items() if job != "evaluator"}
+    for task_type, addresses in spec.items():
+        for task_id in range(len(addresses)):
+            cluster = spec if task_type == "evaluator" else training
+            group.start(Task(task_type, task_id), command, {
+                **environment, "GRPC_FAIL_FAST": "use_caller",
+                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
+                    "type": task_type, "index": task_id}})}, addresses[task_id])
+    return group
 
 
 def signal_groups(processes: Iterable[subprocess.Popen], signum: int) -> None:
@@ -165,7 +175,7 @@ def stop_process_groups(processes: Sequence[subprocess.Popen],
         process.wait()
 
 
-def _outcome(cluster: _Cluster, parameter_server: bool,
+def _outcome(cluster: ProcessGroup, parameter_server: bool,
              echo: Callable[[str], None], lost: set[Task]) -> int | None:
     """The job's exit status once decided, else None."""
     codes = {task: p.poll() for task, p in cluster.processes.items()}
@@ -277,7 +287,7 @@ def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
         return write
 
     locked_echo = locked(echo)
-    cluster = _Cluster(spec, command, locked_echo, locked(echo_error), environment)
+    cluster = _start_cluster(spec, command, locked_echo, locked(echo_error), environment)
     deadline = time.monotonic() + job.timeout if job.timeout else None
     lost: set[Task] = set()
     try:

@@ -31,6 +31,14 @@ class Configs:
     input: InputConfig = field(default_factory=InputConfig)
 
 
+@dataclass(frozen=True)
+class FlowerRole:
+    """This process's part in a Flower deployment (``lmt federate``)."""
+
+    address: str  # host:port the server listens on (server) or connects to (client)
+    client: int | None = None  # the client id this process serves; None: the server
+
+
 @dataclass
 class RunOptions:
     """How one invocation runs an experiment; set by the CLI or a test, not by gin."""
@@ -41,6 +49,8 @@ class RunOptions:
     run_name: str | None = None  # the run directory's name; None: experiment + time
     allow_changes: bool = False  # let a resume change bindings (recorded beside the config)
     dry_run: bool = False  # describe what would run, train nothing
+    # Federated deployment on Flower: the server's or a client's side of it.
+    flower: FlowerRole | None = None
     callbacks: Sequence[keras.callbacks.Callback] = ()  # extra Keras callbacks (training)
     echo: Callable[[str], None] = print  # progress output
     # What the config edge knows of the configuration, for the run's record: every

@@ -5,16 +5,19 @@ checkpointed, so a killed run resumes at its last round."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from lmt_tf.checks import check
-from lmt_tf.data.splits import Split
+from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.federated.algorithm import FederatedConfig, dp_delta
 from lmt_tf.federated.client import ClientModel
 from lmt_tf.federated.partition import PartitionConfig, partition, write_artifacts
 from lmt_tf.federated.simulation import Federation, RoundRecord, RoundState, simulate
 from lmt_tf.rundir import RunDir
-from lmt_tf.stages.context import RunContext, Stage, prefixed
+from lmt_tf.stages.context import FlowerRole, RunContext, Stage, prefixed
+from lmt_tf.training.trainer import TrainConfig
 
 
 class Federate(Stage):
@@ -59,9 +62,7 @@ class Federate(Stage):
         source = RunDir((context.run_dir or context.own).path / "stages" / self.name)
         parts = partition(splits.train.y, self.partition, seed)
         federation = Federation(config, parts, splits.train, seed)
-        client = ClientModel(context.model_fn, splits.input_shape, splits.num_classes, config,
-                             context.configs.train.loss, context.configs.train.metrics,
-                             feature_dtype=splits.train.x.dtype)
+        client = self._client_model(context.model_fn, splits, context.configs.train)
         saved = RoundState.latest(source.checkpoints) if context.options.resume else None
         if context.done(self.name) and saved is not None:
             context.model.set_weights(saved.weights)
@@ -93,7 +94,14 @@ class Federate(Stage):
                                       **record.metrics(new)}) + "\n")
             context.echo(_progress(record, config.rounds))
 
-        state = simulate(federation, client, state, splits.test, on_round)
+        flower = context.options.flower
+        if flower is not None:
+            from lmt_tf.federated.flower import serve
+
+            state = serve(federation, client, state, splits.test, on_round, flower.address,
+                          context.echo)
+        else:
+            state = simulate(federation, client, state, splits.test, on_round)
         context.model.set_weights(state.weights)
         test = client.evaluate(state.weights, splits.test)  # logged with its round
         if state.reached_target is not None:
@@ -108,6 +116,26 @@ class Federate(Stage):
         context.echo(f"lmt: federate: {state.round} rounds, test "
                      + ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + reached)
         context.mark_done(self.name)
+
+
+    def _client_model(self, model_fn: Any, splits: Splits, train: TrainConfig) -> ClientModel:
+        return ClientModel(model_fn, splits.input_shape, splits.num_classes, self.config,
+                           train.loss, train.metrics, feature_dtype=splits.train.x.dtype)
+
+    def serve_client(self, splits: Splits, model_fn: Any, seed: int, train: TrainConfig,
+                     flower: FlowerRole, echo: Callable[[str], None]) -> None:
+        """This process as client ``flower.client`` of a Flower deployment: it keeps only
+        its own part of the training split and trains it when the server asks."""
+        from lmt_tf.federated.flower import run_client
+
+        clients = self.partition.clients
+        check(0 <= flower.client < clients, "--client",
+              f"must be in [0, {clients}) for PartitionConfig.clients = {clients}, got "
+              f"{flower.client}")
+        parts = partition(splits.train.y, self.partition, seed)
+        mine = Federation(self.config, parts, splits.train, seed).client_split(flower.client)
+        run_client(self._client_model(model_fn, splits, train), mine, flower.client, seed,
+                   flower.address, echo)
 
 
 def _progress(record: RoundRecord, rounds: int) -> str:

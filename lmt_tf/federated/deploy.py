@@ -1,0 +1,95 @@
+"""``lmt federate``: a Flower server and its client processes on 127.0.0.1, output
+prefixed per process, and nothing left running when the job ends, the server fails, or
+on Ctrl-C (as ``lmt launch`` does for a tf.distribute cluster).
+
+The server is ``lmt run FILE --flower-server ADDRESS`` (it logs the MLflow run); client
+k is ``lmt flower-client FILE --server ADDRESS --client k`` (it loads only its own part
+of the data). The same two commands run the clients on other machines.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lmt_tf.errors import LmtError
+from lmt_tf.runtime.launcher import (
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
+    POLL_SECONDS,
+    ProcessGroup,
+    Task,
+    free_ports,
+)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What ``lmt federate`` runs."""
+
+    gin_args: Sequence[str]  # the gin file, then --gin_file/--gin_param arguments
+    clients: int  # client processes; sets PartitionConfig.clients
+    timeout: float = 0  # seconds before the job is stopped; 0: none
+    run_name: str | None = None  # the server's run (directory) name
+    resume: bool = False  # continue the run at its last round
+    allow_changes: bool = False  # with resume: accept changed bindings
+
+
+def deploy(job: Deployment, echo: Callable[[str], None] = print,
+           echo_error: Callable[[str], None] | None = None) -> int:
+    """Runs ``job``; returns the server's exit status (124 on timeout, 130 on Ctrl-C).
+
+    A client that exits early is reported; the server decides what its missing results
+    mean (``FederatedConfig.on_client_failure``), within ``round_timeout``.
+
+    Raises:
+      LmtError: for fewer than one client or a negative timeout.
+    """
+    if job.clients < 1:
+        raise LmtError(f"--clients must be at least 1, got {job.clients}")
+    if job.timeout < 0:
+        raise LmtError(f"--timeout must not be negative, got {job.timeout:g}")
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    lmt = [sys.executable, "-m", "lmt_tf.cli"]
+    gin = [*job.gin_args, "--gin_param", f"PartitionConfig.clients = {job.clients}"]
+    server = [*lmt, "run", *gin, "--flower-server", address,
+              *(["--run-name", job.run_name] if job.run_name else []),
+              *(["--resume"] if job.resume else []),
+              *(["--allow-changes"] if job.allow_changes else [])]
+    lock = threading.Lock()
+
+    def locked(sink: Callable[[str], None]) -> Callable[[str], None]:
+        def write(line: str) -> None:
+            with lock:
+                sink(line)
+        return write
+
+    say = locked(echo)
+    group = ProcessGroup(say, locked(echo_error or echo))
+    group.start(Task("server", 0), server, {}, address)
+    for k in range(job.clients):
+        group.start(Task("client", k), [*lmt, "flower-client", *gin, "--server", address,
+                                        "--client", str(k)], {}, f"-> {address}")
+    deadline = time.monotonic() + job.timeout if job.timeout else None
+    reported: set[Task] = set()
+    try:
+        while True:
+            for task, process in group.processes.items():
+                code = process.poll()
+                if task.task_type == "server" and code is not None:
+                    say(f"lmt federate: the server exited with status {code}")
+                    return code
+                if code not in (None, 0) and task not in reported:
+                    reported.add(task)
+                    say(f"lmt federate: {task.name} exited with status {code}")
+            if deadline and time.monotonic() > deadline:
+                say(f"lmt federate: no result after {job.timeout:g} s; stopping")
+                return EXIT_TIMEOUT
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        group.stop()

@@ -1,0 +1,116 @@
+"""Deployment on Flower (real server and client processes on 127.0.0.1): after 2 rounds
+the global weights equal the in-process simulation's; a client that dies is reported and
+the run goes on or fails cleanly, as configured; no process is left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmt_tf.federated.algorithm import FederatedConfig, sample_clients
+from tests.conftest import all_runs
+from tests.stages.test_federate import FEDERATED
+
+LMT = [sys.executable, "-m", "lmt_tf.cli"]
+CLIENTS = 3
+SETTINGS = FEDERATED.replace("FederatedConfig.client_fraction = 0.5",
+                             "FederatedConfig.client_fraction = 0.67  # 2 of 3 clients")
+
+
+def _final_weights(work: Path) -> list[np.ndarray]:
+    (newest, *_) = sorted(work.glob("lmt_work/*/*/stages/federate/checkpoints/round-*"),
+                          reverse=True)
+    with np.load(newest) as saved:
+        return [saved[f"w{i}"] for i in range(len(saved.files) - 1)]
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMT, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _processes_of(work: Path) -> list[str]:
+    """Processes still running from this test's directory."""
+    found = subprocess.run(["pgrep", "-af", "lmt_tf.cli"], capture_output=True, text=True)
+    return [line for line in found.stdout.splitlines() if str(work) in line]
+
+
+@pytest.mark.slow
+def test_deployed_rounds_equal_the_simulation(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bindings = ["--gin_param", "FederatedConfig.rounds = 2",
+                "--gin_param", f"PartitionConfig.clients = {CLIENTS}"]
+    simulated, deployed = tmp_path / "simulated", tmp_path / "deployed"
+    for work in (simulated, deployed):
+        work.mkdir()
+        (work / "exp.gin").write_text(SETTINGS)
+    done = _run(["run", "exp.gin", *bindings], simulated)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = _run(["federate", "exp.gin", "--clients", str(CLIENTS), "--timeout", "300",
+                 *bindings], deployed)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    assert "[server:0] lmt: 3 Flower client(s) connected" in done.stdout
+    for k in range(CLIENTS):  # each client process loaded its own part
+        assert f"[client:{k}] lmt: client {k} (" in done.stdout
+    for a, b in zip(_final_weights(simulated), _final_weights(deployed), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    (run,) = all_runs(deployed)  # the server logged the one run
+    assert run.info.status == "FINISHED" and run.data.metrics["federate/clients"] == 2
+    assert _processes_of(tmp_path) == []
+
+
+def _first_round_with(client: int, after: int) -> int:
+    config = FederatedConfig(client_fraction=0.67)
+    return next(r for r in range(after + 1, 100) if client in sample_clients(config, CLIENTS,
+                                                                             0, r))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_failure", ["continue", "fail"])
+def test_a_client_that_dies_is_reported(tmp_path: Path, monkeypatch, on_failure: str) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "exp.gin").write_text(SETTINGS)
+    # Client 0 is killed after round 1; the run ends with the next round that samples it.
+    rounds = _first_round_with(0, after=1)
+    bindings = ["--gin_param", f"FederatedConfig.rounds = {rounds}",
+                "--gin_param", f"FederatedConfig.on_client_failure = '{on_failure}'",
+                "--gin_param", "FederatedConfig.round_timeout = 60"]
+    from lmt_tf.federated.deploy import Deployment, deploy
+
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    killer = _Killer(tmp_path, lines)
+    status = deploy(Deployment(["exp.gin", *bindings], CLIENTS, timeout=300),
+                    echo=killer.see, echo_error=lines.append)
+    output = "\n".join(lines)
+    assert killer.killed, output[-3000:]
+    (run,) = all_runs(tmp_path)
+    if on_failure == "continue":
+        assert status == 0, output[-3000:]
+        assert "going on without it" in output
+        assert run.info.status == "FINISHED"
+    else:
+        assert status == 2, output[-3000:]
+        assert "FederatedConfig.on_client_failure = 'continue' goes on without it" in output
+        assert run.info.status == "FAILED"
+    assert _processes_of(tmp_path) == []
+
+
+class _Killer:
+    """Kills client 0's process as soon as the server has finished round 1."""
+
+    def __init__(self, work: Path, lines: list[str]):
+        self.work, self.lines, self.killed = work, lines, False
+
+    def see(self, line: str) -> None:
+        self.lines.append(line)
+        if not self.killed and line.startswith("[server:0] lmt: round 1/"):
+            found = subprocess.run(["pgrep", "-f", "flower-client.*--client 0"],
+                                   capture_output=True, text=True)
+            for pid in found.stdout.split():
+                subprocess.run(["kill", "-9", pid], check=False)
+            self.killed = bool(found.stdout.split())
