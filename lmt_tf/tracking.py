@@ -237,8 +237,16 @@ class TrackedRun:
             return experiment.experiment_id
         location = self._artifact_location()
         _check_artifact_location(location)
-        return self._mlflow.create_experiment(self.experiment_name,
-                                              artifact_location=location)
+        try:
+            return self._mlflow.create_experiment(self.experiment_name,
+                                                  artifact_location=location)
+        except Exception:
+            # Another run of the same experiment (a sweep, parallel seeds) created it
+            # between the lookup and here: use theirs.
+            experiment = self._mlflow.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def _artifact_location(self) -> str | None:
         if self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri:

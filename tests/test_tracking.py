@@ -125,3 +125,29 @@ def test_a_run_against_a_server_with_credentials_shows_them_nowhere(in_tmp: Path
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_runs_that_create_their_experiment_at_once_share_it(in_tmp: Path, monkeypatch) -> None:
+    """Two runs of a new experiment started together (a sweep, parallel seeds): the one
+    whose lookup missed finds the experiment the other created."""
+    import mlflow
+
+    from lmt_tf.tracking import TrackedRun, TrackingConfig
+
+    uri = f"sqlite:///{in_tmp / 'mlruns.db'}"
+    lookup = mlflow.get_experiment_by_name
+    raced: list[str] = []
+
+    def racing(name: str):
+        if not raced:  # the first lookup misses; another process creates it meanwhile
+            raced.append(name)
+            mlflow.MlflowClient(uri).create_experiment(name)
+            return None
+        return lookup(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", racing)
+    run = TrackedRun(TrackingConfig(tracking_uri=uri), "raced").start("second")
+    run.end("FINISHED")
+    (experiment,) = [e for e in mlflow.MlflowClient(uri).search_experiments()
+                     if e.name == "raced"]
+    assert raced == ["raced"] and run.experiment_id == experiment.experiment_id
