@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -50,10 +51,20 @@ def serve(federation: Federation, model: ClientModel, state: RoundState, test: S
         return state
     strategy = _Strategy(federation, model, state, test, on_round, echo)
     echo(f"lmt: Flower server on {address}, waiting for {federation.clients} client(s)")
-    flwr.server.start_server(
-        server_address=address, strategy=strategy,
-        config=flwr.server.ServerConfig(num_rounds=config.rounds - state.round,
-                                        round_timeout=config.round_timeout))
+    # start_server installs SIGINT/SIGTERM handlers that exit the process (SystemExit,
+    # then os._exit after 5 s). lmt's own handling is restored after it, and its exit on
+    # a signal becomes the KeyboardInterrupt lmt ends a run KILLED on.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        flwr.server.start_server(
+            server_address=address, strategy=strategy,
+            config=flwr.server.ServerConfig(num_rounds=config.rounds - state.round,
+                                            round_timeout=config.round_timeout))
+    except SystemExit as e:
+        raise KeyboardInterrupt("the Flower server was stopped by a signal") from e
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     if strategy.error is not None:
         raise strategy.error
     return strategy.state

@@ -114,3 +114,46 @@ class _Killer:
             for pid in found.stdout.split():
                 subprocess.run(["kill", "-9", pid], check=False)
             self.killed = bool(found.stdout.split())
+
+
+@pytest.mark.slow
+def test_a_stopped_deployment_ends_killed_and_resumes_in_the_same_run(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    import os
+    import signal
+    import time
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "exp.gin").write_text(SETTINGS)
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*LMT, "federate", "exp.gin", "--clients", "2", "--run-name", "deployed",
+             "--gin_param", "FederatedConfig.rounds = 100000"], cwd=tmp_path, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "lmt: round 3/" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # as a scheduler or Ctrl-C stops it
+        assert process.wait(60) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    assert "[server:0] lmt: interrupted" in log.read_text()
+    assert _processes_of(tmp_path) == []
+    (run,) = all_runs(tmp_path)
+    assert run.info.status == "KILLED"
+    (newest, *_) = sorted(tmp_path.glob("lmt_work/*/deployed/stages/federate/checkpoints/*"),
+                          reverse=True)
+    done_rounds = int(newest.name.split("-")[1].split(".")[0])
+    resumed = _run(["federate", "exp.gin", "--clients", "2", "--run-name", "deployed",
+                    "--resume", "--allow-changes", "--gin_param",
+                    f"FederatedConfig.rounds = {done_rounds + 2}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"[server:0] lmt: federate: resuming at round {done_rounds + 1}" in resumed.stdout
+    (run,) = all_runs(tmp_path)  # the same run, finished
+    assert run.info.status == "FINISHED"
+    assert _processes_of(tmp_path) == []
