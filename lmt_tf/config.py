@@ -87,7 +87,8 @@ def run_experiment(name: str | None = None,
     """
     options = dataclasses.replace(options or RunOptions(), params=bound_params(),
                                   config_text=gin.config_str(),
-                                  operative_config=gin.operative_config_str)
+                                  operative_config=gin.operative_config_str,
+                                  operative_params=operative_params)
     configs = Configs(train=configured(TrainConfig), tracking=configured(TrackingConfig),
                       export=configured(ExportConfig), input=configured(InputConfig))
     return experiment.run_experiment(data, model, name=name, strategy=strategy, seed=seed,
@@ -204,9 +205,21 @@ def bound_params() -> dict[str, str]:
 
     Read back from ``gin.config_str()``, so values are in gin syntax (``@build_cnn``).
     """
+    return flat_params(gin.config_str())
+
+
+def operative_params() -> dict[str, str]:
+    """Every parameter of every configurable called so far, defaults included
+    (``{'Adam.beta_1': '0.9'}``), from ``gin.operative_config_str()``."""
+    return flat_params(gin.operative_config_str())
+
+
+def flat_params(text: str) -> dict[str, str]:
+    """``key = value`` statements of gin config text as a flat dict (a value that spans
+    lines joined into one)."""
     params: dict[str, str] = {}
     statement = ""
-    for line in gin.config_str().splitlines() + [""]:
+    for line in text.splitlines() + [""]:
         if line.startswith((" ", "\t")):  # continuation of a long value
             statement += " " + line.strip()
             continue

@@ -132,7 +132,7 @@ def run_experiment(
             compressing=any(stage.name not in ("train", "federate", "export")
                             for stage in stages))
         log_setup(session, options, info, role, _derived(info, plan, splits, context.model),
-                  context.model.variables)
+                  context.model.variables, splits)
         for stage in stages:
             stage.check(context)
         for stage in stages:
@@ -144,6 +144,9 @@ def run_experiment(
             echo("lmt: compression report\n" + table.rstrip())
         session.run.log_text(options.operative_config(),
                              config_path(session.own, "operative_config.gin"))
+        # Every setting that was used, defaults included, so that any two runs compare
+        # on any of them in the UI (params already logged keep their values).
+        session.run.log_params(options.operative_params())
         if role.is_chief:
             session.own.update_state(finished=True)
     run = session.run

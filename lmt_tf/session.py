@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmt_tf.data.splits import Splits
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.rundir import RunDir, check_name, find_run_dir, new_run_dir
 from lmt_tf.runtime.cluster import Role
@@ -145,11 +146,14 @@ def config_path(run_dir: RunDir, file: str) -> str:
 
 
 def log_setup(session: Session, options: RunOptions, info: StrategyInfo, role: Role,
-              derived: Mapping[str, Any], variables: list[Any]) -> None:
-    """Params, tags and the config as given and as resolved, before the first stage. A
-    resumed run keeps its first params and config artifacts; a resume's go beside them."""
+              derived: Mapping[str, Any], variables: list[Any], splits: Splits) -> None:
+    """Params, tags, the data set and the config as given and as resolved, before the
+    first stage. A resumed run keeps its first params and config artifacts; a resume's
+    go beside them."""
     run, own = session.run, session.own
     run.log_params({**options.params, **derived})
+    if not options.resume:
+        run.log_dataset(splits.name, splits.digest(), splits.source, splits.sizes())
     run.set_tags({**host_tags(), **role.tags(), "lmt.strategy": info.name,
                   "lmt.replicas": info.replicas,
                   "mlflow.source.name": " ".join(options.config_files) or "run_experiment"})

@@ -54,6 +54,32 @@ def test_tiny_run_is_one_finished_mlflow_run_with_config_metrics_and_model(
     assert [m.source_run_id for m in models] == [run.info.run_id]
 
 
+def test_params_hold_every_setting_used_and_the_data_set_is_an_input(
+        gin_file, in_tmp: Path) -> None:
+    from lmt_tf.data.sources import load_digits
+
+    exp = gin_file(TINY)
+    _run([exp])
+    (run,) = all_runs(in_tmp)
+    params = run.data.params
+    # Defaults nobody wrote in a gin file, so that any two runs compare on them.
+    assert params["TrainConfig.micro_batches"] == "1"
+    assert params["SGD.nesterov"] == "False" and params["SGD.momentum"] == "0.0"
+    assert params["InputConfig.shuffle_buffer"] == "10000"
+    assert params["load_digits.seed"] == "0"
+    operative = config.flat_params(Path(mlflow_client(in_tmp).download_artifacts(
+        run.info.run_id, "config/operative_config.gin", str(in_tmp))).read_text())
+    missing = {k for k in operative if k not in params}
+    assert not missing  # every binding of the operative config is a param
+    (dataset_input,) = run.inputs.dataset_inputs
+    digits = load_digits()
+    assert dataset_input.dataset.name == "digits"
+    assert dataset_input.dataset.digest == digits.digest()
+    assert "sklearn.datasets.load_digits" in dataset_input.dataset.source
+    tags = {t.key: t.value for t in dataset_input.tags}
+    assert tags["train_examples"] == str(len(digits.train)) and tags["test_examples"] == "359"
+
+
 class _StopAtEpoch(keras.callbacks.Callback):
     """Interrupts training as Ctrl-C would, when ``epoch`` begins."""
 

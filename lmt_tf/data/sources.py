@@ -82,7 +82,8 @@ def load_mnist(validation_size: int = 5000, seed: int = 0) -> Splits:
     """
     a = read_mnist_arrays()
     train, val = hold_out(Split(a["train_images"], a["train_labels"]), validation_size, seed)
-    return Splits("mnist", train, val, Split(a["test_images"], a["test_labels"]), 10)
+    return Splits("mnist", train, val, Split(a["test_images"], a["test_labels"]), 10,
+                  str(_mnist_archive()))
 
 
 def load_fashion_mnist(
@@ -106,7 +107,7 @@ def load_fashion_mnist(
     a = {key: read_idx(root / name) for key, name in _IDX_FILES.items()}
     train, val = hold_out(Split(a["train_images"], a["train_labels"]), validation_size, seed)
     name = "fashion_mnist" if root == Path(FASHION_MNIST_DIR) else f"idx:{root.name}"
-    return Splits(name, train, val, Split(a["test_images"], a["test_labels"]), 10)
+    return Splits(name, train, val, Split(a["test_images"], a["test_labels"]), 10, str(root))
 
 
 def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
@@ -123,7 +124,8 @@ def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
     bunch = sk_load_digits()
     x = (bunch.images / 16.0).astype(np.float32)
     return _three_way(Split(x, bunch.target.astype(np.int64)), "digits", 10,
-                      validation_fraction, test_fraction, seed)
+                      validation_fraction, test_fraction, seed,
+                      "sklearn.datasets.load_digits")
 
 
 def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -147,11 +149,11 @@ def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float =
             test = Split(arrays["x_test"], arrays["y_test"].astype(np.int64))
             classes = int(max(train.y.max(), test.y.max())) + 1
             train, val = hold_out(train, validation_fraction, seed)
-            return Splits(f"npz:{file.stem}", train, val, test, classes)
+            return Splits(f"npz:{file.stem}", train, val, test, classes, str(file))
         if {"x", "y"} <= keys:
             y = arrays["y"].astype(np.int64)
             return _three_way(Split(arrays["x"], y), f"npz:{file.stem}", int(y.max()) + 1,
-                              validation_fraction, test_fraction, seed)
+                              validation_fraction, test_fraction, seed, str(file))
     raise DataError(f"{file} holds {sorted(keys)}; expected x, y or x_train, y_train, "
                     f"x_test, y_test")
 
@@ -184,7 +186,7 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
     y = table[:, label_at].astype(np.int64)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
     return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
-                      validation_fraction, test_fraction, seed)
+                      validation_fraction, test_fraction, seed, str(file))
 
 
 MOVIELENS_PACKAGE = "recbole"
@@ -223,11 +225,11 @@ def load_movielens(validation_fraction: float = 0.1, test_fraction: float = 0.1,
                    items.setdefault(r[item_at], len(items))) for r in rows], dtype=np.int64)
     y = np.array([float(r[rating_at]) for r in rows], dtype=np.float32)
     return _three_way(Split(x, y), "movielens-100k", 1, validation_fraction, test_fraction,
-                      seed)
+                      seed, str(path))
 
 
 def _three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
-               test_fraction: float, seed: int) -> Splits:
+               test_fraction: float, seed: int, source: str = "") -> Splits:
     for label, value in (("validation_fraction", validation_fraction),
                          ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
@@ -235,4 +237,4 @@ def _three_way(data: Split, name: str, num_classes: int, validation_fraction: fl
     n = len(data)
     rest, test = hold_out(data, int(round(test_fraction * n)), seed)
     train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
-    return Splits(name, train, val, test, num_classes)
+    return Splits(name, train, val, test, num_classes, source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,20 @@ class Splits:
     validation: Split
     test: Split
     num_classes: int
+    source: str = ""  # where the data came from: a file, a directory, a package's loader
+
+    def digest(self) -> str:
+        """A fingerprint of the data: SHA-256 (first 16 hex digits) of every in-memory
+        split's examples and labels; of a file-backed split's file names and counts."""
+        sha = hashlib.sha256()
+        for part in (self.train, self.validation, self.test):
+            if isinstance(part, Split):
+                sha.update(np.ascontiguousarray(part.x).tobytes())
+                sha.update(np.ascontiguousarray(part.y).tobytes())
+            else:
+                sha.update(repr((getattr(part, "files", ()), getattr(part, "counts", ())))
+                           .encode())
+        return sha.hexdigest()[:16]
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -233,7 +233,7 @@ def load_tfrecords(directory: str, verify: bool = True) -> Splits:
         if verify:
             verify_split(parts[split_name], classes)
     return Splits(f"tfrecord:{name}", parts["train"], parts["validation"], parts["test"],
-                  classes)
+                  classes, str(Path(directory).resolve()))
 
 
 def verify_split(split: TFRecordSplit, num_classes: int) -> None:

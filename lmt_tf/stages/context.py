@@ -59,6 +59,7 @@ class RunOptions:
     params: Mapping[str, str] = field(default_factory=dict)
     config_text: str = ""
     operative_config: Callable[[], str] = str
+    operative_params: Callable[[], Mapping[str, str]] = dict  # the same, flattened
 
 
 @dataclass
