@@ -121,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--tracking-uri", default=None,
                     help="store to show (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
+    board = commands.add_parser(
+        "tensorboard", help="serve a run's TensorBoard logs on 127.0.0.1",
+        description="Download the tensorboard/ artifacts of a run (TrackingConfig.tensorboard "
+                    "= True) and serve them with TensorBoard on 127.0.0.1.")
+    board.add_argument("run", help="the run's id or name")
+    board.add_argument("--port", type=_port, default=6006)
+    board.add_argument("--tracking-uri", default=None,
+                       help="store of the run (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
     return parser
 
 
@@ -254,6 +262,37 @@ def _ui(args: argparse.Namespace) -> int:
         stop_process_groups([server])
 
 
+def _tensorboard(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import mlflow
+
+    from lmt_tf.runtime.launcher import stop_process_groups
+    from lmt_tf.tracking import find_run, resolve_tracking_uri
+
+    _check_port_free(args.port)
+    _quiet_mlflow()
+    uri = resolve_tracking_uri(args.tracking_uri)
+    run = find_run(args.run, uri)
+    client = mlflow.MlflowClient(uri)
+    if not client.list_artifacts(run.info.run_id, "tensorboard"):
+        raise LmtError(f"run {run.info.run_id} has no TensorBoard logs (run it with "
+                       f"TrackingConfig.tensorboard = True)")
+    with tempfile.TemporaryDirectory(prefix="lmt-tensorboard-") as scratch:
+        logs = client.download_artifacts(run.info.run_id, "tensorboard", scratch)
+        command = [sys.executable, "-m", "tensorboard.main", "--logdir", logs,
+                   "--host", "127.0.0.1", "--port", str(args.port)]
+        print(f"lmt: TensorBoard for run {run.info.run_id} ({run.info.run_name})\n"
+              f"  http://127.0.0.1:{args.port}/\n  (Ctrl-C stops it)", flush=True)
+        server = subprocess.Popen(command, start_new_session=True)
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop_process_groups([server])
+
+
 def _check_port_free(port: int) -> None:
     import socket
 
@@ -279,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         commands = {"run": _run, "launch": _launch, "federate": _federate,
-                    "flower-client": _flower_client, "shard": _shard, "ui": _ui}
+                    "flower-client": _flower_client, "shard": _shard, "ui": _ui,
+                    "tensorboard": _tensorboard}
         return commands[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):

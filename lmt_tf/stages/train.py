@@ -61,6 +61,14 @@ class Train(Stage):
         every = context.configs.tracking.log_every_n_steps
         if every:
             callbacks.append(StepMetrics(run.log_metrics, every, plan.steps_per_epoch))
+        tracking = context.configs.tracking
+        board = own.path / "tensorboard"
+        if tracking.tensorboard:
+            # Every worker writes (Keras' callback runs on all); only the chief's count.
+            callbacks.append(keras.callbacks.TensorBoard(
+                str(board if chief else own.path / "tensorboard-worker"),
+                profile_batch=tracking.tensorboard_profile
+                if tracking.tensorboard_profile[0] else 0))
         preemption: Any = contextlib.nullcontext()
         if batch_hooks_allowed(context.strategy):  # the handler runs at each step's end
             preemption = PreemptionCheckpoint(
@@ -70,6 +78,8 @@ class Train(Stage):
             callbacks.append(preemption)
         with preemption:
             result = _fit(context, start, [*callbacks, *context.options.callbacks])
+        if tracking.tensorboard and chief and board.is_dir():
+            run.log_artifacts(board, "tensorboard")
         test = trainer.evaluate(model, context.splits.test)
         run.log_metrics({f"test_{k}": v for k, v in test.items()}, step=trainer.config.epochs)
         context.echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
