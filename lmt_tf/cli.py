@@ -121,6 +121,22 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--tracking-uri", default=None,
                     help="store to show (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
+    compare = commands.add_parser(
+        "compare", help="compare runs: metric curves, differing params, final metrics",
+        description="Fetch runs from the tracking store and write a report: a PNG of each "
+                    "per-epoch metric (one line per run) and a table of the params that "
+                    "differ and the final metrics, as Markdown and HTML. With --parent the "
+                    "report is also logged as artifacts of that run.")
+    compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to compare")
+    compare.add_argument("--experiment", default=None, help="every run of this experiment")
+    compare.add_argument("--parent", default=None, metavar="RUN_ID",
+                         help="the child runs of this run (a sweep)")
+    compare.add_argument("--metric", dest="metrics", action="append", default=[],
+                         help="plot only this metric (repeatable)")
+    compare.add_argument("--output", default=None,
+                         help="directory of the report (default: lmt_compare/<name>)")
+    compare.add_argument("--tracking-uri", default=None,
+                         help="store of the runs (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
     board = commands.add_parser(
         "tensorboard", help="serve a run's TensorBoard logs on 127.0.0.1",
         description="Download the tensorboard/ artifacts of a run (TrackingConfig.tensorboard "
@@ -262,6 +278,32 @@ def _ui(args: argparse.Namespace) -> int:
         stop_process_groups([server])
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import mlflow
+
+    from lmt_tf.compare import select_runs, write_report
+    from lmt_tf.tracking import check_reachable, resolve_tracking_uri
+
+    _quiet_mlflow()
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    client = mlflow.MlflowClient(uri)
+    runs = select_runs(client, uri, args.experiment, args.parent, args.run_ids)
+    name = args.parent or args.experiment or "runs"
+    directory = Path(args.output or Path("lmt_compare") / name)
+    report = write_report(client, runs, directory, args.metrics)
+    if args.parent:
+        client.log_artifacts(args.parent, str(directory), "compare")
+    differ = (f"{len(report.params)} param differs" if len(report.params) == 1
+              else f"{len(report.params)} params differ")
+    print(f"lmt compare: {len(runs)} runs; {differ}; "
+          f"{len(report.plots)} plot(s)\n  {report.markdown}\n  {report.html}"
+          + (f"\n  logged to run {args.parent} under compare/" if args.parent else ""))
+    return 0
+
+
 def _tensorboard(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -319,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": _run, "launch": _launch, "federate": _federate,
                     "flower-client": _flower_client, "shard": _shard, "ui": _ui,
-                    "tensorboard": _tensorboard}
+                    "tensorboard": _tensorboard, "compare": _compare}
         return commands[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):
