@@ -16,6 +16,7 @@ from lmt_tf.errors import LmtError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_PRUNED = 3  # a sweep's trial stopped early by the sweep's pruner (sweep.EXIT_PRUNED)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,6 +122,28 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=_port, default=5000)
     ui.add_argument("--tracking-uri", default=None,
                     help="store to show (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
+    sweep = commands.add_parser(
+        "sweep", parents=[gin_options], help="a grid or a search over bindings, on Optuna",
+        description="Run `lmt run FILE` once per trial, each with its bindings, nested under "
+                    "one parent MLflow run. The Optuna study is kept in ./lmt_sweeps.db: the "
+                    "same command again resumes it (finished trials are kept, failed ones "
+                    "run again).")
+    sweep.add_argument("gin_file", help="experiment file")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
+                       help="a binding's values to try, in gin syntax (repeatable)")
+    sweep.add_argument("--search", action="append", default=[], metavar="KEY=KIND(...)",
+                       help="a binding's range: uniform(a,b), loguniform(a,b), int(a,b), "
+                            "choice(v1,v2,...) (repeatable)")
+    sweep.add_argument("--trials", type=int, default=0, help="trials of a search")
+    sweep.add_argument("--sampler", default="tpe", help="search sampler: tpe or random")
+    sweep.add_argument("--metric", default="val_accuracy",
+                       help="the final metric of each run to optimise (default val_accuracy)")
+    sweep.add_argument("--direction", default="maximize", help="maximize or minimize")
+    sweep.add_argument("--parallel", type=int, default=1, help="trials at once (processes)")
+    sweep.add_argument("--prune", action="store_true",
+                       help="stop trials whose per-epoch --metric is below the median "
+                            "(Optuna's median pruner)")
+    sweep.add_argument("--quiet", action="store_true", help="print only the summary")
     compare = commands.add_parser(
         "compare", help="compare runs: metric curves, differing params, final metrics",
         description="Fetch runs from the tracking store and write a report: a PNG of each "
@@ -278,6 +301,32 @@ def _ui(args: argparse.Namespace) -> int:
         stop_process_groups([server])
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    _quiet_mlflow()
+    from lmt_tf import config
+    from lmt_tf.runtime.launcher import project_file
+    from lmt_tf.sweep import Sweep, parse_dimension, run_sweep
+    from lmt_tf.tracking import TrackingConfig, check_reachable, resolve_tracking_uri
+
+    files = [args.gin_file, *args.more_files]
+    for file in files:
+        project_file(file)
+    dimensions = ([parse_dimension(text, grid=True) for text in args.grid]
+                  + [parse_dimension(text, grid=False) for text in args.search])
+    # Every binding parses, with a value of each dimension, before any trial starts.
+    example = [f"{d.key} = {d.values[0] if d.values else d.example()}" for d in dimensions]
+    config.parse(files, [*args.bindings, *example])
+    uri = resolve_tracking_uri(config.configured(TrackingConfig).tracking_uri)
+    check_reachable(uri)
+    job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
+                args.sampler, args.metric, args.direction, args.parallel, args.prune, uri,
+                args.quiet)
+    return run_sweep(job, echo=lambda line: print(line, flush=True))
+
+
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -361,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": _run, "launch": _launch, "federate": _federate,
                     "flower-client": _flower_client, "shard": _shard, "ui": _ui,
-                    "tensorboard": _tensorboard, "compare": _compare}
+                    "tensorboard": _tensorboard, "compare": _compare, "sweep": _sweep}
         return commands[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):
@@ -370,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmt: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
+        if type(e).__name__ == "Pruned":  # a sweep's trial stopped by its pruner
+            print(f"lmt: {e}", file=sys.stderr)
+            return EXIT_PRUNED
         # A preemption says where its checkpoint is; Ctrl-C needs no explanation.
         preempted = type(e).__name__ == "Preempted"
         print(f"lmt: {e}" if preempted else "lmt: interrupted", file=sys.stderr)

@@ -200,6 +200,18 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
+def experiment_name(config_files: Sequence[str]) -> str:
+    """The MLflow experiment a run of the parsed config logs to (as ``session`` names it):
+    ``TrackingConfig.experiment_name``, else ``run_experiment.name``, else the first
+    file's stem."""
+    for key in ("TrackingConfig.experiment_name", "run_experiment.name"):
+        with contextlib.suppress(ValueError):
+            value = gin.query_parameter(key)
+            if value:
+                return str(value)
+    return Path(config_files[0]).stem
+
+
 def bound_params() -> dict[str, str]:
     """Every binding in the current gin config, flattened: ``{'TrainConfig.epochs': '3'}``.
 

@@ -34,6 +34,10 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value, in characters
 
 
+# Set by `lmt sweep` for its trials: the MLflow run they are nested under.
+PARENT_RUN_ENV = "LMT_PARENT_RUN_ID"
+
+
 @dataclass
 class TrackingConfig:
     """Where and how much a run logs to MLflow."""
@@ -229,7 +233,11 @@ class TrackedRun:
             if run_id is not None:
                 run = mlflow.start_run(run_id=run_id)
             else:
-                run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name)
+                # A sweep's trial is nested under the sweep's run (the UI groups them).
+                parent = {"mlflow.parentRunId": os.environ[PARENT_RUN_ENV]} \
+                    if os.environ.get(PARENT_RUN_ENV) else {}
+                run = mlflow.start_run(experiment_id=self._experiment_id(), run_name=run_name,
+                                       tags=parent)
             self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
             mlflow.set_tags(owner_tags())
         except (LmtError, KeyboardInterrupt):

@@ -9,6 +9,7 @@ from typing import Any
 import tf_keras as keras
 
 from lmt_tf.stages.context import RunContext, Stage
+from lmt_tf.sweep import trial_reporter
 from lmt_tf.training.callbacks import (
     EpochCheckpoint,
     EpochMetrics,
@@ -61,6 +62,9 @@ class Train(Stage):
         every = context.configs.tracking.log_every_n_steps
         if every:
             callbacks.append(StepMetrics(run.log_metrics, every, plan.steps_per_epoch))
+        reporter = trial_reporter() if chief else None  # a pruned sweep's trial
+        if reporter is not None:
+            callbacks.append(reporter)
         tracking = context.configs.tracking
         board = own.path / "tensorboard"
         if tracking.tensorboard:

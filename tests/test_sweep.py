@@ -1,0 +1,113 @@
+"""lmt sweep on Optuna: a 2x2 grid is one parent run and four nested trial runs whose
+params carry their bindings; the same command again runs only what failed; bad input is
+refused before any trial starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmt_tf.cli import main
+from lmt_tf.errors import ConfigError
+from lmt_tf.sweep import parse_dimension
+from tests.conftest import TINY, all_runs
+
+NPZ = TINY.replace("include 'gin/data/digits.gin'", "run_experiment.data = @load_npz")
+
+
+def _write_npz(path: Path) -> None:
+    from lmt_tf.data.sources import load_digits
+
+    train = load_digits().train
+    np.savez(path, x=train.x, y=train.y)
+
+
+@pytest.mark.slow
+def test_a_grid_sweep_nests_its_trials_and_reruns_only_what_failed(gin_file, in_tmp: Path,
+                                                                  capsys) -> None:
+    gin_file(NPZ + "TrainConfig.epochs = 1\n")
+    _write_npz(in_tmp / "a.npz")  # b.npz is not there yet: its trials fail
+    command = ["sweep", "exp.gin", "--parallel", "2",
+               "--grid", "keras.optimizers.SGD.learning_rate=[0.05,0.2]",
+               "--grid", "load_npz.path=['a.npz','b.npz']"]
+    assert main(command) == 1
+    assert "2 trial(s) failed (run the same command again to retry them)" in \
+        capsys.readouterr().out
+    _write_npz(in_tmp / "b.npz")
+    assert main(command) == 0
+    assert "2 trial(s) done, 2 to run (2 again after failing)" in capsys.readouterr().out
+    assert main(command) == 0
+    assert "4 trial(s) done, 0 to run" in capsys.readouterr().out
+
+    runs = all_runs(in_tmp)
+    (parent,) = [r for r in runs if r.info.run_name.startswith("sweep-")]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    # The failed trials stopped on their data before a run was made: every run is one
+    # of the four grid points, each once.
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(children) == len(finished) == 4
+    grid = {(r.data.params["SGD.learning_rate"], r.data.params["load_npz.path"])
+            for r in finished}
+    assert grid == {(lr, path) for lr in ("0.05", "0.2") for path in ("'a.npz'", "'b.npz'")}
+    assert parent.info.status == "FINISHED"
+    top = max(r.data.metrics["val_accuracy"] for r in finished)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(top)
+    best = {r.info.run_id: r for r in finished}[parent.data.tags["lmt.sweep.best_run"]]
+    assert best.data.metrics["val_accuracy"] == pytest.approx(top)  # (a.npz = b.npz: ties)
+
+
+@pytest.mark.parametrize(("flag", "text", "message"), [
+    ("--grid", "Adam.learning_rate=[0.1", "the values must be a list"),
+    ("--grid", "Adam.learning_rate", "expected KEY=VALUES"),
+    ("--grid", "Adam.learning_rate=[0.1,]", "the list has an empty value"),
+    ("--search", "Adam.learning_rate=loguniform(0,1)", "needs low < high and low > 0"),
+    ("--search", "Adam.learning_rate=normal(0,1)", "expected uniform(a,b), loguniform"),
+    ("--search", "Adam.learning_rate=uniform(a,1)", "uniform needs two numbers"),
+])
+def test_spaces_that_do_not_parse(flag: str, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_dimension(text, grid=flag == "--grid")
+
+
+def test_bad_sweeps_fail_before_any_trial(gin_file, in_tmp: Path, capsys, monkeypatch) -> None:
+    gin_file(TINY)
+    assert main(["sweep", "exp.gin", "--grid", "TrainConfig.nonsense=[1,2]"]) == 2
+    assert "doesn't have a parameter named 'nonsense'" in capsys.readouterr().err
+    assert main(["sweep", "exp.gin", "--search", "TrainConfig.epochs=int(1,3)"]) == 2
+    assert "--search needs --trials N" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert main(["sweep", "exp.gin", "--grid", "TrainConfig.epochs=[1,2]"]) == 2
+    assert "127.0.0.1:9" in capsys.readouterr().err
+    assert not (in_tmp / "lmt_sweeps.db").exists() and not all_runs(in_tmp)
+
+
+def test_a_trial_below_the_median_is_pruned_and_its_run_ends_killed(
+        gin_file, in_tmp: Path, monkeypatch, capsys) -> None:
+    import json
+
+    import optuna
+
+    from lmt_tf.sweep import TRIAL_ENV
+
+    storage = f"sqlite:///{in_tmp / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_warmup_steps=1))
+    for _ in range(5):  # MedianPruner waits for 5 trials; these reached 0.99 at once
+        trial = study.ask()
+        for epoch in (1, 2):
+            trial.report(0.99, epoch)
+        study.tell(trial, 0.99)
+    trial = study.ask()
+    monkeypatch.setenv(TRIAL_ENV, json.dumps({"storage": storage, "study": "s",
+                                              "trial_id": trial._trial_id,
+                                              "metric": "val_accuracy"}))
+    gin_file(TINY + "TrainConfig.epochs = 3\n")
+    assert main(["run", "exp.gin"]) == 3
+    assert "lmt: pruned by the sweep after epoch 1 (val_accuracy" in capsys.readouterr().err
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED"
+    reported = study.trials[-1].intermediate_values
+    assert sorted(reported) == [1]  # reported, then stopped before the second epoch
