@@ -1,0 +1,122 @@
+"""A team's tracking server: lmt logs to a real `mlflow server` over HTTP, with proxied
+artifacts, exactly as to the local store; a 2-worker `lmt launch` job logs its one run
+there. The server is backed by a throw-away PostgreSQL cluster where Debian's
+PostgreSQL binaries are installed (`.ci/run` installs them), else by SQLite."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmt_tf.runtime.launcher import free_ports, stop_process_groups
+from tests.conftest import TINY
+from tests.test_processes import _wait_for
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """initdb and the server refuse to run as root: as the postgres user, then."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture
+def postgres() -> Iterator[str | None]:
+    """A PostgreSQL cluster on a free loopback port: its SQLAlchemy URI, or None where the
+    binaries (or, as root, the postgres user) are absent."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found or (os.geteuid() == 0 and shutil.which("runuser") is None):
+        yield None
+        return
+    bin_dir = Path(found[-1]).parent
+    # Not under pytest's temporary root: it is private to root, and the server runs as
+    # the postgres user.
+    base = Path(tempfile.mkdtemp(prefix="lmt-pg-"))
+    base.chmod(0o755)
+    data, sockets = base / "data", base / "sockets"
+    for directory in (data, sockets):
+        directory.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(directory, "postgres", "postgres")
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust",
+                                 "-U", "lmt"]), check=True, capture_output=True, timeout=120)
+    (port,) = free_ports(1)
+    subprocess.run(_as_postgres([
+        str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "server.log"),
+        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1", "start"]),
+        check=True, capture_output=True, timeout=120)
+    try:
+        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "lmt", "mlflow"], check=True, capture_output=True, timeout=60)
+        yield f"postgresql+psycopg://lmt@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m",
+                                     "immediate", "stop"]), capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, postgres: str | None) -> Iterator[str]:
+    """`mlflow server` on a free loopback port, serving (proxying) artifacts itself."""
+    backend = postgres or f"sqlite:///{tmp_path / 'server.db'}"
+    (port,) = free_ports(1)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert server.poll() is None, "mlflow server exited"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait_for(healthy, 120, "mlflow server")
+        yield url
+    finally:
+        stop_process_groups([server], grace=3)
+
+
+@pytest.mark.slow
+def test_runs_log_to_a_tracking_server_as_to_the_local_store(
+        mlflow_server: str, postgres: str | None, tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+
+    from lmt_tf.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    (work / "exp.gin").write_text(TINY)
+    assert main(["run", "exp.gin"]) == 0
+    assert main(["launch", "--workers", "2", "--network", "host", "--timeout", "240",
+                 "exp.gin", "--gin_param", "run_experiment.name = 'launched'"]) == 0
+    client = mlflow.MlflowClient(mlflow_server)
+    for name in ("exp", "launched"):
+        experiment = client.get_experiment_by_name(name)
+        (run,) = client.search_runs([experiment.experiment_id])  # one run per job
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+        assert "SGD.momentum" in run.data.params and run.inputs.dataset_inputs
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+        assert "config/operative_config.gin" in logged
+    # Artifacts went through the server to its own store, none to a local one.
+    assert list((tmp_path / "server-artifacts").rglob("operative_config.gin"))
+    assert not (work / "mlartifacts").exists() and not (work / "mlruns.db").exists()
+    if postgres is None:
+        warnings.warn("PostgreSQL's binaries are not installed: the server ran on SQLite",
+                      stacklevel=1)
