@@ -1,0 +1,88 @@
+"""The MLflow UI as a user sees it: `lmt ui` over a store holding a small sweep, opened in
+headless Chromium; the rendered DOM shows the sweep's parent run, and a trial's page its
+name, param and metric. A screenshot is kept in test-artifacts/ (or $LMT_TEST_ARTIFACTS).
+Skipped where Chromium is absent (`.ci/run` installs Debian's chromium)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT, mlflow_client
+from tests.test_processes import LMT, _free_port, _reap, _wait_for
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1400,900", "--virtual-time-budget=30000"]
+
+
+def _chromium(url: str, profile: Path, *how: str) -> str:
+    done = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *how, url],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _sweep_store(directory: Path) -> tuple[str, dict[str, str]]:
+    """What `lmt sweep` leaves in a store: a parent run and nested trials with their
+    binding as a param and their final metric."""
+    client = mlflow_client(directory)
+    experiment = client.create_experiment("swept")
+    parent = client.create_run(experiment, run_name="sweep-swept-1a2b3c")
+    trials = {}
+    for number, rate in enumerate(("0.05", "0.2")):
+        run = client.create_run(experiment, run_name=f"swept-trial-{number}",
+                                tags={"mlflow.parentRunId": parent.info.run_id})
+        client.log_param(run.info.run_id, "SGD.learning_rate", rate)
+        client.log_metric(run.info.run_id, "val_accuracy", 0.6125 + 0.25 * number)
+        client.set_terminated(run.info.run_id)
+        trials[run.info.run_id] = rate
+    client.set_terminated(parent.info.run_id)
+    return experiment, trials
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: chromium)")
+def test_the_ui_shows_a_sweeps_runs_params_and_metrics(in_tmp: Path) -> None:
+    experiment, trials = _sweep_store(in_tmp)
+    port = _free_port()
+    ui = subprocess.Popen([LMT, "ui", "--port", str(port)], cwd=in_tmp,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert ui.poll() is None, "lmt ui exited"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+
+        _wait_for(up, 120, "lmt ui")
+        runs_page = _chromium(f"{base}/#/experiments/{experiment}/runs", in_tmp / "p1",
+                              "--dump-dom")
+        assert "sweep-swept-1a2b3c" in runs_page  # the sweep, its trials nested under it
+        run_id, rate = next((k, v) for k, v in trials.items() if v == "0.2")
+        run_url = f"{base}/#/experiments/{experiment}/runs/{run_id}"
+        run_page = _chromium(run_url, in_tmp / "p2", "--dump-dom")
+        for shown in ("swept-trial-1", "SGD.learning_rate", f">{rate}<", "val_accuracy",
+                      "0.8625", "sweep-swept-1a2b3c"):
+            assert shown in run_page, shown
+        artifacts = Path(os.environ.get("LMT_TEST_ARTIFACTS", PROJECT_ROOT / "test-artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        picture = artifacts / "mlflow-ui-trial-run.png"
+        _chromium(run_url, in_tmp / "p3", f"--screenshot={picture}")
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        ui.terminate()  # lmt ui stops its MLflow server on SIGTERM
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ui.wait(30)
+        _reap(ui)
