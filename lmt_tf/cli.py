@@ -275,7 +275,6 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.launcher import stop_process_groups
     from lmt_tf.tracking import DEFAULT_ARTIFACTS, redact_uri, resolve_tracking_uri, sweep_store
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -291,7 +290,14 @@ def _ui(args: argparse.Namespace) -> int:
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
     print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
           f"  (Ctrl-C stops it)", flush=True)
-    # Its own session, so that stopping lmt (Ctrl-C, SIGTERM) stops the whole server.
+    return _serve(command)
+
+
+def _serve(command: list[str]) -> int:
+    """Runs a server until it exits or lmt is stopped (Ctrl-C, SIGTERM), which stops it."""
+    from lmt_tf.runtime.launcher import stop_process_groups
+
+    # Its own session, so that stopping lmt stops the whole server, children included.
     server = subprocess.Popen(command, start_new_session=True)
     try:
         return server.wait()
@@ -358,7 +364,6 @@ def _tensorboard(args: argparse.Namespace) -> int:
 
     import mlflow
 
-    from lmt_tf.runtime.launcher import stop_process_groups
     from lmt_tf.tracking import find_run, resolve_tracking_uri
 
     _check_port_free(args.port)
@@ -375,13 +380,7 @@ def _tensorboard(args: argparse.Namespace) -> int:
                    "--host", "127.0.0.1", "--port", str(args.port)]
         print(f"lmt: TensorBoard for run {run.info.run_id} ({run.info.run_name})\n"
               f"  http://127.0.0.1:{args.port}/\n  (Ctrl-C stops it)", flush=True)
-        server = subprocess.Popen(command, start_new_session=True)
-        try:
-            return server.wait()
-        except KeyboardInterrupt:
-            return 0
-        finally:
-            stop_process_groups([server])
+        return _serve(command)
 
 
 def _check_port_free(port: int) -> None:

@@ -35,6 +35,20 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_health(url: str, process: subprocess.Popen, what: str,
+                    timeout: float = 120) -> None:
+    """Waits until ``url``/health answers 200 (MLflow servers), while ``process`` runs."""
+    def healthy() -> bool:
+        assert process.poll() is None, f"{what} exited"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    _wait_for(healthy, timeout, what)
+
+
 def _reap(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from lmt_tf.runtime.launcher import free_ports, stop_process_groups
 from tests.conftest import TINY
-from tests.test_processes import _wait_for
+from tests.test_processes import wait_for_health
 
 
 def _as_postgres(command: list[str]) -> list[str]:
@@ -74,17 +73,8 @@ def mlflow_server(tmp_path: Path, postgres: str | None) -> Iterator[str]:
          "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert server.poll() is None, "mlflow server exited"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                return reply.status == 200
-        except OSError:
-            return False
-
     try:
-        _wait_for(healthy, 120, "mlflow server")
+        wait_for_health(url, server, "mlflow server")
         yield url
     finally:
         stop_process_groups([server], grace=3)

@@ -9,13 +9,12 @@ import contextlib
 import os
 import shutil
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT, mlflow_client
-from tests.test_processes import LMT, _free_port, _reap, _wait_for
+from tests.test_processes import LMT, _free_port, _reap, wait_for_health
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -58,15 +57,7 @@ def test_the_ui_shows_a_sweeps_runs_params_and_metrics(in_tmp: Path) -> None:
                           start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        def up() -> bool:
-            assert ui.poll() is None, "lmt ui exited"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
-                    return reply.status == 200
-            except OSError:
-                return False
-
-        _wait_for(up, 120, "lmt ui")
+        wait_for_health(base, ui, "lmt ui")
         runs_page = _chromium(f"{base}/#/experiments/{experiment}/runs", in_tmp / "p1",
                               "--dump-dom")
         assert "sweep-swept-1a2b3c" in runs_page  # the sweep, its trials nested under it

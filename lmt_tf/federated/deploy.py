@@ -10,7 +10,6 @@ of the data). The same two commands run the clients on other machines.
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,16 +58,8 @@ def deploy(job: Deployment, echo: Callable[[str], None] = print,
               *(["--run-name", job.run_name] if job.run_name else []),
               *(["--resume"] if job.resume else []),
               *(["--allow-changes"] if job.allow_changes else [])]
-    lock = threading.Lock()
-
-    def locked(sink: Callable[[str], None]) -> Callable[[str], None]:
-        def write(line: str) -> None:
-            with lock:
-                sink(line)
-        return write
-
-    say = locked(echo)
-    group = ProcessGroup(say, locked(echo_error or echo))
+    group = ProcessGroup(echo, echo_error or echo)
+    say = group.echo
     group.start(Task("server", 0), server, {}, address)
     for k in range(job.clients):
         group.start(Task("client", k), [*lmt, "flower-client", *gin, "--server", address,

@@ -105,7 +105,15 @@ class ProcessGroup:
 
     def __init__(self, echo: Callable[[str], None], echo_error: Callable[[str], None]):
         self.processes: dict[Task, subprocess.Popen] = {}
-        self._echo, self._echo_error = echo, echo_error
+        lock = threading.Lock()
+
+        def locked(sink: Callable[[str], None]) -> Callable[[str], None]:
+            def write(line: str) -> None:
+                with lock:  # whole lines, from the pumps' threads and the caller's
+                    sink(line)
+            return write
+
+        self.echo, self._echo_error = locked(echo), locked(echo_error)
         self._pumps: list[threading.Thread] = []
 
     def start(self, task: Task, command: Sequence[str], environment: dict[str, str],
@@ -115,8 +123,8 @@ class ProcessGroup:
             list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         self.processes[task] = process
-        self._echo(f"lmt launch: started {task.name} at {where} (pid {process.pid})")
-        for stream, sink in ((process.stdout, self._echo), (process.stderr, self._echo_error)):
+        self.echo(f"lmt launch: started {task.name} at {where} (pid {process.pid})")
+        for stream, sink in ((process.stdout, self.echo), (process.stderr, self._echo_error)):
             pump = threading.Thread(target=self._pump, args=(task, stream, sink), daemon=True)
             pump.start()
             self._pumps.append(pump)
@@ -278,16 +286,8 @@ def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
     tasks = job.workers + (1 + job.ps if job.ps else 0) + (1 if job.evaluator else 0)
     spec = cluster_spec(job.workers, job.ps, free_ports(tasks), job.evaluator)
     echo(f"lmt launch: cluster {json.dumps(spec)}")
-    lock = threading.Lock()
-
-    def locked(sink: Callable[[str], None]) -> Callable[[str], None]:
-        def write(line: str) -> None:
-            with lock:
-                sink(line)
-        return write
-
-    locked_echo = locked(echo)
-    cluster = _start_cluster(spec, command, locked_echo, locked(echo_error), environment)
+    cluster = _start_cluster(spec, command, echo, echo_error, environment)
+    locked_echo = cluster.echo
     deadline = time.monotonic() + job.timeout if job.timeout else None
     lost: set[Task] = set()
     try:
