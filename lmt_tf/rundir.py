@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,15 @@ class RunDir:
 
 
 def _write_atomically(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
+    # A scratch file of this writer's own: runs of one experiment side by side (a
+    # sweep's parallel trials) all mark LATEST.
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _experiment_root(work_dir: str | Path, experiment: str) -> Path:
