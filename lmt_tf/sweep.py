@@ -204,9 +204,10 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> int:
         client.log_param(parent_id, "sweep.space", json.dumps(
             {d.key: list(d.values) if d.values else f"{d.kind}({d.low:g},{d.high:g})"
              for d in sweep.dimensions}))
-        for name, value in (("sweep.metric", sweep.metric), ("sweep.direction",
-                            sweep.direction), ("sweep.sampler", "grid" if sweep.grid
-                            else sweep.sampler), ("sweep.prune", sweep.prune)):
+        settings = {"sweep.metric": sweep.metric, "sweep.direction": sweep.direction,
+                    "sweep.sampler": "grid" if sweep.grid else sweep.sampler,
+                    "sweep.prune": sweep.prune}
+        for name, value in settings.items():
             client.log_param(parent_id, name, value)
         echo(f"lmt sweep: study {sweep.study_name} in {STUDY_FILE}; parent run {parent_id}")
     else:
@@ -296,14 +297,13 @@ def _plan(study: Any, sweep: Sweep) -> _Pending:
     # A trial RUNNING in the study is one whose sweep was killed: run it again.
     stale = [t for t in trials if t.state == TrialState.RUNNING]
     for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
+        study.tell(trial.number, state=TrialState.FAIL)
+    have = [dict(t.params) for t in finished]
     if sweep.grid:
-        have = [dict(t.params) for t in finished]
         todo = [p for p in sweep.grid_points() if p not in have]
         rerun = any(dict(t.params) in todo for t in [*failed, *stale])
         return _Pending(len(todo), len(finished), todo, rerun)
     again = [dict(t.params) for t in [*failed, *stale] if t.params]
-    have = [dict(t.params) for t in finished]
     again = [p for i, p in enumerate(again) if p not in have and p not in again[:i]]
     count = max(sweep.trials - len(finished), 0)
     return _Pending(count, len(finished), again[:count], bool(again))

@@ -55,9 +55,14 @@ def _reap(process: subprocess.Popen) -> None:
         process.wait(10)
 
 
-def _epochs_done(directory: Path) -> int:
+def run_state(directory: Path, key: str) -> int:
+    """``key`` of the one run's state.json under ``directory`` (0 until it is there)."""
     states = list((directory / "lmt_work").glob("*/*/state.json"))
-    return json.loads(states[0].read_text()).get("epochs", 0) if states else 0
+    return json.loads(states[0].read_text()).get(key, 0) if states else 0
+
+
+def _epochs_done(directory: Path) -> int:
+    return run_state(directory, "epochs")
 
 
 @pytest.mark.slow

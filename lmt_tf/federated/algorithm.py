@@ -260,7 +260,7 @@ def aggregate(config: FederatedConfig, weights: Weights, results: Sequence[Clien
         return mean, facts
     clip = config.dp_clip_norm
     norms = [global_norm(d) for d in deltas]
-    clipped = [clip_update(d, clip) for d in deltas]
+    clipped = [clip_update(d, clip, norm) for d, norm in zip(deltas, norms, strict=True)]
     summed = [sum((d[i] for d in clipped), np.zeros_like(b)) for i, b in enumerate(base)]
     rng = round_rng(seed, round_, _NOISE)
     std = config.dp_noise_multiplier * clip
@@ -275,9 +275,10 @@ def global_norm(arrays: Sequence[np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
 
 
-def clip_update(delta: Sequence[np.ndarray], clip: float) -> list[np.ndarray]:
-    """``delta`` scaled to L2 norm ``clip`` if it is longer."""
-    norm = global_norm(delta)
+def clip_update(delta: Sequence[np.ndarray], clip: float,
+                norm: float | None = None) -> list[np.ndarray]:
+    """``delta`` scaled to L2 norm ``clip`` if it is longer (``norm``: its norm, if known)."""
+    norm = global_norm(delta) if norm is None else norm
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     return [d * factor for d in delta]
 

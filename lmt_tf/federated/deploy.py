@@ -10,15 +10,11 @@ of the data). The same two commands run the clients on other machines.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmt_tf.errors import LmtError
 from lmt_tf.runtime.launcher import (
-    EXIT_INTERRUPTED,
-    EXIT_TIMEOUT,
-    POLL_SECONDS,
     ProcessGroup,
     Task,
     free_ports,
@@ -64,23 +60,19 @@ def deploy(job: Deployment, echo: Callable[[str], None] = print,
     for k in range(job.clients):
         group.start(Task("client", k), [*lmt, "flower-client", *gin, "--server", address,
                                         "--client", str(k)], {}, f"-> {address}")
-    deadline = time.monotonic() + job.timeout if job.timeout else None
     reported: set[Task] = set()
-    try:
-        while True:
-            for task, process in group.processes.items():
-                code = process.poll()
-                if task.task_type == "server" and code is not None:
-                    say(f"lmt federate: the server exited with status {code}")
-                    return code
-                if code not in (None, 0) and task not in reported:
-                    reported.add(task)
-                    say(f"lmt federate: {task.name} exited with status {code}")
-            if deadline and time.monotonic() > deadline:
-                say(f"lmt federate: no result after {job.timeout:g} s; stopping")
-                return EXIT_TIMEOUT
-            time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    finally:
-        group.stop()
+
+    def outcome() -> int | None:
+        """The server's status once it exits; a client that fails is reported once."""
+        for task, process in group.processes.items():
+            code = process.poll()
+            if task.task_type == "server" and code is not None:
+                say(f"lmt federate: the server exited with status {code}")
+                return code
+            if code not in (None, 0) and task not in reported:
+                reported.add(task)
+                say(f"lmt federate: {task.name} exited with status {code}")
+        return None
+
+    return group.supervise(outcome, job.timeout,
+                           f"lmt federate: no result after {job.timeout:g} s; stopping")

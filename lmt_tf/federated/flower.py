@@ -181,10 +181,9 @@ class _Strategy(flwr.server.strategy.Strategy):
         round_ = self.start + server_round
         try:
             for failure in failures:
-                reason = failure if isinstance(failure, BaseException) else "no result"
-                self._failed(round_, f"a client failed ({type(reason).__name__}: {reason})"
-                             if isinstance(reason, BaseException) else f"a client failed: "
-                             f"{reason}")
+                what = (f"{type(failure).__name__}: {failure}"
+                        if isinstance(failure, BaseException) else "no result")
+                self._failed(round_, f"a client failed ({what})")
             clients = [ClientResult(int(res.metrics["client"]),
                                     flwr.common.parameters_to_ndarrays(res.parameters),
                                     int(res.num_examples), float(res.metrics["loss"]))
@@ -192,13 +191,9 @@ class _Strategy(flwr.server.strategy.Strategy):
             clients.sort(key=lambda r: r.client)  # the simulation's order: sorted ids
             if not clients and not self.federation.config.private:
                 raise LmtError(f"round {round_}: no client returned a result")
-            state, facts = self.federation.server_update(self.state, clients, round_)
-            record = self.federation.record(round_, clients, state.weights,
-                                            time.perf_counter() - self._started, facts)
-            if self.federation.evaluates(round_):
-                record.test = self.model.evaluate(state.weights, self.test)
-                if self.federation.reached(record):
-                    state.reached_target = round_
+            state, record = self.federation.close_round(
+                self.state, clients, round_, self._started,
+                lambda weights: self.model.evaluate(weights, self.test))
             self.state = state
             self.on_round(record, state)
         except LmtError as e:

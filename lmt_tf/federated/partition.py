@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lmt_tf.checks import check, check_types
+from lmt_tf.errors import ConfigError
 
 SCHEMES = ("iid", "pathological", "dirichlet", "unbalanced")
 
@@ -139,10 +140,8 @@ def _dirichlet(rng: np.random.Generator, labels: np.ndarray, k: int,
         merged = [np.concatenate(p) for p in parts]
         if min(len(p) for p in merged) > 0:
             return merged
-    check(False, "PartitionConfig.alpha",
-          f"Dirichlet({alpha}) left a client without examples in 100 draws; raise alpha "
-          f"or use fewer than {k} clients")
-    raise AssertionError("unreachable")
+    raise ConfigError(f"PartitionConfig.alpha Dirichlet({alpha}) left a client without "
+                      f"examples in 100 draws; raise alpha or use fewer than {k} clients")
 
 
 def write_artifacts(summary: dict, num_classes: int, directory: Path) -> list[Path]:

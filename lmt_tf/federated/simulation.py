@@ -122,35 +122,35 @@ class Federation:
         return RoundState(0, [np.array(w) for w in weights],
                           self.config.server_optimizer.initial_state(weights))
 
-    def server_update(self, state: RoundState, results: Sequence[ClientResult], round_: int
-                      ) -> tuple[RoundState, dict[str, float]]:
-        """The global model after round ``round_`` and facts of its aggregation."""
+    def close_round(self, state: RoundState, results: Sequence[ClientResult], round_: int,
+                    started: float, evaluate: Callable[[Weights], dict[str, float]]
+                    ) -> tuple[RoundState, RoundRecord]:
+        """Round ``round_`` from its clients' ``results``: the new global model (server
+        optimizer after aggregation) and the round's record, evaluated by ``evaluate``
+        when the round is one to evaluate (``started``: its ``time.perf_counter()``)."""
         delta, facts = aggregate(self.config, state.weights, results, self.clients,
                                  self.seed, round_)
         weights, server = self.config.server_optimizer.apply(state.weights, delta,
                                                              state.server_state)
-        size = weight_bytes(weights) * len(results)
-        return RoundState(round_, weights, server, state.reached_target,
-                          state.bytes_up + size, state.bytes_down + size), facts
-
-    def record(self, round_: int, results: Sequence[ClientResult], weights: Weights,
-               seconds: float, facts: dict[str, float]) -> RoundRecord:
-        """The round's record without its evaluation."""
         examples = sum(r.examples for r in results)
         loss = (sum(r.loss * r.examples for r in results) / examples) if examples else 0.0
-        size = weight_bytes(weights)
+        sent = weight_bytes(weights) * len(results)  # each way: a model to and from each
         epsilon = (privacy_spent(self.config, self.clients, round_)
                    if self.config.private and self.config.dp_noise_multiplier else None)
-        return RoundRecord(round_, [r.client for r in results], examples, loss,
-                           size * len(results), size * len(results), seconds,
-                           epsilon=epsilon, facts=facts)
+        state = RoundState(round_, weights, server, state.reached_target,
+                           state.bytes_up + sent, state.bytes_down + sent)
+        record = RoundRecord(round_, [r.client for r in results], examples, loss, sent, sent,
+                             time.perf_counter() - started, epsilon=epsilon, facts=facts)
+        if self.evaluates(round_):
+            record.test = evaluate(weights)
+            target = self.config.target_accuracy
+            if target is not None and record.test.get("accuracy", 0.0) >= target:
+                state.reached_target = round_
+        return state, record
 
     def evaluates(self, round_: int) -> bool:
         return round_ % self.config.eval_every == 0 or round_ == self.config.rounds
 
-    def reached(self, record: RoundRecord) -> bool:
-        target = self.config.target_accuracy
-        return target is not None and record.test.get("accuracy", 0.0) >= target
 
 
 def simulate(federation: Federation, client: ClientModel, state: RoundState, test: Split,
@@ -164,12 +164,7 @@ def simulate(federation: Federation, client: ClientModel, state: RoundState, tes
         started = time.perf_counter()
         results = [client.fit(state.weights, federation.client_split(k), federation.seed,
                               round_, int(k)) for k in federation.sample(round_)]
-        state, facts = federation.server_update(state, results, round_)
-        record = federation.record(round_, results, state.weights,
-                                   time.perf_counter() - started, facts)
-        if federation.evaluates(round_):
-            record.test = client.evaluate(state.weights, test)
-            if federation.reached(record):
-                state.reached_target = round_
+        state, record = federation.close_round(state, results, round_, started,
+                                               lambda weights: client.evaluate(weights, test))
         on_round(record, state)
     return state

@@ -135,6 +135,28 @@ class ProcessGroup:
         for line in stream:
             echo(f"[{task.name}] {line.rstrip()}")
 
+    def supervise(self, outcome: Callable[[], int | None], timeout: float,
+                  on_timeout: str) -> int:
+        """Polls ``outcome`` (the job's exit status once decided, else None) until it
+        decides, ``timeout`` seconds pass (0: none; says ``on_timeout``, returns 124) or
+        Ctrl-C/SIGTERM (130); then stops every process still running."""
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            while True:
+                status = outcome()
+                if status is not None:
+                    return status
+                if deadline and time.monotonic() > deadline:
+                    self.echo(on_timeout)
+                    return EXIT_TIMEOUT
+                time.sleep(POLL_SECONDS)
+        except KeyboardInterrupt:
+            # Stopping the processes sends them SIGTERM, on which a training task saves a
+            # checkpoint at a step they agree on and ends the run KILLED.
+            return EXIT_INTERRUPTED
+        finally:
+            self.stop()
+
     def signal_all(self, signum: int) -> None:
         signal_groups(self.processes.values(), signum)
 
@@ -287,25 +309,10 @@ def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
     spec = cluster_spec(job.workers, job.ps, free_ports(tasks), job.evaluator)
     echo(f"lmt launch: cluster {json.dumps(spec)}")
     cluster = _start_cluster(spec, command, echo, echo_error, environment)
-    locked_echo = cluster.echo
-    deadline = time.monotonic() + job.timeout if job.timeout else None
     lost: set[Task] = set()
-    try:
-        while True:
-            status = _outcome(cluster, job.ps > 0, locked_echo, lost)
-            if status is not None:
-                return status
-            if deadline and time.monotonic() > deadline:
-                locked_echo(f"lmt launch: no result after {job.timeout:g} s; stopping the "
-                            f"cluster")
-                return EXIT_TIMEOUT
-            time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM of the launcher: stopping the cluster sends its tasks SIGTERM,
-        # on which they save a checkpoint at a step they agree on and end the run KILLED.
-        return EXIT_INTERRUPTED
-    finally:
-        cluster.stop()
+    return cluster.supervise(lambda: _outcome(cluster, job.ps > 0, cluster.echo, lost),
+                             job.timeout, f"lmt launch: no result after {job.timeout:g} s; "
+                                          f"stopping the cluster")
 
 
 def project_file(path: str) -> Path:

@@ -60,15 +60,15 @@ class Federate(Stage):
         config, run, seed, splits = self.config, context.run, context.seed, context.splits
         own = context.stage_dir(self.name)
         source = RunDir((context.run_dir or context.own).path / "stages" / self.name)
-        parts = partition(splits.train.y, self.partition, seed)
-        federation = Federation(config, parts, splits.train, seed)
-        client = self._client_model(context.model_fn, splits, context.configs.train)
         saved = RoundState.latest(source.checkpoints) if context.options.resume else None
         if context.done(self.name) and saved is not None:
             context.model.set_weights(saved.weights)
             context.echo(f"lmt: federate: done in an earlier attempt; restored round "
                          f"{saved.round}")
             return
+        parts = partition(splits.train.y, self.partition, seed)
+        federation = Federation(config, parts, splits.train, seed)
+        client = self._client_model(context.model_fn, splits, context.configs.train)
         if saved is None:
             summary = parts.summary(splits.train.y, splits.num_classes, self.partition, seed)
             for path in write_artifacts(summary, splits.num_classes, own.path):
@@ -82,8 +82,12 @@ class Federate(Stage):
         context.echo(f"lmt: {self.describe()}; client sizes "
                      f"{int(parts.sizes().min())}..{int(parts.sizes().max())}")
         log_file = own.path / "rounds.jsonl"
+        tested: dict[int, dict[str, float]] = {}  # the last evaluated round's test metrics
 
         def on_round(record: RoundRecord, new: RoundState) -> None:
+            if record.test:
+                tested.clear()
+                tested[record.round] = record.test
             # The checkpoint first: a run killed in between logs no round twice.
             new.save(own.checkpoints)
             context.own.update_state(federate_round=record.round)
@@ -103,7 +107,8 @@ class Federate(Stage):
         else:
             state = simulate(federation, client, state, splits.test, on_round)
         context.model.set_weights(state.weights)
-        test = client.evaluate(state.weights, splits.test)  # logged with its round
+        # The last round is always evaluated; a resumed run that had no round left is not.
+        test = tested.get(state.round) or client.evaluate(state.weights, splits.test)
         if state.reached_target is not None:
             run.log_metrics({f"{self.name}/rounds_to_target": state.reached_target},
                             state.round)
@@ -116,7 +121,6 @@ class Federate(Stage):
         context.echo(f"lmt: federate: {state.round} rounds, test "
                      + ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + reached)
         context.mark_done(self.name)
-
 
     def _client_model(self, model_fn: Any, splits: Splits, train: TrainConfig) -> ClientModel:
         return ClientModel(model_fn, splits.input_shape, splits.num_classes, self.config,

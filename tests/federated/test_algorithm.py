@@ -40,8 +40,9 @@ def _federation(config: FederatedConfig, clients: int = 10) -> Federation:
 
 def _server_round(config: FederatedConfig, results, clients: int = 10):
     federation = _federation(config, clients)
-    state, facts = federation.server_update(federation.initial_state(GLOBAL), results, 1)
-    return state.weights, facts
+    state, record = federation.close_round(federation.initial_state(GLOBAL), results, 1,
+                                           started=0.0, evaluate=lambda _: {})
+    return state.weights, record.facts
 
 
 def test_fedavg_takes_the_example_weighted_mean_of_client_weights() -> None:

@@ -4,7 +4,6 @@ run resumed at its last round into the same MLflow run, and bad input."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 from pathlib import Path
@@ -20,7 +19,7 @@ from lmt_tf.stages import Export
 from lmt_tf.stages.federate import Federate
 from tests.conftest import all_runs, mlflow_client
 from tests.stages import run_stages
-from tests.test_processes import LMT, _reap, _wait_for
+from tests.test_processes import LMT, _reap, _wait_for, run_state
 
 FEDERATED = """
 include 'gin/data/digits.gin'
@@ -95,9 +94,6 @@ def test_bad_bindings_are_one_line_errors(gin_file, capsys) -> None:
     assert "FederatedConfig.client_fraction must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-def _round_done(directory: Path) -> int:
-    states = list((directory / "lmt_work").glob("*/*/state.json"))
-    return json.loads(states[0].read_text()).get("federate_round", 0) if states else 0
 
 
 @pytest.mark.slow
@@ -107,8 +103,8 @@ def test_a_killed_run_resumes_at_its_last_round_in_the_same_mlflow_run(in_tmp: P
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        _wait_for(lambda: _round_done(in_tmp) >= 3 or process.poll() is not None, 120,
-                  "three rounds")
+        _wait_for(lambda: run_state(in_tmp, "federate_round") >= 3
+                  or process.poll() is not None, 120, "three rounds")
         assert process.poll() is None, process.stderr.read()
         process.send_signal(signal.SIGKILL)
         process.wait(30)
