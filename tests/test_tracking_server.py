@@ -1,7 +1,8 @@
 """A team's tracking server: lmt logs to a real `mlflow server` over HTTP, with proxied
 artifacts, exactly as to the local store; a 2-worker `lmt launch` job logs its one run
-there. The server is backed by a throw-away PostgreSQL cluster where Debian's
-PostgreSQL binaries are installed (`.ci/run` installs them), else by SQLite."""
+there; trials of a parallel sweep logging at once lose no metric. The server is backed by
+a throw-away PostgreSQL cluster where Debian's PostgreSQL binaries are installed
+(`.ci/run` installs them), else by SQLite. One cluster and one server serve the module."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def postgres() -> Iterator[str | None]:
     """A PostgreSQL cluster on a free loopback port: its SQLAlchemy URI, or None where the
     binaries (or, as root, the postgres user) are absent."""
@@ -62,9 +63,15 @@ def postgres() -> Iterator[str | None]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path, postgres: str | None) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def server_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(server_root: Path, postgres: str | None) -> Iterator[str]:
     """`mlflow server` on a free loopback port, serving (proxying) artifacts itself."""
+    tmp_path = server_root
     backend = postgres or f"sqlite:///{tmp_path / 'server.db'}"
     (port,) = free_ports(1)
     server = subprocess.Popen(
@@ -82,7 +89,8 @@ def mlflow_server(tmp_path: Path, postgres: str | None) -> Iterator[str]:
 
 @pytest.mark.slow
 def test_runs_log_to_a_tracking_server_as_to_the_local_store(
-        mlflow_server: str, postgres: str | None, tmp_path: Path, monkeypatch) -> None:
+        mlflow_server: str, postgres: str | None, server_root: Path, tmp_path: Path,
+        monkeypatch) -> None:
     import mlflow
 
     from lmt_tf.cli import main
@@ -105,8 +113,41 @@ def test_runs_log_to_a_tracking_server_as_to_the_local_store(
         logged = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
         assert "config/operative_config.gin" in logged
     # Artifacts went through the server to its own store, none to a local one.
-    assert list((tmp_path / "server-artifacts").rglob("operative_config.gin"))
+    assert list((server_root / "server-artifacts").rglob("operative_config.gin"))
     assert not (work / "mlartifacts").exists() and not (work / "mlruns.db").exists()
     if postgres is None:
         warnings.warn("PostgreSQL's binaries are not installed: the server ran on SQLite",
                       stacklevel=1)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_trials_logging_at_once_lose_no_metric(
+        mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
+    import mlflow
+
+    from lmt_tf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    epochs = 4
+    (tmp_path / "swept.gin").write_text(TINY + f"TrainConfig.epochs = {epochs}\n")
+    assert main(["sweep", "swept.gin", "--parallel", "2", "--quiet",
+                 "--grid", "keras.optimizers.SGD.learning_rate=[0.05,0.1,0.2,0.4]"]) == 0
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("swept")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name.startswith("sweep-")]
+    trials = [r for r in runs if r is not parent]
+    assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}
+    assert {r.data.params["SGD.learning_rate"] for r in trials} == {"0.05", "0.1", "0.2", "0.4"}
+    # Every trial holds every epoch of every per-epoch metric, and the same set of metrics
+    # and params as the others: nothing one trial wrote was lost to another's writes.
+    per_epoch = ("loss", "accuracy", "val_loss", "val_accuracy")
+    for run in trials:
+        for key in per_epoch:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == list(range(1, epochs + 1)), (run.info.run_name, key, steps)
+    assert len({frozenset(r.data.metrics) for r in trials}) == 1
+    assert len({frozenset(r.data.params) for r in trials}) == 1
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
+        max(r.data.metrics["val_accuracy"] for r in trials))
