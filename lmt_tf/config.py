@@ -23,6 +23,7 @@ import tf_keras as keras
 from lmt_tf import experiment
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
+from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.errors import ConfigError
 from lmt_tf.federated import algorithm as federated
 from lmt_tf.federated.partition import PartitionConfig
@@ -32,6 +33,7 @@ from lmt_tf.runtime import strategy
 from lmt_tf.stages import Configs, Export, RunOptions, Train
 from lmt_tf.stages.cluster import Cluster
 from lmt_tf.stages.distill import Distill
+from lmt_tf.stages.evaluate import Evaluate
 from lmt_tf.stages.federate import Federate
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
@@ -42,8 +44,8 @@ from lmt_tf.training.trainer import TrainConfig
 _PROJECT = {
     "lmt": [TrainConfig, TrackingConfig, ExportConfig, InputConfig],
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
-                 sources.load_npz, sources.load_csv, sources.load_movielens,
-                 tfrecord.load_tfrecords],
+                 sources.load_breast_cancer, sources.load_npz, sources.load_csv,
+                 sources.load_movielens, tfrecord.load_tfrecords, Preprocessing],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
     "lmt.federated": [federated.FederatedConfig, PartitionConfig, federated.FedAvg,
@@ -63,7 +65,7 @@ _KERAS = {
 }
 # Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
 _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tflite": TFLite,
-           "distill": Distill, "federate": Federate, "export": Export}
+           "distill": Distill, "federate": Federate, "evaluate": Evaluate, "export": Export}
 _registered: list[str] = []  # every registered name, for "did you mean" hints
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.
@@ -90,7 +92,8 @@ def run_experiment(name: str | None = None,
                                   operative_config=gin.operative_config_str,
                                   operative_params=operative_params)
     configs = Configs(train=configured(TrainConfig), tracking=configured(TrackingConfig),
-                      export=configured(ExportConfig), input=configured(InputConfig))
+                      export=configured(ExportConfig), input=configured(InputConfig),
+                      preprocess=configured(Preprocessing))
     return experiment.run_experiment(data, model, name=name, strategy=strategy, seed=seed,
                                      work_dir=work_dir, stages=stages, configs=configs,
                                      options=options)

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import configured_call
 from lmt_tf.compression import report
 from lmt_tf.data.pipeline import BatchPlan
+from lmt_tf.data.preprocessing import FittedPreprocessing
 from lmt_tf.data.splits import Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.rundir import check_name, find_run_dir
@@ -98,6 +100,9 @@ def run_experiment(
         raise ConfigError(f"run_experiment.data must return Splits, got "
                           f"{type(splits).__name__}")
     splits.validate()
+    # Fitted on the training split only; its layers go in front of every model built.
+    preprocessing = configs.preprocess.fit(splits)
+    model = preprocessing.wrap(model)
     trainer = Trainer(configs.train, strat, configs.input)
     plan = trainer.plan(splits.train)
     echo(f"lmt: {info.name}, {info.replicas} replica(s); global batch "
@@ -105,6 +110,8 @@ def run_experiment(
          f"{plan.steps_per_epoch} steps per epoch")
     sizes = splits.sizes()
     echo(f"lmt: data {splits.name}: " + ", ".join(f"{k} {v:,}" for k, v in sizes.items()))
+    if preprocessing.steps:
+        echo(f"lmt: preprocessing in the model: {preprocessing.describe()}")
     if options.dry_run:
         built = inference_model(trainer.build_model(model, splits))
         echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
@@ -128,11 +135,14 @@ def run_experiment(
             strategy=strat, info=info, role=role, splits=splits, plan=plan, trainer=trainer,
             model_fn=model, seed=seed, configs=configs, options=options, run=session.run,
             run_dir=session.run_dir, own=session.own, trainable=trainable,
-            model=inference_model(trainable),
-            compressing=any(stage.name not in ("train", "federate", "export")
+            model=inference_model(trainable), preprocessing=preprocessing,
+            compressing=any(stage.name not in ("train", "federate", "evaluate", "export")
                             for stage in stages))
-        log_setup(session, options, info, role, _derived(info, plan, splits, context.model),
+        log_setup(session, options, info, role,
+                  _derived(info, plan, splits, context.model, preprocessing),
                   context.model.variables, splits)
+        if preprocessing.steps:
+            session.run.log_text(preprocessing.as_json(), "preprocessing/fitted.json")
         for stage in stages:
             stage.check(context)
         for stage in stages:
@@ -198,8 +208,8 @@ def _serve_flower_client(stages: Sequence[Stage], splits: Splits, model: Callabl
     federate[0].serve_client(splits, model, seed, configs.train, options.flower, options.echo)
 
 
-def _derived(info: StrategyInfo, plan: BatchPlan, splits: Splits,
-             model: keras.Model) -> dict[str, Any]:
+def _derived(info: StrategyInfo, plan: BatchPlan, splits: Splits, model: keras.Model,
+             preprocessing: FittedPreprocessing) -> dict[str, Any]:
     """Params that follow from the configuration: ``derived.*``."""
     return {
         "derived.replicas": info.replicas,
@@ -208,6 +218,8 @@ def _derived(info: StrategyInfo, plan: BatchPlan, splits: Splits,
         "derived.steps_per_epoch": plan.steps_per_epoch,
         "derived.parameters": model.count_params(),
         "derived.dataset": splits.name,
+        "derived.preprocessing": preprocessing.describe(),
+        "derived.model_input_features": int(np.prod(preprocessing.output_shape)),
         **{f"derived.{k}_examples": v for k, v in splits.sizes().items()},
     }
 

@@ -322,18 +322,23 @@ class TrackedRun:
                                context="training",
                                tags={f"{split}_examples": str(n) for split, n in sizes.items()})
 
-    def log_keras_model(self, model: Any, example: Any) -> str:
-        """Logs ``model`` as an MLflow TensorFlow model (tf-keras flavour) with a signature
-        inferred from ``example``; returns its ``models:/`` URI."""
-        import mlflow.tensorflow
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+        """Logs the SavedModel directory ``saved_model`` as an MLflow pyfunc model that
+        serves it with TensorFlow alone (``training/served_model.py``), with the signature
+        of the raw ``example`` inputs and their ``outputs``; returns its URI."""
+        import mlflow.pyfunc
         import tensorflow as tf
         from mlflow.models import infer_signature
 
-        signature = infer_signature(example, model.predict(example, verbose=0))
-        info = mlflow.tensorflow.log_model(
-            model, name="model", signature=signature,
+        from lmt_tf.training import served_model
+
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=served_model.__file__,
+            artifacts={"saved_model": str(saved_model)},
+            signature=infer_signature(example, outputs),
+            metadata={"lmt.input": "raw features: the preprocessing is inside the model"},
             # Explicit, because inferring requirements re-loads the model in a subprocess.
-            pip_requirements=[f"tensorflow=={tf.__version__}", "tf-keras"])
+            pip_requirements=[f"tensorflow=={tf.__version__}"])
         return info.model_uri
 
     def end(self, status: str, error: BaseException | None = None) -> None:
@@ -441,10 +446,32 @@ def load_model(reference: str, uri: str | None = None) -> Any:
     if not reference.startswith(("runs:/", "models:/")):
         model_uri = f"runs:/{find_run(reference, store).info.run_id}/model"
     try:
-        return mlflow.tensorflow.load_model(model_uri)
+        # No progress bar per file: a teacher or an evaluated model loads in one line.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        if (local / "artifacts" / "saved_model").is_dir():  # lmt's served model
+            return load_saved_model(local / "artifacts" / "saved_model")
+        return mlflow.tensorflow.load_model(model_uri)  # a Keras model logged elsewhere
     except Exception as e:  # MLflow's errors for a missing run or model
         raise LmtError(f"cannot load the model {model_uri} from {redact_uri(store)}: "
                        f"{redact(_first_line(e), store)}") from e
+
+
+def source_run_id(reference: str, uri: str | None = None) -> str | None:
+    """The id of the run that logged the model ``reference`` (a run id or name, a
+    ``runs:/`` or ``models:/m-`` URI), or None (a SavedModel path, an unknown model)."""
+    import mlflow
+
+    if Path(reference).is_dir():
+        return None
+    if reference.startswith("runs:/"):
+        return reference.removeprefix("runs:/").split("/", 1)[0]
+    with contextlib.suppress(Exception):
+        if reference.startswith("models:/"):
+            mlflow.set_tracking_uri(resolve_tracking_uri(uri))
+            return mlflow.get_logged_model(reference.removeprefix("models:/")).source_run_id
+        return find_run(reference, uri).info.run_id
+    return None
 
 
 class NullRun:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX
 from lmt_tf.errors import ConfigError
 from lmt_tf.training.model_transforms import ModelTransform
 
@@ -26,14 +27,81 @@ class QuantizationAware(ModelTransform):
     def wrap(self, model: keras.Model) -> keras.Model:
         quantize = tfmot.quantization.keras
         try:
-            if self.preserve is None:
-                return quantize.quantize_model(model)
             combine = tfmot.experimental.combine
-            scheme = (combine.Default8BitPrunePreserveQuantizeScheme()
+            scheme = (None if self.preserve is None
+                      else combine.Default8BitPrunePreserveQuantizeScheme()
                       if self.preserve == "sparsity"
                       else combine.Default8BitClusterPreserveQuantizeScheme())
-            annotated = quantize.quantize_annotate_model(model)
-            return quantize.quantize_apply(annotated, scheme)
+            front = [layer.name for layer in model.layers
+                     if layer.name.startswith(PREPROCESSING_PREFIX)]
+
+            def annotate(layer: keras.layers.Layer) -> keras.layers.Layer:
+                if layer.name not in front:
+                    return layer
+                config = NoQuantization(quantize_output=layer.name == front[-1])
+                return quantize.quantize_annotate_layer(layer, config)
+
+            annotated = quantize.quantize_annotate_model(
+                keras.models.clone_model(model, clone_function=annotate))
+            with quantize.quantize_scope({"NoQuantization": NoQuantization,
+                                          **_preprocessing_layers()}):
+                wrapped = quantize.quantize_apply(annotated, scheme) if scheme \
+                    else quantize.quantize_apply(annotated)
+            if front:
+                _raw_input_unquantized(wrapped)
+            return wrapped
         except (ValueError, RuntimeError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"qat cannot quantize {model.name!r}: {first}") from e
+
+
+class NoQuantization(tfmot.quantization.keras.QuantizeConfig):
+    """Leaves a preprocessing layer in float: it works on raw features, whose ranges one
+    int8 scale would not hold (a tabular feature in thousands beside one in hundredths).
+    The last of them quantizes its output, the model's real input, as TF-MOT's default
+    scheme quantizes a model input (8 bits, asymmetric, moving-average range)."""
+
+    def __init__(self, quantize_output: bool = False):
+        self.quantize_output = quantize_output
+
+    def get_weights_and_quantizers(self, layer: keras.layers.Layer) -> list:
+        return []
+
+    def get_activations_and_quantizers(self, layer: keras.layers.Layer) -> list:
+        return []
+
+    def set_quantize_weights(self, layer: keras.layers.Layer, weights: list) -> None:
+        pass
+
+    def set_quantize_activations(self, layer: keras.layers.Layer, activations: list) -> None:
+        pass
+
+    def get_output_quantizers(self, layer: keras.layers.Layer) -> list:
+        if not self.quantize_output:
+            return []
+        return [tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
+            num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+
+    def get_config(self) -> dict:
+        return {"quantize_output": self.quantize_output}
+
+
+def _raw_input_unquantized(model: keras.Model) -> None:
+    """TF-MOT puts a QuantizeLayer on every model input; in front of the preprocessing it
+    passes the raw features through (its documented ``quantizer=None``)."""
+    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import (
+        QuantizeLayer,
+    )
+
+    for layer in model.layers:
+        inbound = layer.inbound_nodes[0].inbound_layers if layer.inbound_nodes else []
+        if isinstance(layer, QuantizeLayer) and isinstance(inbound, keras.layers.InputLayer):
+            layer.quantizer = None
+
+
+def _preprocessing_layers() -> dict[str, type]:
+    from lmt_tf.data import preprocessing
+
+    return {cls.__name__: cls for cls in (preprocessing.Impute, preprocessing.ClipFeatures,
+                                          preprocessing.OneHotColumns,
+                                          preprocessing.SelectFeatures)}

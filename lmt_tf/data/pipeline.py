@@ -84,10 +84,12 @@ def plan_batches(num_examples: int, global_batch_size: int, replicas: int,
 
 
 def to_model_input(x: tf.Tensor) -> tf.Tensor:
-    """Images stored as uint8 become float32 in [0, 1]; other floats become float32;
-    integer ids (users, items, tokens) stay integers for embedding lookups."""
+    """Raw features as the model takes them: images stored as uint8 become float32 with
+    their values 0-255 (the model rescales them: ``data.preprocessing``); other floats
+    become float32; integer ids (users, items, tokens) stay integers for embedding
+    lookups."""
     if x.dtype == tf.uint8:
-        return tf.cast(x, tf.float32) / 255.0
+        return tf.cast(x, tf.float32)
     if x.dtype.is_integer:
         return tf.cast(x, tf.int64)
     return tf.cast(x, tf.float32)

@@ -4,6 +4,7 @@ data that ships with an installed package, or of the user's own files."""
 from __future__ import annotations
 
 import csv as csv_module
+import dataclasses
 import hashlib
 import importlib.metadata
 from pathlib import Path
@@ -112,7 +113,8 @@ def load_fashion_mnist(
 
 def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
                 seed: int = 0) -> Splits:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), as float32 in [0, 1].
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): float32 pixel values
+    0-16 as stored (the model rescales them to [0, 1]).
 
     Args:
       validation_fraction: fraction of all examples held out for validation.
@@ -122,10 +124,10 @@ def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)
-    return _three_way(Split(x, bunch.target.astype(np.int64)), "digits", 10,
-                      validation_fraction, test_fraction, seed,
-                      "sklearn.datasets.load_digits")
+    splits = _three_way(Split(bunch.images.astype(np.float32), bunch.target.astype(np.int64)),
+                        "digits", 10, validation_fraction, test_fraction, seed,
+                        "sklearn.datasets.load_digits")
+    return dataclasses.replace(splits, pixel_scale=1 / 16)
 
 
 def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -158,9 +160,14 @@ def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float =
                     f"x_test, y_test")
 
 
+MISSING = ("", "na", "nan", "null", "?")  # CSV cells read as a missing value (NaN)
+
+
 def load_csv(path: str, label_column: str = "label", validation_fraction: float = 0.1,
              test_fraction: float = 0.1, seed: int = 0) -> Splits:
     """A CSV file with a header row: numeric feature columns and an integer label column.
+    Empty cells and NA, NaN, null or ? are missing values (NaN): impute them with
+    ``Preprocessing.impute``. The feature columns keep their names (``Splits.features``).
 
     Raises:
       DataError: if the file or the label column is missing, or a value is not numeric.
@@ -180,13 +187,50 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
     if len(header) < 2:
         raise DataError(f"{file}: no feature columns besides {label_column!r}")
     try:
-        table = np.asarray(rows, dtype=np.float64)
+        table = np.asarray([[np.nan if cell.strip().lower() in MISSING else cell
+                             for cell in row] for row in rows], dtype=np.float64)
     except ValueError as e:
         raise DataError(f"{file}: non-numeric value or a row of another length ({e})") from e
+    if np.isnan(table[:, label_at]).any():
+        raise DataError(f"{file}: {int(np.isnan(table[:, label_at]).sum())} rows have no "
+                        f"{label_column!r}")
     y = table[:, label_at].astype(np.int64)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
+    features = tuple(name for i, name in enumerate(header) if i != label_at)
     return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
-                      validation_fraction, test_fraction, seed, str(file))
+                      validation_fraction, test_fraction, seed, str(file), features)
+
+
+def load_breast_cancer(missing_fraction: float = 0.0, outlier_fraction: float = 0.0,
+                       outlier_scale: float = 20.0, validation_fraction: float = 0.15,
+                       test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """scikit-learn's bundled Wisconsin breast-cancer data (569 tumours, 30 features,
+    malignant 0 / benign 1), optionally corrupted as data in the wild is: a seeded
+    ``missing_fraction`` of all feature values becomes NaN, and an ``outlier_fraction``
+    is multiplied by ``outlier_scale`` (a unit or entry error), in every split alike.
+
+    Args:
+      missing_fraction: fraction of values made missing, in [0, 1).
+      outlier_fraction: fraction of values made outliers, in [0, 1).
+      outlier_scale: factor of an outlier.
+      validation_fraction, test_fraction, seed: the seeded hold-outs (and corruption).
+    """
+    from sklearn.datasets import load_breast_cancer as sk_load_breast_cancer
+
+    for label, value in (("missing_fraction", missing_fraction),
+                         ("outlier_fraction", outlier_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"load_breast_cancer.{label} must be in [0, 1), got {value!r}")
+    bunch = sk_load_breast_cancer()
+    x = bunch.data.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    outliers = rng.random(x.shape) < outlier_fraction
+    x[outliers] *= outlier_scale
+    x[rng.random(x.shape) < missing_fraction] = np.nan
+    name = "breast_cancer" + ("-corrupted" if missing_fraction or outlier_fraction else "")
+    return _three_way(Split(x, bunch.target.astype(np.int64)), name, 2, validation_fraction,
+                      test_fraction, seed, "sklearn.datasets.load_breast_cancer",
+                      tuple(str(f) for f in bunch.feature_names))
 
 
 MOVIELENS_PACKAGE = "recbole"
@@ -229,7 +273,8 @@ def load_movielens(validation_fraction: float = 0.1, test_fraction: float = 0.1,
 
 
 def _three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
-               test_fraction: float, seed: int, source: str = "") -> Splits:
+               test_fraction: float, seed: int, source: str = "",
+               features: tuple[str, ...] = ()) -> Splits:
     for label, value in (("validation_fraction", validation_fraction),
                          ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
@@ -237,4 +282,4 @@ def _three_way(data: Split, name: str, num_classes: int, validation_fraction: fl
     n = len(data)
     rest, test = hold_out(data, int(round(test_fraction * n)), seed)
     train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
-    return Splits(name, train, val, test, num_classes, source)
+    return Splits(name, train, val, test, num_classes, source, features)

@@ -59,6 +59,10 @@ class Splits:
     test: Split
     num_classes: int
     source: str = ""  # where the data came from: a file, a directory, a package's loader
+    features: tuple[str, ...] = ()  # names of tabular feature columns, where known
+    # Images: the factor that brings raw pixel values to [0, 1], applied inside the model
+    # (None: 1/255 for uint8 images, else nothing).
+    pixel_scale: float | None = None
 
     def digest(self) -> str:
         """A fingerprint of the data: SHA-256 (first 16 hex digits) of every in-memory

@@ -54,7 +54,8 @@ def write_shards(splits: Splits, directory: str | Path, shards: int,
     first = splits.train
     manifest = {"name": splits.name, "num_classes": splits.num_classes,
                 "example_shape": list(first.example_shape), "x_dtype": str(first.x.dtype),
-                "y_dtype": str(label_array(first.y).dtype), "splits": {}}
+                "y_dtype": str(label_array(first.y).dtype), "features": list(splits.features),
+                "pixel_scale": splits.pixel_scale, "splits": {}}
     for name in SPLITS:
         split = getattr(splits, name)
         files = [f"{name}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
@@ -233,7 +234,8 @@ def load_tfrecords(directory: str, verify: bool = True) -> Splits:
         if verify:
             verify_split(parts[split_name], classes)
     return Splits(f"tfrecord:{name}", parts["train"], parts["validation"], parts["test"],
-                  classes, str(Path(directory).resolve()))
+                  classes, str(Path(directory).resolve()),
+                  tuple(manifest.get("features", ())), manifest.get("pixel_scale"))
 
 
 def verify_split(split: TFRecordSplit, num_classes: int) -> None:

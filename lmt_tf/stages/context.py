@@ -11,6 +11,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.data.pipeline import BatchPlan, InputConfig
+from lmt_tf.data.preprocessing import FittedPreprocessing, Preprocessing
 from lmt_tf.data.splits import Splits
 from lmt_tf.rundir import RunDir
 from lmt_tf.runtime.cluster import Role
@@ -29,6 +30,7 @@ class Configs:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    preprocess: Preprocessing = field(default_factory=Preprocessing)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class RunContext:
     splits: Splits
     plan: BatchPlan
     trainer: Trainer
-    model_fn: Callable[..., keras.Model]
+    model_fn: Callable[..., keras.Model]  # with the preprocessing layers in front
     seed: int
     configs: Configs
     options: RunOptions
@@ -86,11 +88,17 @@ class RunContext:
     test_metrics: dict[str, float] = field(default_factory=dict)
     compressing: bool = False  # the run has a stage beyond train and export: report it
     report: list[Any] = field(default_factory=list)  # compression.report.Row per output
+    preprocessing: FittedPreprocessing | None = None  # fitted on the training split
     _test_arrays: tuple[Any, Any] | None = None
 
     @property
     def echo(self) -> Callable[[str], None]:
         return self.options.echo
+
+    def with_preprocessing(self, model_fn: Callable[..., keras.Model]
+                           ) -> Callable[..., keras.Model]:
+        """Another model builder (a student, a new head) behind this run's preprocessing."""
+        return self.preprocessing.wrap(model_fn) if self.preprocessing else model_fn
 
     def done(self, stage: str) -> bool:
         """Whether ``stage`` finished in an earlier attempt of this run (``--resume``)."""

@@ -46,7 +46,9 @@ class Distill(FineTune):
                 f"{self.epochs} epoch(s))")
 
     def model_fn(self, context: RunContext) -> Any:
-        student = self.student or context.model_fn  # a fresh model
+        # A fresh model, behind the run's preprocessing like the teacher.
+        student = context.with_preprocessing(self.student) if self.student \
+            else context.model_fn
 
         def build(**kwargs: Any) -> keras.Model:
             return configured_call(student, "distill.student", **kwargs)

@@ -11,10 +11,10 @@ from lmt_tf.training.export import export_saved_model, load_saved_model
 
 class Export(Stage):
     """Writes the current model as a SavedModel, servable without lmt_tf, and logs it as
-    the artifact ``saved_model/`` and as an MLflow model (TensorFlow flavour, with a
-    signature). Every task saves (saving may need all workers); only the chief logs. The
-    MLflow model is logged from the SavedModel re-loaded outside any strategy, which also
-    checks that the export loads."""
+    the artifact ``saved_model/`` and as an MLflow pyfunc model that serves it with
+    TensorFlow alone (``mlflow.pyfunc.load_model``, ``mlflow models serve``), with a
+    signature. Both take raw features. Every task saves (saving may need all workers);
+    only the chief logs."""
 
     name = "export"
 
@@ -30,7 +30,10 @@ class Export(Stage):
                 run.log_metrics({"export.saved_model_bytes": size}, step=0)
                 context.echo(f"lmt: SavedModel {target} ({size / 1e6:.1f} MB)")
             if config.mlflow_model:
+                # Raw examples; the outputs of the SavedModel re-loaded outside any
+                # strategy, which also checks that the export loads.
                 example = to_model_input(tf.constant(context.splits.test.sample(4))).numpy()
-                uri = run.log_keras_model(load_saved_model(target), example)
+                outputs = load_saved_model(target).predict(example, verbose=0)
+                uri = run.log_served_model(target, example, outputs)
                 context.echo(f"lmt: MLflow model {uri}")
         context.mark_done(self.name)

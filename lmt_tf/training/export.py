@@ -16,7 +16,7 @@ class ExportConfig:
     """What a finished run exports."""
 
     saved_model: bool = True  # write a SavedModel and log it as a run artifact
-    mlflow_model: bool = True  # log an MLflow model (tensorflow flavour, tf-keras)
+    mlflow_model: bool = True  # log an MLflow pyfunc model serving the SavedModel
 
     def __post_init__(self) -> None:
         check_types(self)

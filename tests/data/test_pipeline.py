@@ -69,10 +69,10 @@ def test_parameter_server_workers_take_whole_steps_round_robin() -> None:
     assert len(seen) == len(set(seen)) == 90
 
 
-def test_uint8_images_become_floats_in_unit_range() -> None:
+def test_uint8_images_become_raw_floats_the_model_rescales() -> None:
     images = Split(np.full((4, 2, 2), 255, np.uint8), np.zeros(4, np.int64))
     x, y = next(iter(array_eval_dataset(images, 3)))
-    assert x.dtype == tf.float32 and float(tf.reduce_max(x)) == 1.0 and x.shape[0] == 3
+    assert x.dtype == tf.float32 and float(tf.reduce_max(x)) == 255.0 and x.shape[0] == 3
     steps = eval_steps(images, 3)
     assert steps == 2  # the second batch is partial: the split is covered exactly once
     assert [int(b[0].shape[0]) for b in array_eval_dataset(images, 3).take(steps)] == [3, 1]

@@ -97,7 +97,9 @@ def test_fashion_mnist_from_debian_package() -> None:
 def test_digits_three_way_split() -> None:
     splits = sources.load_digits()
     assert sum(splits.sizes().values()) == 1797
-    assert splits.train.x.dtype == np.float32 and splits.train.x.max() <= 1.0
+    # Raw pixel values 0-16; the model rescales them by pixel_scale.
+    assert splits.train.x.dtype == np.float32 and splits.train.x.max() == 16.0
+    assert splits.pixel_scale == 1 / 16
 
 
 def test_csv_source(tmp_path: Path) -> None:

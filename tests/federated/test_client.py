@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import load_digits
 from lmt_tf.data.splits import Split
 from lmt_tf.federated.algorithm import FederatedConfig
@@ -22,8 +23,11 @@ DIGITS = load_digits()
 LR = 0.1
 
 
-def _model(**kwargs) -> keras.Model:
+def _mlp(**kwargs) -> keras.Model:
     return build_mlp(hidden_units=(16,), **kwargs)
+
+
+_model = Preprocessing().fit(DIGITS).wrap(_mlp)  # pixels 0-16 rescaled in the model
 
 
 def _client(config: FederatedConfig) -> ClientModel:

@@ -1,0 +1,374 @@
+"""Feature preprocessing that travels inside the model: imputation, outlier clipping,
+categorical encoding, feature selection and scaling are fitted on the training split
+only, with scikit-learn where it fits, and become the first layers of the model. So the
+training pipeline, validation, test, the SavedModel, the MLflow model and TFLite all take
+the same raw features, and nothing about them is fitted twice.
+
+Images stored as uint8 get their 1/255 rescaling here too (a Keras ``Rescaling`` layer):
+the input pipelines only cast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from lmt_tf.checks import check, configured_call
+from lmt_tf.data.splits import Splits
+from lmt_tf.errors import ConfigError
+
+IMPUTE = ("mean", "median", "constant")
+CLIP = ("quantile", "zscore")
+SCALE = ("standard", "minmax")
+SELECT = ("variance", "mutual_info", "l1")
+PREPROCESSING_PREFIX = "preprocess_"  # the names of the layers in front of the model
+
+
+@dataclass
+class Preprocessing:
+    """What is fitted on the training split and put in front of the model, in this order:
+    impute, clip, encode categories, select, scale. Tabular features (one vector per
+    example) only; uint8 images are rescaled to [0, 1] whatever is set here."""
+
+    impute: str | None = None  # mean | median | constant (fill_value); categories: mode
+    fill_value: float = 0.0
+    clip: str | None = None  # quantile (clip_quantiles) | zscore (mean +- clip_z std)
+    clip_quantiles: tuple[float, float] = (0.01, 0.99)
+    clip_z: float = 3.0
+    categorical: Sequence[str] = ()  # columns one-hot encoded (train values + 1 unknown)
+    select: str | None = None  # variance (variance_threshold) | mutual_info | l1 (top k)
+    k: int | None = None  # features kept by mutual_info and l1
+    variance_threshold: float = 0.0
+    l1_strength: float = 0.1  # C of the L1-penalised logistic regression (smaller: fewer)
+    scale: str | None = None  # standard (zero mean, unit variance) | minmax ([0, 1])
+    seed: int = 0  # mutual information's neighbour jitter
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("impute", self.impute, IMPUTE),
+                                     ("clip", self.clip, CLIP),
+                                     ("select", self.select, SELECT),
+                                     ("scale", self.scale, SCALE)):
+            check(value is None or value in allowed, f"Preprocessing.{name}",
+                  f"must be None or one of {allowed}, got {value!r}")
+        low, high = (float(q) for q in self.clip_quantiles)
+        check(0 <= low < high <= 1, "Preprocessing.clip_quantiles",
+              f"must be (low, high) with 0 <= low < high <= 1, got {self.clip_quantiles}")
+        check(self.clip_z > 0, "Preprocessing.clip_z", f"must be > 0, got {self.clip_z}")
+        check(self.select not in ("mutual_info", "l1") or (self.k or 0) >= 1,
+              "Preprocessing.k", f"must be >= 1 for select={self.select!r}, got {self.k}")
+        self.categorical = tuple(self.categorical)
+
+    @property
+    def tabular(self) -> bool:
+        """Whether any tabular step is configured."""
+        return bool(self.impute or self.clip or self.categorical or self.select or self.scale)
+
+    def fit(self, splits: Splits) -> FittedPreprocessing:
+        """Fits every configured step on ``splits.train`` (and nothing else).
+
+        Raises:
+          ConfigError: for steps that do not fit the data (images, file-backed splits,
+            unknown columns, more features asked for than there are).
+        """
+        split = splits.train
+        dtype = np.dtype(getattr(split, "x_dtype", None) or split.x.dtype)
+        shape = tuple(splits.input_shape)
+        if not self.tabular:
+            scale = splits.pixel_scale or (1 / 255 if dtype == np.uint8 else None)
+            if scale is None and hasattr(split, "x") and dtype.kind == "f" \
+                    and np.isnan(split.x).any():
+                raise ConfigError(f"data {splits.name}: the training features hold missing "
+                                  f"values (NaN): set Preprocessing.impute")
+            steps = [_step("rescale", scale=scale)] if scale else []
+            return FittedPreprocessing(shape, shape, tuple(splits.features), steps)
+        check(len(shape) == 1, "Preprocessing",
+              f"imputation, clipping, encoding, selection and scaling work on tabular "
+              f"features (one vector per example); data {splits.name} has examples of "
+              f"shape {shape}")
+        check(hasattr(split, "x"), "Preprocessing",
+              f"fits on data in memory; data {splits.name} is read from files")
+        names = list(splits.features) or [f"x{i}" for i in range(shape[0])]
+        unknown = [c for c in self.categorical if c not in names]
+        check(not unknown, "Preprocessing.categorical",
+              f"{unknown} not among the columns of {splits.name}: {names}")
+        return _Fitter(self, np.asarray(split.x, np.float64), np.asarray(split.y),
+                       names).run()
+
+
+@dataclass
+class FittedPreprocessing:
+    """The fitted steps: plain numbers, so they are logged as JSON and rebuilt as layers."""
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    features: tuple[str, ...]  # names of the output features (tabular data)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def layers(self) -> list[keras.layers.Layer]:
+        """New Keras layers applying the steps, float32 whatever the precision policy."""
+        made = []
+        for step in self.steps:
+            kind = step["kind"]
+            name = PREPROCESSING_PREFIX + kind
+            if kind == "rescale":
+                made.append(keras.layers.Rescaling(step["scale"], name=name, dtype="float32"))
+            elif kind == "impute":
+                made.append(Impute(step["fill"], name=name, dtype="float32"))
+            elif kind == "clip":
+                made.append(ClipFeatures(step["low"], step["high"], name=name,
+                                         dtype="float32"))
+            elif kind == "encode":
+                made.append(OneHotColumns(step["columns"], step["vocabularies"], name=name,
+                                          dtype="float32"))
+            elif kind == "select":
+                made.append(SelectFeatures(step["keep"], name=name, dtype="float32"))
+            elif kind == "scale":
+                made.append(keras.layers.Normalization(
+                    mean=step["mean"], variance=step["variance"], name=name, dtype="float32"))
+        return made
+
+    def as_json(self) -> str:
+        return json.dumps({"input_shape": self.input_shape, "output_shape": self.output_shape,
+                           "features": self.features, "steps": self.steps}, indent=1)
+
+    def describe(self) -> str:
+        """One line: what the model does to its raw input."""
+        if not self.steps:
+            return "none"
+        kinds = ", ".join(s["kind"] + (f" ({s['how']})" if "how" in s else "")
+                          for s in self.steps)
+        return f"{kinds}; features {self.input_shape} -> {self.output_shape}"
+
+    def wrap(self, model_fn: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
+        """``model_fn`` building on the preprocessed features, with the steps in front
+        (itself when there are none)."""
+        return PreprocessedModel(model_fn, self) if self.steps else model_fn
+
+
+class PreprocessedModel:
+    """A model builder whose models take raw features: the preprocessing layers, then the
+    builder's model on their output, as one flat functional model (not a nested one), so
+    pruning, clustering and QAT see the builder's layers as before."""
+
+    def __init__(self, model_fn: Callable[..., keras.Model], fitted: FittedPreprocessing):
+        self.model_fn = model_fn
+        self.fitted = fitted
+
+    def __call__(self, input_shape: Sequence[int], num_classes: int) -> keras.Model:
+        core = configured_call(self.model_fn, "run_experiment.model",
+                               input_shape=self.fitted.output_shape, num_classes=num_classes)
+        if not isinstance(core, keras.Model) or not getattr(core, "_is_graph_network", False):
+            raise ConfigError("run_experiment.model must build a functional or Sequential "
+                              "Keras model to take preprocessing layers in front of it")
+        raw = keras.Input(tuple(input_shape), name=core.input_names[0])
+        x = raw
+        for layer in self.fitted.layers():
+            x = layer(x)
+        # The builder's graph replayed on the preprocessed tensor: the same layers.
+        return keras.Model(raw, core.call(x), name=core.name)
+
+
+def _step(kind: str, **values: Any) -> dict[str, Any]:
+    return {"kind": kind, **values}
+
+
+class _Fitter:
+    """Fits the steps one after the other, each on the training features as the steps
+    before it leave them."""
+
+    def __init__(self, config: Preprocessing, x: np.ndarray, y: np.ndarray, names: list[str]):
+        self.config, self.x, self.y, self.names = config, x, y, names
+        self.steps: list[dict[str, Any]] = []
+
+    def run(self) -> FittedPreprocessing:
+        width = self.x.shape[1]
+        categorical = [self.names.index(c) for c in self.config.categorical]
+        if self.config.impute:
+            self._impute(categorical)
+        elif np.isnan(self.x).any():
+            raise ConfigError(f"the training features hold {int(np.isnan(self.x).sum())} "
+                              f"missing values: set Preprocessing.impute")
+        if self.config.clip:
+            self._clip(categorical)
+        if categorical:
+            self._encode(categorical)
+        if self.config.select:
+            self._select()
+        if self.config.scale:
+            self._scale()
+        return FittedPreprocessing((width,), (self.x.shape[1],), tuple(self.names), self.steps)
+
+    def _impute(self, categorical: list[int]) -> None:
+        from sklearn.impute import SimpleImputer
+
+        how = self.config.impute
+        imputer = SimpleImputer(strategy=how, fill_value=self.config.fill_value,
+                                keep_empty_features=True).fit(self.x)
+        fill = imputer.statistics_.astype(np.float64)
+        if categorical:  # a category's missing value becomes its most frequent one
+            modes = SimpleImputer(strategy="most_frequent", keep_empty_features=True).fit(
+                self.x[:, categorical]).statistics_
+            fill[categorical] = modes
+        self.x = np.where(np.isnan(self.x), fill, self.x)
+        self.steps.append(_step("impute", how=how, fill=fill.tolist()))
+
+    def _clip(self, categorical: list[int]) -> None:
+        how = self.config.clip
+        if how == "quantile":
+            low, high = np.quantile(self.x, self.config.clip_quantiles, axis=0)
+        else:
+            mean, std = self.x.mean(axis=0), self.x.std(axis=0)
+            low, high = mean - self.config.clip_z * std, mean + self.config.clip_z * std
+        low[categorical], high[categorical] = -np.inf, np.inf  # categories are not clipped
+        self.x = np.clip(self.x, low, high)
+        self.steps.append(_step("clip", how=how, low=_finite(low), high=_finite(high)))
+
+    def _encode(self, categorical: list[int]) -> None:
+        vocabularies = [np.unique(self.x[:, c]).tolist() for c in categorical]
+        layer = OneHotColumns(categorical, vocabularies)
+        self.x = layer(tf.constant(self.x, tf.float32)).numpy().astype(np.float64)
+        kept = [n for i, n in enumerate(self.names) if i not in categorical]
+        for column, vocabulary in zip(categorical, vocabularies, strict=True):
+            name = self.names[column]
+            kept += [f"{name}={v:g}" for v in vocabulary] + [f"{name}=?"]
+        self.names = kept
+        self.steps.append(_step("encode", columns=categorical, vocabularies=vocabularies))
+
+    def _select(self) -> None:
+        from sklearn import feature_selection
+
+        how, k, width = self.config.select, self.config.k, self.x.shape[1]
+        if how in ("mutual_info", "l1"):
+            check(k <= width, "Preprocessing.k",
+                  f"asks for {k} features, but there are {width}")
+        if how == "variance":
+            keep = feature_selection.VarianceThreshold(self.config.variance_threshold) \
+                .fit(self.x).get_support(indices=True)
+        elif how == "mutual_info":
+            def score(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+                return feature_selection.mutual_info_classif(
+                    x, y, random_state=self.config.seed)
+
+            keep = feature_selection.SelectKBest(score, k=k).fit(self.x, self.y) \
+                .get_support(indices=True)
+        else:
+            keep = _l1_selection(self.x, self.y, k, self.config.l1_strength, self.config.seed)
+        check(len(keep) > 0, f"Preprocessing.select = {how!r}", "kept no feature")
+        keep = sorted(int(i) for i in keep)
+        self.x = self.x[:, keep]
+        self.names = [self.names[i] for i in keep]
+        self.steps.append(_step("select", how=how, keep=keep,
+                                kept=list(self.names)))
+
+    def _scale(self) -> None:
+        how = self.config.scale
+        if how == "standard":
+            mean, variance = self.x.mean(axis=0), self.x.var(axis=0)
+        else:  # min-max as a Normalization: (x - min) / (max - min)
+            mean = self.x.min(axis=0)
+            variance = (self.x.max(axis=0) - mean) ** 2
+        variance = np.where(variance > 0, variance, 1.0)  # constant features stay put
+        self.x = (self.x - mean) / np.sqrt(variance)
+        self.steps.append(_step("scale", how=how, mean=mean.tolist(),
+                                variance=variance.tolist()))
+
+
+def _l1_selection(x: np.ndarray, y: np.ndarray, k: int, strength: float,
+                  seed: int) -> np.ndarray:
+    """The k features with the largest weights of an L1-penalised logistic regression on
+    standardised features (scikit-learn's SelectFromModel)."""
+    from sklearn.feature_selection import SelectFromModel
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    standard = StandardScaler().fit_transform(x)
+    model = LogisticRegression(l1_ratio=1.0, C=strength, solver="liblinear",
+                               random_state=seed, max_iter=1000)
+    selector = SelectFromModel(model, max_features=k, threshold=-np.inf).fit(standard, y)
+    return selector.get_support(indices=True)
+
+
+def _finite(values: np.ndarray) -> list[float]:
+    """JSON has no infinity: the float32 limits stand for it."""
+    limit = float(np.finfo(np.float32).max)
+    return np.clip(values, -limit, limit).tolist()
+
+
+@keras.saving.register_keras_serializable(package="lmt")
+class Impute(keras.layers.Layer):
+    """Missing values (NaN) become each feature's fitted fill value."""
+
+    def __init__(self, fill: Sequence[float], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.fill = [float(v) for v in fill]
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        fill = tf.constant(self.fill, x.dtype)
+        return tf.where(tf.math.is_nan(x), tf.broadcast_to(fill, tf.shape(x)), x)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "fill": self.fill}
+
+
+@keras.saving.register_keras_serializable(package="lmt")
+class ClipFeatures(keras.layers.Layer):
+    """Each feature clipped to its fitted [low, high]."""
+
+    def __init__(self, low: Sequence[float], high: Sequence[float], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.low, self.high = [float(v) for v in low], [float(v) for v in high]
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.minimum(tf.maximum(x, tf.constant(self.low, x.dtype)),
+                          tf.constant(self.high, x.dtype))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "low": self.low, "high": self.high}
+
+
+@keras.saving.register_keras_serializable(package="lmt")
+class OneHotColumns(keras.layers.Layer):
+    """The other columns as they are, then each categorical column as a one-hot block over
+    its training values plus one slot for a value not seen in training."""
+
+    def __init__(self, columns: Sequence[int], vocabularies: Sequence[Sequence[float]],
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.columns = [int(c) for c in columns]
+        self.vocabularies = [[float(v) for v in vocabulary] for vocabulary in vocabularies]
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        width = x.shape[-1]
+        rest = [i for i in range(width) if i not in self.columns]
+        parts = [tf.gather(x, rest, axis=-1)]
+        for column, vocabulary in zip(self.columns, self.vocabularies, strict=True):
+            value = x[:, column : column + 1]
+            hot = tf.cast(tf.equal(value, tf.constant([vocabulary], x.dtype)), x.dtype)
+            unknown = 1 - tf.reduce_sum(hot, axis=-1, keepdims=True)
+            parts += [hot, unknown]
+        return tf.concat(parts, axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "columns": self.columns,
+                "vocabularies": self.vocabularies}
+
+
+@keras.saving.register_keras_serializable(package="lmt")
+class SelectFeatures(keras.layers.Layer):
+    """The selected features, in their original order."""
+
+    def __init__(self, keep: Sequence[int], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.keep = [int(i) for i in keep]
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return tf.gather(x, self.keep, axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "keep": self.keep}
