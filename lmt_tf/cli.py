@@ -72,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--flower-server", default=None, metavar="HOST:PORT",
                      help="run the federate stage as a Flower server listening on HOST:PORT, "
                           "for clients started with `lmt flower-client`")
+    evaluate = commands.add_parser(
+        "evaluate", parents=[gin_options], help="evaluate a logged model on an experiment's data",
+        description="Evaluate a model on the test split of an experiment's data (per-class "
+                    "scores, confusion matrix, calibration, robustness, latency); logged as "
+                    "a new MLflow run tagged with the evaluated model.")
+    evaluate.add_argument("model", help="a run id or name, an MLflow model URI "
+                                        "(models:/m-..., runs:/ID/model) or a SavedModel path")
+    evaluate.add_argument("gin_file", help="the experiment whose data (and evaluate settings) "
+                                           "to use")
+    evaluate.add_argument("--traceback", action="store_true",
+                          help="print the full traceback of a configuration or input error")
     federate = commands.add_parser(
         "federate", parents=[run_options],
         help="run a federated experiment as a Flower server and client processes",
@@ -193,6 +204,26 @@ def _run(args: argparse.Namespace) -> int:
                          # Line by line, also into a pipe (`| tee log`, a scheduler's log).
                          echo=lambda line: print(line, flush=True))
     run_experiment(options=options)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    _quiet_mlflow()
+    from lmt_tf import config
+    from lmt_tf.config import run_experiment
+    from lmt_tf.experiment import RunOptions
+
+    if "'" in args.model or "\\" in args.model:
+        raise LmtError(f"a model reference cannot hold quotes or backslashes: {args.model!r}")
+    files = [args.gin_file, *args.more_files]
+    bindings = [*args.bindings, "run_experiment.stages = [@evaluate()]",
+                f"evaluate.model = '{args.model}'"]
+    config.parse(files, bindings)
+    run_experiment(options=RunOptions(config_files=files, bindings=bindings,
+                                      echo=lambda line: print(line, flush=True)))
     return 0
 
 
@@ -409,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"run": _run, "launch": _launch, "federate": _federate,
                     "flower-client": _flower_client, "shard": _shard, "ui": _ui,
-                    "tensorboard": _tensorboard, "compare": _compare, "sweep": _sweep}
+                    "tensorboard": _tensorboard, "compare": _compare, "sweep": _sweep,
+                    "evaluate": _evaluate}
         return commands[args.command](args)
     except LmtError as e:
         if getattr(args, "traceback", False):

@@ -1,0 +1,143 @@
+"""The ``evaluate`` stage: the current model, or one logged by an earlier run, judged on
+the test split beyond its accuracy: per-class scores, confusion matrix, calibration,
+robustness and efficiency, all logged under ``evaluate/``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tf_keras as keras
+
+from lmt_tf import evaluation
+from lmt_tf.errors import ConfigError
+from lmt_tf.stages.context import RunContext, Stage
+
+
+class Evaluate(Stage):
+    """Evaluates ``model`` (a run id or name, an MLflow model URI, a SavedModel path;
+    None: the model of the stages before) on the test split, as it is served: raw
+    features in.
+
+    Args:
+      model: what to evaluate; None for this run's model.
+      calibration_bins, noise_levels, shifts, latency_runs, max_examples, seed: see
+        ``evaluation.EvaluationConfig``.
+    """
+
+    name = "evaluate"
+
+    def __init__(self, model: str | None = None, calibration_bins: int = 15,
+                 noise_levels: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
+                 shifts: Sequence[int] = (0, 1, 2, 3), latency_runs: int = 50,
+                 max_examples: int | None = None, seed: int = 0):
+        self.model = model
+        self.config = evaluation.EvaluationConfig(
+            calibration_bins, tuple(noise_levels), tuple(shifts), latency_runs, max_examples,
+            seed)
+
+    def describe(self) -> str:
+        return f"evaluate ({self.model or 'this run'}'s model on the test split)"
+
+    def check(self, context: RunContext) -> None:
+        if context.splits.num_classes < 2:
+            raise ConfigError(f"evaluate judges classifiers; data {context.splits.name} is a "
+                              f"regression (num_classes {context.splits.num_classes})")
+
+    def run(self, context: RunContext) -> None:
+        if context.done(self.name) or not context.role.is_chief:
+            return
+        model = self._model(context)
+        x, y = context.test_arrays()
+        if self.config.max_examples:
+            x, y = x[: self.config.max_examples], y[: self.config.max_examples]
+        directory = context.stage_dir(self.name).path
+        results = judge(model, x, y, context.splits.num_classes, self.config,
+                        feature_scale(context), context.plan.global_batch_size,
+                        context.own.export / "saved_model" if self.model is None else None)
+        run = context.run
+        metrics = results.pop("metrics")
+        run.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()}, step=0)
+        for name in ("confusion_matrix.png", "reliability.png", "robustness.png"):
+            getattr(evaluation, PLOTS[name])(results[PLOT_INPUTS[name]], directory / name)
+            run.log_artifact(directory / name, "evaluate")
+        run.log_text(results["report"].as_markdown(), "evaluate/per_class.md")
+        results["report"] = results["report"].metrics()
+        results["calibration"] = results["calibration"].__dict__
+        results["confusion"] = results["confusion"].tolist()
+        run.log_text(json.dumps(results, indent=1, default=str), "evaluate/evaluation.json")
+        if self.model is not None:
+            from lmt_tf.tracking import source_run_id
+
+            source = source_run_id(self.model, context.configs.tracking.tracking_uri)
+            run.set_tags({"lmt.evaluated_model": self.model,
+                          **({"lmt.evaluated_run": source} if source else {})})
+        context.echo(
+            f"lmt: evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 "
+            f"{metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}; latency per example "
+            f"{metrics['latency_ms_batch_1']:.3f} ms at batch 1; plots in {directory}")
+        context.mark_done(self.name)
+
+    def _model(self, context: RunContext) -> keras.Model:
+        """The model to judge, outside any distribution strategy."""
+        if self.model is None:
+            copy = keras.models.clone_model(context.model)
+            copy.set_weights(context.model.get_weights())
+            return copy
+        from lmt_tf.tracking import load_model
+
+        loaded = load_model(self.model, context.configs.tracking.tracking_uri)
+        takes = tuple(loaded.input_shape[1:])
+        if takes != tuple(context.splits.input_shape):
+            raise ConfigError(f"evaluate.model {self.model} takes inputs of shape {takes}, "
+                              f"but data {context.splits.name} has examples of shape "
+                              f"{tuple(context.splits.input_shape)}")
+        classes = loaded.output_shape[-1]
+        if classes != context.splits.num_classes:
+            raise ConfigError(f"evaluate.model {self.model} predicts {classes} classes, but "
+                              f"data {context.splits.name} has {context.splits.num_classes}")
+        return loaded
+
+
+PLOTS = {"confusion_matrix.png": "plot_confusion", "reliability.png": "plot_reliability",
+         "robustness.png": "plot_robustness"}
+PLOT_INPUTS = {"confusion_matrix.png": "confusion", "reliability.png": "calibration",
+               "robustness.png": "robustness"}
+
+
+def feature_scale(context: RunContext) -> float:
+    """The standard deviation of the raw training features (the unit of the noise)."""
+    split = context.splits.train
+    x = split.x[:10_000] if hasattr(split, "x") else context.test_arrays()[0]
+    return float(np.nanstd(np.asarray(x, np.float64))) or 1.0
+
+
+def judge(model: keras.Model, x: np.ndarray, y: np.ndarray, num_classes: int,
+          config: evaluation.EvaluationConfig, scale: float, batch_size: int,
+          saved_model: Any = None) -> dict[str, Any]:
+    """Everything ``evaluate`` measures of ``model`` on (``x``, ``y``): the flat metrics
+    under ``metrics`` and the objects the plots and reports are made of."""
+    def predict(inputs: np.ndarray) -> np.ndarray:
+        return model.predict(inputs, batch_size=1024, verbose=0)
+
+    probabilities = predict(x)
+    report = evaluation.class_report(y, probabilities, num_classes)
+    calibration = evaluation.calibration(y, probabilities, config.calibration_bins)
+    curves = evaluation.robustness(predict, x, y, scale, config.noise_levels, config.shifts,
+                                   config.seed)
+    speed = evaluation.efficiency(model, x, [1, batch_size], config.latency_runs,
+                                  saved_model)
+    metrics = {**report.metrics(), "ece": calibration.ece,
+               "parameters": speed.parameters, "model_bytes": speed.model_bytes}
+    metrics.update({f"accuracy_noise_{level:g}": value
+                    for level, value in curves["noise"].items()})
+    metrics.update({f"accuracy_shift_{shift}": value
+                    for shift, value in curves["shift"].items()})
+    for size, times in speed.latency_ms.items():
+        metrics[f"latency_ms_batch_{size}"] = times["mean"]
+        metrics[f"latency_ms_p95_batch_{size}"] = times["p95"]
+    return {"metrics": metrics, "report": report, "calibration": calibration,
+            "confusion": report.confusion, "robustness": curves,
+            "latency_ms": speed.latency_ms}
