@@ -20,7 +20,7 @@ from typing import Any
 import gin
 import tf_keras as keras
 
-from lmt_tf import experiment
+from lmt_tf import experiment, transfer
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
@@ -35,6 +35,7 @@ from lmt_tf.stages.cluster import Cluster
 from lmt_tf.stages.distill import Distill
 from lmt_tf.stages.evaluate import Evaluate
 from lmt_tf.stages.federate import Federate
+from lmt_tf.stages.prototypes import Prototypes
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking import TrackingConfig
@@ -45,12 +46,14 @@ _PROJECT = {
     "lmt": [TrainConfig, TrackingConfig, ExportConfig, InputConfig],
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
                  sources.load_breast_cancer, sources.load_npz, sources.load_csv,
-                 sources.load_movielens, tfrecord.load_tfrecords, Preprocessing],
+                 sources.load_movielens, tfrecord.load_tfrecords, sources.few_shot,
+                 Preprocessing],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
     "lmt.federated": [federated.FederatedConfig, PartitionConfig, federated.FedAvg,
                       federated.FedAvgM, federated.FedAdam],
-    "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender],
+    "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
+                   transfer.build_transfer],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
                        strategy.parameter_server_strategy],
@@ -65,7 +68,8 @@ _KERAS = {
 }
 # Stages are bound by their lower-case names: run_experiment.stages = [@train(), @export()]
 _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tflite": TFLite,
-           "distill": Distill, "federate": Federate, "evaluate": Evaluate, "export": Export}
+           "distill": Distill, "federate": Federate, "evaluate": Evaluate,
+           "prototypes": Prototypes, "export": Export}
 _registered: list[str] = []  # every registered name, for "did you mean" hints
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.

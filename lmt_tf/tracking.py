@@ -324,13 +324,13 @@ class TrackedRun:
 
     def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
         """Logs the SavedModel directory ``saved_model`` as an MLflow pyfunc model that
-        serves it with TensorFlow alone (``training/served_model.py``), with the signature
+        serves it with TensorFlow alone (``served_model.py``), with the signature
         of the raw ``example`` inputs and their ``outputs``; returns its URI."""
         import mlflow.pyfunc
         import tensorflow as tf
         from mlflow.models import infer_signature
 
-        from lmt_tf.training import served_model
+        from lmt_tf import served_model
 
         info = mlflow.pyfunc.log_model(
             name="model", python_model=served_model.__file__,
@@ -424,7 +424,8 @@ def load_model(reference: str, uri: str | None = None) -> Any:
 
     Args:
       reference: a SavedModel directory, an MLflow model URI (``runs:/<run id>/model``,
-        ``models:/m-...``), or a run's id or name (its logged model).
+        ``models:/m-...``), or a run's id or name (its logged model or, without one,
+        its ``saved_model/`` artifact).
       uri: the tracking store for MLflow references (default: the store in force).
 
     Raises:
@@ -443,14 +444,28 @@ def load_model(reference: str, uri: str | None = None) -> Any:
     store = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(store)
     model_uri = reference
+    fallback = None
     if not reference.startswith(("runs:/", "models:/")):
-        model_uri = f"runs:/{find_run(reference, store).info.run_id}/model"
+        run_id = find_run(reference, store).info.run_id
+        model_uri = f"runs:/{run_id}/model"
+        # A run that logged no MLflow model (ExportConfig.mlflow_model off) but its
+        # SavedModel: that, then.
+        if any(a.path == "saved_model"
+               for a in mlflow.MlflowClient(store).list_artifacts(run_id)):
+            fallback = f"runs:/{run_id}/saved_model"
+    # No progress bar per file: a teacher or an evaluated model loads in one line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        # No progress bar per file: a teacher or an evaluated model loads in one line.
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        except Exception:
+            if fallback is None:
+                raise
+            local = Path(mlflow.artifacts.download_artifacts(fallback))
         if (local / "artifacts" / "saved_model").is_dir():  # lmt's served model
             return load_saved_model(local / "artifacts" / "saved_model")
+        if (local / "saved_model.pb").is_file():  # a run's saved_model/ artifact
+            return load_saved_model(local)
         return mlflow.tensorflow.load_model(model_uri)  # a Keras model logged elsewhere
     except Exception as e:  # MLflow's errors for a missing run or model
         raise LmtError(f"cannot load the model {model_uri} from {redact_uri(store)}: "

@@ -49,3 +49,14 @@ def test_loading_nothing_is_one_clear_error(earlier_run, in_tmp: Path) -> None:
         load_model(str(in_tmp / "empty"))
     with pytest.raises(LmtError, match="cannot load the model models:/m-0"):
         load_model("models:/m-0")
+
+
+def test_a_run_without_an_mlflow_model_loads_from_its_saved_model(gin_file) -> None:
+    exp = gin_file(TINY, "bare.gin")
+    config.parse([exp], ["TrainConfig.epochs = 1", "ExportConfig.mlflow_model = False"])
+    bare = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    from lmt_tf.data.sources import load_digits
+
+    x = load_digits().test.x[:5]
+    np.testing.assert_allclose(load_model(bare.run_id).predict(x, verbose=0),
+                               bare.model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)

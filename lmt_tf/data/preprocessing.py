@@ -170,8 +170,13 @@ class PreprocessedModel:
         x = raw
         for layer in self.fitted.layers():
             x = layer(x)
-        # The builder's graph replayed on the preprocessed tensor: the same layers.
-        return keras.Model(raw, core.call(x), name=core.name)
+        # The builder's graph replayed on the preprocessed tensor: the same layers. Then
+        # cloned (with the same weights: a transferred model's are trained), so that each
+        # layer has this graph as its only one and `layer.input` means this model's.
+        flat = keras.Model(raw, core.call(x), name=core.name)
+        model = keras.models.clone_model(flat)
+        model.set_weights(flat.get_weights())
+        return model
 
 
 def _step(kind: str, **values: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import csv as csv_module
 import dataclasses
 import hashlib
 import importlib.metadata
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def load_fashion_mnist(
 
 
 def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
-                seed: int = 0) -> Splits:
+                seed: int = 0, mnist_like: bool = False) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): float32 pixel values
     0-16 as stored (the model rescales them to [0, 1]).
 
@@ -120,10 +121,21 @@ def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
       validation_fraction: fraction of all examples held out for validation.
       test_fraction: fraction of all examples held out for testing.
       seed: seed of both hold-outs.
+      mnist_like: as MNIST stores its digits instead: each image resized (bilinear) to
+        20x20 and centred in 28x28, uint8 0-255 (a target for transfer from MNIST).
     """
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
+    if mnist_like:
+        import tensorflow as tf
+
+        images = tf.image.resize(bunch.images[..., None] / 16.0, (20, 20)).numpy()[..., 0]
+        framed = np.zeros((len(images), 28, 28), np.uint8)
+        framed[:, 4:24, 4:24] = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+        return _three_way(Split(framed, bunch.target.astype(np.int64)), "digits-28x28", 10,
+                          validation_fraction, test_fraction, seed,
+                          "sklearn.datasets.load_digits")
     splits = _three_way(Split(bunch.images.astype(np.float32), bunch.target.astype(np.int64)),
                         "digits", 10, validation_fraction, test_fraction, seed,
                         "sklearn.datasets.load_digits")
@@ -283,3 +295,35 @@ def _three_way(data: Split, name: str, num_classes: int, validation_fraction: fl
     rest, test = hold_out(data, int(round(test_fraction * n)), seed)
     train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
     return Splits(name, train, val, test, num_classes, source, features)
+
+
+def few_shot(data: Callable[[], Splits], per_class: int, seed: int = 0) -> Splits:
+    """``data`` with a training split of exactly ``per_class`` examples of each class,
+    drawn per class with ``seed`` (the same seed, the same examples); validation and test
+    stay whole.
+
+    Args:
+      data: a data source, e.g. ``@load_digits`` in gin.
+      per_class: training examples kept of each class.
+      seed: seed of the draw.
+
+    Raises:
+      DataError: if a class has fewer than ``per_class`` training examples.
+    """
+    splits = data()
+    if not isinstance(per_class, int) or per_class < 1:
+        raise ConfigError(f"few_shot.per_class must be an integer >= 1, got {per_class!r}")
+    train = splits.train
+    if not isinstance(train, Split):
+        raise ConfigError(f"few_shot draws from data in memory; {splits.name} is read from "
+                          f"files")
+    counts = np.bincount(train.y, minlength=splits.num_classes)
+    if per_class > counts.min():
+        raise DataError(f"few_shot.per_class {per_class} exceeds the {counts.min()} training "
+                        f"examples of class {int(counts.argmin())} in {splits.name}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(np.concatenate([
+        rng.choice(np.flatnonzero(train.y == c), per_class, replace=False)
+        for c in range(splits.num_classes)]))
+    return dataclasses.replace(splits, name=f"{splits.name}-{per_class}-shot",
+                               train=Split(train.x[chosen], train.y[chosen]))

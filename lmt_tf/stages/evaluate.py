@@ -60,8 +60,10 @@ class Evaluate(Stage):
         run = context.run
         metrics = results.pop("metrics")
         run.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()}, step=0)
+        evaluation.plot_confusion(results["confusion"], directory / "confusion_matrix.png")
+        evaluation.plot_reliability(results["calibration"], directory / "reliability.png")
+        evaluation.plot_robustness(results["robustness"], directory / "robustness.png")
         for name in ("confusion_matrix.png", "reliability.png", "robustness.png"):
-            getattr(evaluation, PLOTS[name])(results[PLOT_INPUTS[name]], directory / name)
             run.log_artifact(directory / name, "evaluate")
         run.log_text(results["report"].as_markdown(), "evaluate/per_class.md")
         results["report"] = results["report"].metrics()
@@ -99,12 +101,6 @@ class Evaluate(Stage):
             raise ConfigError(f"evaluate.model {self.model} predicts {classes} classes, but "
                               f"data {context.splits.name} has {context.splits.num_classes}")
         return loaded
-
-
-PLOTS = {"confusion_matrix.png": "plot_confusion", "reliability.png": "plot_reliability",
-         "robustness.png": "plot_robustness"}
-PLOT_INPUTS = {"confusion_matrix.png": "confusion", "reliability.png": "calibration",
-               "robustness.png": "robustness"}
 
 
 def feature_scale(context: RunContext) -> float:

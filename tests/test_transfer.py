@@ -1,0 +1,121 @@
+"""Transfer and few-shot learning: few-shot sampling draws exactly N of each class (the
+same for the same seed); a model logged by an earlier run gets a new head, its frozen
+layers stay as trained while the rest fine-tunes; the prototype baseline classifies by the
+nearest class mean; and the mistakes a user makes are one line each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from lmt_tf.cli import main
+from lmt_tf.data.sources import few_shot, load_digits
+from lmt_tf.errors import DataError
+from lmt_tf.transfer import prototype_predictions
+from tests.conftest import TINY, all_runs
+
+TRANSFER = """
+include 'gin/strategies/default.gin'
+run_experiment.data = @few_shot
+few_shot.data = @load_digits
+few_shot.per_class = 5
+run_experiment.model = @build_transfer
+build_transfer.freeze = ('dense_0',)
+run_experiment.stages = [@prototypes(), @train(), @export()]
+TrainConfig.optimizer = @keras.optimizers.SGD
+keras.optimizers.SGD.learning_rate = 0.1
+TrainConfig.epochs = 3
+TrainConfig.global_batch_size = 10
+TrainConfig.verbose = 0
+"""
+
+
+def test_few_shot_draws_exactly_n_of_each_class_the_same_for_the_same_seed() -> None:
+    first = few_shot(load_digits, per_class=3, seed=1)
+    assert np.bincount(first.train.y).tolist() == [3] * 10
+    again = few_shot(load_digits, per_class=3, seed=1)
+    np.testing.assert_array_equal(first.train.x, again.train.x)
+    other = few_shot(load_digits, per_class=3, seed=2)
+    assert not np.array_equal(first.train.x, other.train.x)
+    whole = load_digits()
+    assert len(first.test) == len(whole.test) and len(first.validation) == len(whole.validation)
+    smallest = int(np.bincount(whole.train.y).min())
+    with pytest.raises(DataError, match=f"per_class {smallest + 1} exceeds the {smallest}"):
+        few_shot(load_digits, per_class=smallest + 1)
+
+
+def test_digits_as_mnist_stores_them() -> None:
+    digits = load_digits(mnist_like=True)
+    assert digits.input_shape == (28, 28) and digits.train.x.dtype == np.uint8
+    assert digits.train.x[:, :4].max() == 0 and digits.train.x.max() == 255
+
+
+def test_prototypes_take_the_class_of_the_nearest_mean() -> None:
+    inputs = keras.Input((2,))
+    embed = keras.Model(inputs, keras.layers.Lambda(lambda t: t)(inputs))
+    train_x = np.array([[0, 0], [0, 2], [10, 0], [10, 2]], np.float32)
+    train_y = np.array([0, 0, 1, 1])
+    x = np.array([[1, 1], [9, 1], [4.9, 1], [5.1, 1]], np.float32)
+    np.testing.assert_array_equal(prototype_predictions(embed, train_x, train_y, x, 2),
+                                  [0, 1, 0, 1])
+
+
+@pytest.mark.slow
+def test_transfer_replaces_the_head_and_keeps_frozen_layers_as_trained(
+        gin_file, in_tmp: Path, capsys) -> None:
+    source_file = gin_file(TINY, "source.gin")
+    assert main(["run", source_file]) == 0
+    (source,) = all_runs(in_tmp)
+    exp = gin_file(TRANSFER + f"build_transfer.source = '{source.info.run_id}'\n")
+    assert main(["run", exp]) == 0
+    printed = capsys.readouterr().out
+    assert "prototypes (nearest class mean of 50 training embeddings)" in printed
+    (run,) = [r for r in all_runs(in_tmp) if r.info.run_id != source.info.run_id]
+    assert run.info.status == "FINISHED" and run.data.params["derived.train_examples"] == "50"
+    assert 0.3 < run.data.metrics["prototypes/test_accuracy"] <= 1
+
+    from lmt_tf.tracking import load_model
+
+    before, after = load_model(source.info.run_id), load_model(run.info.run_id)
+    # Frozen: exactly as the source trained it. Fine-tuned: moved. The head: new.
+    for weights, trained in zip(after.get_layer("dense_0").get_weights(),
+                                before.get_layer("dense_0").get_weights(), strict=True):
+        np.testing.assert_array_equal(weights, trained)
+    assert after.layers[-1].name == "transfer_head"
+    assert "predictions" not in [layer.name for layer in after.layers]
+
+    # Unfrozen, the same layer fine-tunes.
+    assert main(["run", exp, "--gin_param", "build_transfer.freeze = ()"]) == 0
+    newest = max(all_runs(in_tmp), key=lambda r: r.info.start_time)
+    moved = load_model(newest.info.run_id).get_layer("dense_0").get_weights()[0]
+    assert not np.array_equal(moved, before.get_layer("dense_0").get_weights()[0])
+
+    # A source that cannot take the data: one line, exit 2.
+    capsys.readouterr()
+    assert main(["run", exp, "--gin_param", "load_digits.mnist_like = True"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes inputs of shape (8, 8), but the data has examples of " \
+        "shape (28, 28)" in err[0]
+
+
+@pytest.mark.slow
+def test_transfer_mistakes_are_one_line(gin_file, in_tmp: Path, capsys) -> None:
+    no_model = gin_file(TINY + "ExportConfig.saved_model = False\n"
+                               "ExportConfig.mlflow_model = False\n", "bare.gin")
+    assert main(["run", no_model]) == 0
+    (bare,) = all_runs(in_tmp)
+    capsys.readouterr()
+    cases = [
+        (f"build_transfer.source = '{bare.info.run_id}'", "cannot load the model runs:/"),
+        ("build_transfer.source = ''", "build_transfer.source is not set"),
+        ("build_transfer.source = 'x'\nfew_shot.per_class = 500",
+         "few_shot.per_class 500 exceeds the"),
+    ]
+    for binding, message in cases:
+        exp = gin_file(TRANSFER + binding + "\n", "bad.gin")
+        assert main(["run", exp]) == 2, binding
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (binding, err)
