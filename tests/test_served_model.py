@@ -1,6 +1,6 @@
-"""The logged model serves the way users deploy it: MNIST, a CSV file with missing cells
-and a categorical column, and the corrupted breast-cancer data, each trained with its
-preprocessing inside the model; the MLflow model then takes raw examples and answers as
+"""The logged model serves the way users deploy it: MNIST (as trained, compressed by QAT,
+federated, transferred), a CSV file with missing cells and a categorical column, and the
+corrupted breast-cancer data, each trained with its preprocessing inside the model; the MLflow model then takes raw examples and answers as
 the run's own model does, in-process, in a fresh interpreter that never imported lmt_tf
 (through ``mlflow.pyfunc``), and through ``mlflow models serve``."""
 
@@ -44,6 +44,22 @@ load_breast_cancer.missing_fraction = 0.1
 load_breast_cancer.outlier_fraction = 0.02
 include 'gin/preprocessing/clean.gin'
 """,
+    "compressed": """include 'gin/data/mnist.gin'
+TrainConfig.steps_per_epoch = 5
+run_experiment.stages = [@train(), @qat(), @export()]
+qat.epochs = 1
+""",
+    "federated": """include 'gin/data/digits.gin'
+include 'gin/federated/fedavg.gin'
+PartitionConfig.clients = 4
+FederatedConfig.rounds = 2
+""",
+    "transferred": """run_experiment.data = @few_shot
+few_shot.data = @load_mnist
+few_shot.per_class = 5
+run_experiment.model = @build_transfer
+build_transfer.source = '{mnist}'
+""",
 }
 
 
@@ -63,8 +79,9 @@ def _write_table(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The three runs in one store: for each, its model URI, raw test examples and the
-    run's own predictions on them."""
+    """The runs in one store (the quickstart-like MNIST model, then compressed by QAT,
+    federated, transferred; the CSV and breast-cancer models): for each, its model URI,
+    raw test examples and the run's own predictions on them."""
     from lmt_tf.tracking import find_run
 
     root = tmp_path_factory.mktemp("served")
@@ -76,12 +93,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     try:
         runs = {}
         for name, text in EXPERIMENTS.items():
+            text = text.replace("{mnist}", runs.get("mnist", {}).get("run_id", ""))
             (root / f"{name}.gin").write_text(COMMON + text)
             config.parse([str(root / f"{name}.gin")], [])
             result = run_experiment(options=RunOptions(config_files=[f"{name}.gin"],
                                                        echo=lambda _: None))
             x = _raw_test_examples(name, root)
             runs[name] = {"uri": f"runs:/{result.run_id}/model", "x": x,
+                          "run_id": result.run_id,
                           "expected": result.model.predict(x, verbose=0)}
             assert find_run(result.run_id).info.status == "FINISHED"
     finally:
@@ -93,11 +112,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _raw_test_examples(name: str, root: Path) -> np.ndarray:
     from lmt_tf.data import sources
 
-    splits = {"mnist": sources.load_mnist,
+    splits = {"mnist": sources.load_mnist, "compressed": sources.load_mnist,
+              "transferred": sources.load_mnist, "federated": sources.load_digits,
               "csv": lambda: sources.load_csv(str(root / "table.csv")),
               "cancer": lambda: sources.load_breast_cancer(0.1, 0.02)}[name]()
     x = splits.test.x[:8].astype(np.float32)
-    if name != "mnist":
+    if name in ("csv", "cancer"):
         assert np.isnan(x).any(), "the raw examples include missing values"
     return x
 

@@ -133,7 +133,7 @@ def test_parameter_server_cluster_trains_and_logs(gin_file, in_tmp: Path) -> Non
 
 
 def test_killed_worker_is_restarted_into_the_same_run(gin_file, in_tmp: Path) -> None:
-    exp = gin_file(TINY + "TrainConfig.epochs = 30\n")
+    exp = gin_file(TINY + "TrainConfig.epochs = 12\n")
     launch = Launch(["--workers", "2", "--restarts", "1", "--timeout", "240", exp], in_tmp)
     _wait_for_epochs(in_tmp, 3, launch, 180)
     first = launch.pids()
@@ -144,12 +144,12 @@ def test_killed_worker_is_restarted_into_the_same_run(gin_file, in_tmp: Path) ->
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FINISHED"
     steps = {m.step for m in mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")}
-    assert steps == set(range(1, 31))
+    assert steps == set(range(1, 13))
     _assert_all_gone(first.values())
 
 
 def test_parameter_server_job_survives_a_killed_worker(gin_file, in_tmp: Path) -> None:
-    exp = gin_file(TINY + "TrainConfig.epochs = 30\n")
+    exp = gin_file(TINY + "TrainConfig.epochs = 12\n")
     launch = Launch(["--workers", "2", "--ps", "1", "--timeout", "240", exp], in_tmp)
     _wait_for_epochs(in_tmp, 2, launch, 180)
     os.kill(launch.pids()["worker:1"], signal.SIGKILL)
@@ -158,7 +158,7 @@ def test_parameter_server_job_survives_a_killed_worker(gin_file, in_tmp: Path) -
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")]
-    assert steps == list(range(1, 31))
+    assert steps == list(range(1, 13))
 
 
 def test_zero_workers_is_an_error(gin_file, capsys) -> None:
