@@ -183,7 +183,7 @@ def test_a_fresh_interpreter_loads_every_logged_model_without_lmt_tf(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mnist", "cancer"])
+@pytest.mark.parametrize("name", ["mnist", "csv", "cancer"])
 def test_mlflow_models_serve_answers_raw_examples_as_the_run(served: dict, name: str,
                                                              tmp_path: Path) -> None:
     run, port = served["runs"][name], _free_port()

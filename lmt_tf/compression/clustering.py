@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+from lmt_tf.compression import tfmot
 from lmt_tf.errors import ConfigError
 from lmt_tf.training.model_transforms import ModelTransform
 
-clustering = tfmot.clustering.keras
 INITIALISATIONS = ("kmeans_plus_plus", "linear", "density_based", "random")
 
 
@@ -37,19 +36,19 @@ class Clustering(ModelTransform):
             raise ConfigError(f"cluster cannot cluster {unknown or 'anything'} in "
                               f"{model.name!r} (clusterable layers: "
                               f"{', '.join(clusterable) or 'none'})")
-        init = getattr(clustering.CentroidInitialization, self.init.upper())
+        init = getattr(tfmot().clustering.keras.CentroidInitialization, self.init.upper())
 
         def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
             if layer.name not in chosen:
                 return layer  # the same layer objects: the trained weights carry over
-            return clustering.cluster_weights(layer, number_of_clusters=self.clusters,
+            return tfmot().clustering.keras.cluster_weights(layer, number_of_clusters=self.clusters,
                                               cluster_centroids_init=init)
 
         self.clustered = sorted(chosen)
         return keras.models.clone_model(model, clone_function=clone)
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
-        return clustering.strip_clustering(wrapped)
+        return tfmot().clustering.keras.strip_clustering(wrapped)
 
 
 def distinct_values(model: keras.Model, layers: Sequence[str]) -> dict[str, int]:

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+from lmt_tf.compression import tfmot
 from lmt_tf.errors import ConfigError
 from lmt_tf.training.model_transforms import ModelTransform
 
 SCHEDULES = ("polynomial", "constant")
-sparsity = tfmot.sparsity.keras
+
+
+def _sparsity() -> Any:
+    return tfmot().sparsity.keras
 
 
 @dataclass(frozen=True)
@@ -28,16 +32,16 @@ class PruningSchedule:
     initial_sparsity: float = 0.0  # polynomial only
     frequency: int | None = None  # steps between mask updates; None: about 20 updates
 
-    def build(self) -> sparsity.PruningSchedule:
+    def build(self) -> Any:
         """The TF-MOT schedule. Its own frequency default (100 steps) would never prune a
         short stage, so the frequency follows from the stage's steps, and the last update
         falls on a step the stage runs, where the final sparsity is reached."""
         frequency = self.frequency or max(1, self.total_steps // 20)
         end = max(0, (self.total_steps - 1) // frequency * frequency)
         if self.kind == "constant":
-            return sparsity.ConstantSparsity(self.final_sparsity, begin_step=0, end_step=end,
+            return _sparsity().ConstantSparsity(self.final_sparsity, begin_step=0, end_step=end,
                                              frequency=frequency)
-        return sparsity.PolynomialDecay(self.initial_sparsity, self.final_sparsity,
+        return _sparsity().PolynomialDecay(self.initial_sparsity, self.final_sparsity,
                                         begin_step=0, end_step=end, frequency=frequency)
 
 
@@ -70,7 +74,7 @@ class Pruning(ModelTransform):
 
         def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
             # The same layer objects, so the trained weights carry over (TF-MOT's guide).
-            return sparsity.prune_low_magnitude(layer, **kwargs) if layer.name in chosen \
+            return _sparsity().prune_low_magnitude(layer, **kwargs) if layer.name in chosen \
                 else layer
 
         pruned = keras.models.clone_model(model, clone_function=clone)
@@ -78,10 +82,10 @@ class Pruning(ModelTransform):
         return pruned
 
     def callbacks(self, wrapped: keras.Model) -> list[keras.callbacks.Callback]:
-        return [sparsity.UpdatePruningStep()]
+        return [_sparsity().UpdatePruningStep()]
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
-        return sparsity.strip_pruning(wrapped)
+        return _sparsity().strip_pruning(wrapped)
 
 
 def _prunable(layer: keras.layers.Layer) -> bool:
@@ -90,7 +94,7 @@ def _prunable(layer: keras.layers.Layer) -> bool:
         PruneRegistry,
     )
 
-    return bool(layer.weights) and (isinstance(layer, sparsity.PrunableLayer)
+    return bool(layer.weights) and (isinstance(layer, _sparsity().PrunableLayer)
                                     or PruneRegistry.supports(layer))
 
 

@@ -4,9 +4,12 @@ their accuracy in int8. The QAT model itself is what converts to an int8 TFLite 
 
 from __future__ import annotations
 
-import tensorflow_model_optimization as tfmot
+import functools
+from typing import Any
+
 import tf_keras as keras
 
+from lmt_tf.compression import tfmot
 from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX
 from lmt_tf.errors import ConfigError
 from lmt_tf.training.model_transforms import ModelTransform
@@ -25,9 +28,9 @@ class QuantizationAware(ModelTransform):
         self.preserve = preserve
 
     def wrap(self, model: keras.Model) -> keras.Model:
-        quantize = tfmot.quantization.keras
+        quantize = tfmot().quantization.keras
         try:
-            combine = tfmot.experimental.combine
+            combine = tfmot().experimental.combine
             scheme = (None if self.preserve is None
                       else combine.Default8BitPrunePreserveQuantizeScheme()
                       if self.preserve == "sparsity"
@@ -38,12 +41,12 @@ class QuantizationAware(ModelTransform):
             def annotate(layer: keras.layers.Layer) -> keras.layers.Layer:
                 if layer.name not in front:
                     return layer
-                config = NoQuantization(quantize_output=layer.name == front[-1])
+                config = no_quantization(quantize_output=layer.name == front[-1])
                 return quantize.quantize_annotate_layer(layer, config)
 
             annotated = quantize.quantize_annotate_model(
                 keras.models.clone_model(model, clone_function=annotate))
-            with quantize.quantize_scope({"NoQuantization": NoQuantization,
+            with quantize.quantize_scope({"NoQuantization": type(no_quantization()),
                                           **_preprocessing_layers()}):
                 wrapped = quantize.quantize_apply(annotated, scheme) if scheme \
                     else quantize.quantize_apply(annotated)
@@ -55,35 +58,46 @@ class QuantizationAware(ModelTransform):
             raise ConfigError(f"qat cannot quantize {model.name!r}: {first}") from e
 
 
-class NoQuantization(tfmot.quantization.keras.QuantizeConfig):
-    """Leaves a preprocessing layer in float: it works on raw features, whose ranges one
-    int8 scale would not hold (a tabular feature in thousands beside one in hundredths).
-    The last of them quantizes its output, the model's real input, as TF-MOT's default
-    scheme quantizes a model input (8 bits, asymmetric, moving-average range)."""
+@functools.cache
+def _no_quantization_class() -> type:
+    """Defined on first use: its base class is TF-MOT's, imported only when needed."""
 
-    def __init__(self, quantize_output: bool = False):
-        self.quantize_output = quantize_output
+    class NoQuantization(tfmot().quantization.keras.QuantizeConfig):
+        """Leaves a preprocessing layer in float: it works on raw features, whose ranges one
+        int8 scale would not hold (a tabular feature in thousands beside one in hundredths).
+        The last of them quantizes its output, the model's real input, as TF-MOT's default
+        scheme quantizes a model input (8 bits, asymmetric, moving-average range)."""
 
-    def get_weights_and_quantizers(self, layer: keras.layers.Layer) -> list:
-        return []
+        def __init__(self, quantize_output: bool = False):
+            self.quantize_output = quantize_output
 
-    def get_activations_and_quantizers(self, layer: keras.layers.Layer) -> list:
-        return []
-
-    def set_quantize_weights(self, layer: keras.layers.Layer, weights: list) -> None:
-        pass
-
-    def set_quantize_activations(self, layer: keras.layers.Layer, activations: list) -> None:
-        pass
-
-    def get_output_quantizers(self, layer: keras.layers.Layer) -> list:
-        if not self.quantize_output:
+        def get_weights_and_quantizers(self, layer: keras.layers.Layer) -> list:
             return []
-        return [tfmot.quantization.keras.quantizers.MovingAverageQuantizer(
-            num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
 
-    def get_config(self) -> dict:
-        return {"quantize_output": self.quantize_output}
+        def get_activations_and_quantizers(self, layer: keras.layers.Layer) -> list:
+            return []
+
+        def set_quantize_weights(self, layer: keras.layers.Layer, weights: list) -> None:
+            pass
+
+        def set_quantize_activations(self, layer: keras.layers.Layer, activations: list) -> None:
+            pass
+
+        def get_output_quantizers(self, layer: keras.layers.Layer) -> list:
+            if not self.quantize_output:
+                return []
+            return [tfmot().quantization.keras.quantizers.MovingAverageQuantizer(
+                num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+
+        def get_config(self) -> dict:
+            return {"quantize_output": self.quantize_output}
+
+    return NoQuantization
+
+
+def no_quantization(quantize_output: bool = False) -> Any:
+    """A ``NoQuantization`` config (see ``_no_quantization_class``)."""
+    return _no_quantization_class()(quantize_output)
 
 
 def _raw_input_unquantized(model: keras.Model) -> None:
