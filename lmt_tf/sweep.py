@@ -351,7 +351,10 @@ def _run_trial(sweep: Sweep, trial: Any, bindings: list[str], parent_id: str, cl
         raise optuna.TrialPruned()
     value = child.data.metrics.get(sweep.metric) if child is not None and code == 0 else None
     if value is None:
-        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        # The error's own line: gin appends "In call to configurable ..." lines after it.
+        lines = [line for line in log.read_text().strip().splitlines()
+                 if line.strip() and not line.strip().startswith("In call to configurable")]
+        tail = lines[-1:] or ["no output"]
         reason = (f"exit status {code}: {tail[0]}" if code else
                   f"the run logged no metric {sweep.metric!r}")
         failures.append(f"trial {trial.number} ({', '.join(bindings)}): {reason} ({log})")

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -318,9 +319,19 @@ class TrackedRun:
                 # (no resolver for it: keep the text; two that agree: a warning)
                 warnings.simplefilter("ignore")
                 where = resolve_dataset_source(Path(source).resolve().as_uri())
-        self._mlflow.log_input(MetaDataset(where, name=name, digest=digest),
-                               context="training",
-                               tags={f"{split}_examples": str(n) for split, n in sizes.items()})
+        dataset = MetaDataset(where, name=name, digest=digest)
+        tags = {f"{split}_examples": str(n) for split, n in sizes.items()}
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self._mlflow.log_input(dataset, context="training", tags=tags)
+                return
+            except Exception as e:
+                # Runs logging the same new data set at once (sweep trials in parallel)
+                # race in the server's get-or-create: the loser's insert violates the
+                # dataset's key (seen with PostgreSQL). Again, the data set exists.
+                if attempt + 1 == DATASET_ATTEMPTS or not _duplicate_key(e):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
         """Logs the SavedModel directory ``saved_model`` as an MLflow pyfunc model that
@@ -487,6 +498,16 @@ def source_run_id(reference: str, uri: str | None = None) -> str | None:
             return mlflow.get_logged_model(reference.removeprefix("models:/")).source_run_id
         return find_run(reference, uri).info.run_id
     return None
+
+
+DATASET_ATTEMPTS = 3
+
+
+def _duplicate_key(error: BaseException) -> bool:
+    """Whether ``error`` is a store's unique-key violation (PostgreSQL, MySQL, SQLite)."""
+    text = str(error)
+    return any(mark in text for mark in ("UniqueViolation", "duplicate key",
+                                         "UNIQUE constraint failed", "Duplicate entry"))
 
 
 class NullRun:

@@ -66,12 +66,19 @@ def _epochs_done(directory: Path) -> int:
 
 
 @pytest.mark.slow
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_the_run_killed_and_keeps_its_checkpoint(in_tmp: Path) -> None:
     (in_tmp / "exp.gin").write_text(TINY)
     process = subprocess.Popen(
         [LMT, "run", "exp.gin", "--gin_param", "TrainConfig.epochs = 100000"],
         cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True,
+        # As from a terminal: a suite started in the background (`tox &`) hands its
+        # children SIGINT ignored, and Python then installs no KeyboardInterrupt.
+        preexec_fn=_interruptible)
     try:
         _wait_for(lambda: _epochs_done(in_tmp) >= 1 or process.poll() is not None, 120,
                   "the first epoch's checkpoint")

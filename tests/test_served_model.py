@@ -1,8 +1,9 @@
 """The logged model serves the way users deploy it: MNIST (as trained, compressed by QAT,
 federated, transferred), a CSV file with missing cells and a categorical column, and the
-corrupted breast-cancer data, each trained with its preprocessing inside the model; the MLflow model then takes raw examples and answers as
-the run's own model does, in-process, in a fresh interpreter that never imported lmt_tf
-(through ``mlflow.pyfunc``), and through ``mlflow models serve``."""
+corrupted breast-cancer data, each trained with its preprocessing inside the model. The
+MLflow model then takes raw examples and answers as the run's own model does:
+in-process, in a fresh interpreter that never imported lmt_tf (through
+``mlflow.pyfunc``), and through ``mlflow models serve``."""
 
 from __future__ import annotations
 

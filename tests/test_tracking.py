@@ -151,3 +151,40 @@ def test_runs_that_create_their_experiment_at_once_share_it(in_tmp: Path, monkey
     (experiment,) = [e for e in mlflow.MlflowClient(uri).search_experiments()
                      if e.name == "raced"]
     assert raced == ["raced"] and run.experiment_id == experiment.experiment_id
+
+
+class _RacingLogInput:
+    """``mlflow.log_input`` against a server that loses the dataset race ``losses`` times
+    first (two runs creating one data set at once), as PostgreSQL reports it."""
+
+    def __init__(self, losses: int):
+        self.losses, self.logged = losses, []
+
+    def __call__(self, dataset, context, tags) -> None:
+        from mlflow.exceptions import RestException
+
+        if self.losses:
+            self.losses -= 1
+            raise RestException({"error_code": "BAD_REQUEST", "message": (
+                '(psycopg.errors.UniqueViolation) duplicate key value violates unique '
+                'constraint "dataset_pk"')})
+        self.logged.append((dataset.name, dataset.digest, context, tags))
+
+
+@pytest.mark.parametrize("losses, logged", [(0, 1), (2, 1), (3, 0)])
+def test_a_dataset_lost_to_a_parallel_run_is_logged_again(in_tmp: Path, monkeypatch,
+                                                        losses: int, logged: int) -> None:
+    import mlflow
+    from mlflow.exceptions import RestException
+
+    from lmt_tf.tracking import DATASET_ATTEMPTS, TrackedRun, TrackingConfig
+
+    racing = _RacingLogInput(losses)
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    run = TrackedRun(TrackingConfig(), "exp")
+    if losses >= DATASET_ATTEMPTS:
+        with pytest.raises(RestException, match="UniqueViolation"):
+            run.log_dataset("digits", "abc", "", {"train": 3})
+    else:
+        run.log_dataset("digits", "abc", "", {"train": 3})
+    assert len(racing.logged) == logged

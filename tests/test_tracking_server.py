@@ -131,8 +131,11 @@ def test_parallel_sweep_trials_logging_at_once_lose_no_metric(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     epochs = 4
     (tmp_path / "swept.gin").write_text(TINY + f"TrainConfig.epochs = {epochs}\n")
-    assert main(["sweep", "swept.gin", "--parallel", "2", "--quiet",
-                 "--grid", "keras.optimizers.SGD.learning_rate=[0.05,0.1,0.2,0.4]"]) == 0
+    status = main(["sweep", "swept.gin", "--parallel", "2", "--quiet",
+                   "--grid", "keras.optimizers.SGD.learning_rate=[0.05,0.1,0.2,0.4]"])
+    logs = "\n".join(f"{log}:\n{log.read_text()[-3000:]}"
+                     for log in sorted(tmp_path.glob("lmt_sweeps/*/trial-*.log")))
+    assert status == 0, logs
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("swept")
     runs = client.search_runs([experiment.experiment_id])
