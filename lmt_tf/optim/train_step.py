@@ -12,13 +12,12 @@ learning-rate schedules see one optimizer step per k micro-batches.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
-from lmt_tf.optim.transforms import Transform, transform_lazily
+from lmt_tf.optim.transforms import Transform, apply_transforms
 from lmt_tf.training.model_transforms import ModelTransform
 
 
@@ -63,7 +62,6 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         self.schedule = schedule
         # Set by LocalSGD: each replica applies its own gradient, unaggregated.
         self.local_updates = False
-        self.update_factors: UpdateFactors | None = None  # see fuse_rescaling
         for transform in self.transforms:
             if hasattr(transform, "bind"):
                 transform.bind(inner)
@@ -129,12 +127,7 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
             aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables,
                                                                 strict=True)))
             gradients = [g for g, _ in aggregated]
-        transformed, norm = transform_lazily(self.transforms, gradients, variables)
-        if self.update_factors is not None:  # the optimizer's update multiplies them
-            self.update_factors.assign(variables, transformed.factors)
-            gradients = transformed.raw
-        else:
-            gradients = transformed.gradients()
+        gradients, norm = apply_transforms(self.transforms, gradients, variables)
         finite = tf.math.is_finite(norm)
         self.gradient_norm.update_state(tf.where(finite, norm, 0.0),
                                         sample_weight=tf.cast(finite, tf.float32))
@@ -149,58 +142,6 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
     def extra_callbacks(self) -> list[keras.callbacks.Callback]:
         """Callbacks the step needs from ``fit`` (the unfreezing schedule)."""
         return [self.schedule.callback()] if self.schedule else []
-
-    def fuse_rescaling(self) -> None:
-        """Lets the compiled optimizer update multiply the clipping factors into the
-        gradients (see ``UpdateFactors``); call in the strategy's scope, after compile,
-        when the update is XLA-compiled. Not for local updates (no aggregated step)."""
-        if self.transforms and not self.local_updates and self.update_factors is None:
-            self.update_factors = UpdateFactors(self.optimizer, self.inner.trainable_variables)
-
-
-class UpdateFactors:
-    """The gradient transforms' rescalings applied where the optimizer's update reads the
-    gradient, instead of as one more pass over every gradient before it. Each trainable
-    variable gets a small factor variable (one value per output unit); the train step
-    assigns the step's factors, and the optimizer's ``_update_step`` multiplies them into
-    the raw gradient. Under an XLA-compiled update the multiply fuses into the update's
-    own kernel, which saves writing and reading the gradient once more.
-
-    The factors go through variables, not as tensors, because Keras caches its compiled
-    per-variable update, which must not capture a tensor of one trace of the train step.
-    Not tracked by the model: checkpoints hold nothing of them.
-    """
-
-    def __init__(self, optimizer: keras.optimizers.Optimizer, variables: Sequence[tf.Variable]):
-        # Through a loss-scaling wrapper: its inner optimizer does the update.
-        self._optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        self._factors: dict[int, tf.Variable] = {}
-        for variable in variables:
-            shape = variable.shape
-            per_unit = [1] * (shape.rank - 1) + [shape[-1]] if shape.rank >= 2 else shape
-            # Every replica computes the same factors from the same aggregated gradient.
-            self._factors[self._optimizer._var_key(variable)] = tf.Variable(
-                tf.ones(per_unit, variable.dtype), trainable=False,
-                name=f"gradient_factor_{len(self._factors)}",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        update_step = self._optimizer._update_step
-
-        def scaled_update_step(gradient: tf.Tensor, variable: tf.Variable) -> Any:
-            factor = self._factors.get(self._optimizer._var_key(variable))
-            if factor is not None:
-                gradient = gradient * tf.cast(factor, gradient.dtype)
-            return update_step(gradient, variable)
-
-        self._optimizer._update_step = scaled_update_step
-
-    def assign(self, variables: Sequence[tf.Variable],
-               factors: Sequence[tf.Tensor | None]) -> None:
-        """This step's factor of each variable's gradient (None: 1)."""
-        for variable, factor in zip(variables, factors, strict=True):
-            slot = self._factors[self._optimizer._var_key(variable)]
-            value = tf.ones(slot.shape, slot.dtype) if factor is None \
-                else tf.broadcast_to(tf.cast(factor, slot.dtype), slot.shape)
-            slot.assign(value)
 
 
 class CustomTrainStep(ModelTransform):
