@@ -136,9 +136,7 @@ def run_experiment(
             model_fn=model, seed=seed, configs=configs, options=options, run=session.run,
             run_dir=session.run_dir, own=session.own, trainable=trainable,
             model=inference_model(trainable), preprocessing=preprocessing,
-            compressing=any(stage.name not in ("train", "federate", "evaluate", "prototypes",
-                                               "export")
-                            for stage in stages))
+            compressing=any(stage.compresses for stage in stages))
         log_setup(session, options, info, role,
                   _derived(info, plan, splits, context.model, preprocessing),
                   context.model.variables, splits)

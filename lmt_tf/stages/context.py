@@ -86,7 +86,7 @@ class RunContext:
     model: keras.Model | None = None  # the current model, as it is exported
     history: dict[str, list[float]] = field(default_factory=dict)
     test_metrics: dict[str, float] = field(default_factory=dict)
-    compressing: bool = False  # the run has a stage beyond train and export: report it
+    compressing: bool = False  # a stage compresses the model (Stage.compresses): report it
     report: list[Any] = field(default_factory=list)  # compression.report.Row per output
     preprocessing: FittedPreprocessing | None = None  # fitted on the training split
     _test_arrays: tuple[Any, Any] | None = None
@@ -143,6 +143,8 @@ class Stage:
     """
 
     name = "stage"
+    # Whether it compresses the model: a run with such a stage logs a compression report.
+    compresses = False
 
     def run(self, context: RunContext) -> None:
         raise NotImplementedError

@@ -26,6 +26,7 @@ class FineTune(Stage):
     stage's name (``prune/test_accuracy``), checkpoints under ``stages/<name>/``."""
 
     epochs = 1
+    compresses = True  # prune, cluster, qat, distill: each a row of the report
     # Log the gzipped weights before and after (``weights_gzip_bytes``, ...): for stages
     # whose zeros or shared values make the model smaller.
     measures_size = False

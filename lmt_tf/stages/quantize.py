@@ -49,6 +49,7 @@ class TFLite(Stage):
     """
 
     name = "tflite"
+    compresses = True
 
     def __init__(self, modes: Sequence[str] = ("float", "int8"),
                  representative_examples: int = 200, latency_examples: int = 100):
