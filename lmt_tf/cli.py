@@ -10,6 +10,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import lmt_tf
 from lmt_tf.errors import LmtError
@@ -183,64 +184,46 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.env import import_tensorflow
-
-    import_tensorflow()
-    _quiet_mlflow()
-    from lmt_tf import config
-    from lmt_tf.config import run_experiment
-    from lmt_tf.experiment import RunOptions
-
-    files = [args.gin_file, *args.more_files]
-    config.parse(files, args.bindings)
     if args.allow_changes and not args.resume:
         raise LmtError("--allow-changes only applies to --resume")
-    from lmt_tf.stages.context import FlowerRole
-
-    flower = FlowerRole(args.flower_server) if args.flower_server else None
-    options = RunOptions(config_files=files, bindings=args.bindings, resume=args.resume,
-                         dry_run=args.dry_run, run_name=args.run_name,
-                         allow_changes=args.allow_changes, flower=flower,
-                         # Line by line, also into a pipe (`| tee log`, a scheduler's log).
-                         echo=lambda line: print(line, flush=True))
-    run_experiment(options=options)
-    return 0
+    return _run_experiment(
+        args, args.bindings, flower=(args.flower_server, None) if args.flower_server else None,
+        resume=args.resume, dry_run=args.dry_run, run_name=args.run_name,
+        allow_changes=args.allow_changes)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.env import import_tensorflow
-
-    import_tensorflow()
-    _quiet_mlflow()
-    from lmt_tf import config
-    from lmt_tf.config import run_experiment
-    from lmt_tf.experiment import RunOptions
-
     if "'" in args.model or "\\" in args.model:
         raise LmtError(f"a model reference cannot hold quotes or backslashes: {args.model!r}")
-    files = [args.gin_file, *args.more_files]
-    bindings = [*args.bindings, "run_experiment.stages = [@evaluate()]",
-                f"evaluate.model = '{args.model}'"]
-    config.parse(files, bindings)
-    run_experiment(options=RunOptions(config_files=files, bindings=bindings,
-                                      echo=lambda line: print(line, flush=True)))
-    return 0
+    return _run_experiment(args, [*args.bindings, "run_experiment.stages = [@evaluate()]",
+                                  f"evaluate.model = '{args.model}'"])
 
 
 def _flower_client(args: argparse.Namespace) -> int:
+    return _run_experiment(args, args.bindings, flower=(args.server, args.client))
+
+
+def _run_experiment(args: argparse.Namespace, bindings: Sequence[str],
+                    flower: tuple[str, int | None] | None = None, **options: Any) -> int:
+    """Parses the experiment's gin files with ``bindings`` and runs it with ``options``
+    (``RunOptions`` fields) and a Flower role (address, client or None for the server):
+    ``lmt run``, ``lmt evaluate`` and ``lmt flower-client``."""
     from lmt_tf.runtime.env import import_tensorflow
 
-    import_tensorflow()
+    import_tensorflow()  # quiet, before anything imports TensorFlow
+    _quiet_mlflow()
     from lmt_tf import config
     from lmt_tf.config import run_experiment
     from lmt_tf.experiment import RunOptions
     from lmt_tf.stages.context import FlowerRole
 
     files = [args.gin_file, *args.more_files]
-    config.parse(files, args.bindings)
+    config.parse(files, bindings)
     run_experiment(options=RunOptions(
-        config_files=files, bindings=args.bindings,
-        flower=FlowerRole(args.server, args.client), echo=lambda line: print(line, flush=True)))
+        config_files=files, bindings=list(bindings),
+        # Line by line, also into a pipe (`| tee log`, a scheduler's log).
+        echo=lambda line: print(line, flush=True),
+        flower=FlowerRole(*flower) if flower else None, **options))
     return 0
 
 
