@@ -33,6 +33,7 @@ from lmt_tf.runtime.launcher import JOB_NETWORK_ENV
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value, in characters
+DATASET_ATTEMPTS = 3  # logging a dataset input that a parallel run creates at once
 
 
 # Set by `lmt sweep` for its trials: the MLflow run they are nested under.
@@ -498,9 +499,6 @@ def source_run_id(reference: str, uri: str | None = None) -> str | None:
             return mlflow.get_logged_model(reference.removeprefix("models:/")).source_run_id
         return find_run(reference, uri).info.run_id
     return None
-
-
-DATASET_ATTEMPTS = 3
 
 
 def _duplicate_key(error: BaseException) -> bool:

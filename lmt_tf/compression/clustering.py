@@ -5,6 +5,7 @@ a plain model whose kernels hold at most that many distinct values."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tf_keras as keras
@@ -14,6 +15,10 @@ from lmt_tf.errors import ConfigError
 from lmt_tf.training.model_transforms import ModelTransform
 
 INITIALISATIONS = ("kmeans_plus_plus", "linear", "density_based", "random")
+
+
+def _clustering() -> Any:
+    return tfmot().clustering.keras
 
 
 class Clustering(ModelTransform):
@@ -36,19 +41,19 @@ class Clustering(ModelTransform):
             raise ConfigError(f"cluster cannot cluster {unknown or 'anything'} in "
                               f"{model.name!r} (clusterable layers: "
                               f"{', '.join(clusterable) or 'none'})")
-        init = getattr(tfmot().clustering.keras.CentroidInitialization, self.init.upper())
+        init = getattr(_clustering().CentroidInitialization, self.init.upper())
 
         def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
             if layer.name not in chosen:
                 return layer  # the same layer objects: the trained weights carry over
-            return tfmot().clustering.keras.cluster_weights(layer, number_of_clusters=self.clusters,
-                                              cluster_centroids_init=init)
+            return _clustering().cluster_weights(layer, number_of_clusters=self.clusters,
+                                                 cluster_centroids_init=init)
 
         self.clustered = sorted(chosen)
         return keras.models.clone_model(model, clone_function=clone)
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
-        return tfmot().clustering.keras.strip_clustering(wrapped)
+        return _clustering().strip_clustering(wrapped)
 
 
 def distinct_values(model: keras.Model, layers: Sequence[str]) -> dict[str, int]:

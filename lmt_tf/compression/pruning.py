@@ -39,10 +39,10 @@ class PruningSchedule:
         frequency = self.frequency or max(1, self.total_steps // 20)
         end = max(0, (self.total_steps - 1) // frequency * frequency)
         if self.kind == "constant":
-            return _sparsity().ConstantSparsity(self.final_sparsity, begin_step=0, end_step=end,
-                                             frequency=frequency)
+            return _sparsity().ConstantSparsity(self.final_sparsity, begin_step=0,
+                                                end_step=end, frequency=frequency)
         return _sparsity().PolynomialDecay(self.initial_sparsity, self.final_sparsity,
-                                        begin_step=0, end_step=end, frequency=frequency)
+                                           begin_step=0, end_step=end, frequency=frequency)
 
 
 class Pruning(ModelTransform):

@@ -114,8 +114,6 @@ def _raw_input_unquantized(model: keras.Model) -> None:
 
 
 def _preprocessing_layers() -> dict[str, type]:
-    from lmt_tf.data import preprocessing
+    from lmt_tf.data.preprocessing import LAYERS
 
-    return {cls.__name__: cls for cls in (preprocessing.Impute, preprocessing.ClipFeatures,
-                                          preprocessing.OneHotColumns,
-                                          preprocessing.SelectFeatures)}
+    return {cls.__name__: cls for cls in LAYERS}

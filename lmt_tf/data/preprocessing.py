@@ -377,3 +377,7 @@ class SelectFeatures(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "keep": self.keep}
+
+
+# lmt's own preprocessing layers (besides Keras' Rescaling and Normalization).
+LAYERS = (Impute, ClipFeatures, OneHotColumns, SelectFeatures)

@@ -310,9 +310,9 @@ def few_shot(data: Callable[[], Splits], per_class: int, seed: int = 0) -> Split
     Raises:
       DataError: if a class has fewer than ``per_class`` training examples.
     """
-    splits = data()
     if not isinstance(per_class, int) or per_class < 1:
         raise ConfigError(f"few_shot.per_class must be an integer >= 1, got {per_class!r}")
+    splits = data()
     train = splits.train
     if not isinstance(train, Split):
         raise ConfigError(f"few_shot draws from data in memory; {splits.name} is read from "
