@@ -76,10 +76,16 @@ def test_agc_leaves_the_final_layer_alone() -> None:
         assert changed == (v.name not in final), v.name
 
 
-def test_unitwise_norm_is_one_norm_per_output_unit() -> None:
-    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 5)).astype(np.float32)
-    expected = np.sqrt((kernel ** 2).sum(axis=(0, 1, 2), keepdims=True))
+@pytest.mark.parametrize("shape", [(3, 3, 4, 5), (3136, 16), (37, 3)],
+                         ids=["conv kernel", "rows in blocks", "prime rows"])
+def test_unitwise_norm_is_one_norm_per_output_unit(shape) -> None:
+    kernel = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    axes = tuple(range(len(shape) - 1))
+    expected = np.sqrt((kernel.astype(np.float64) ** 2).sum(axis=axes, keepdims=True))
     np.testing.assert_allclose(unitwise_norm(tf.constant(kernel)).numpy(), expected, rtol=1e-5)
+
+
+def test_unitwise_norm_of_a_vector_is_its_absolute_values() -> None:
     np.testing.assert_array_equal(unitwise_norm(tf.constant([-2.0, 3.0])).numpy(), [2.0, 3.0])
 
 
