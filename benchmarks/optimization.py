@@ -10,7 +10,9 @@
     against the same step with an identity transform (the chain's own cost), each
     transform alone, and the identity step against the plain Keras step (the custom
     step's cost); the median time of a step, variants interleaved in one process. Also
-    the chain's cost with the optimizer update not XLA-compiled (Keras' CPU default).
+    the chain with its factors multiplied into the gradients before the update rather
+    than inside the compiled update, and with the update not XLA-compiled (Keras' CPU
+    default).
 
     python benchmarks/optimization.py [--steps 20] [--rounds 2]
 
@@ -101,6 +103,11 @@ def accumulation(steps: int, rounds: int) -> dict:
     return summary
 
 
+# The chain with its factors multiplied into the gradients before the update, instead of
+# inside the compiled update (train_step.UpdateFactors).
+UNFUSED = "lmt step, clipping chain, multiplied before the update"
+
+
 def clipping(block: int, rounds: int) -> dict:
     """Milliseconds per train step of prebuilt quickstart CNNs (MNIST, batch 128), timed
     step by step and interleaved in blocks of ``block`` steps, so that every variant
@@ -129,6 +136,7 @@ def clipping(block: int, rounds: int) -> dict:
         "lmt step, global-norm clipping": ((ClipByGlobalNorm(1.0),), None),
         "lmt step, AGC": ((AdaptiveGradientClipping(0.05),), None),
         "lmt step, clipping chain": (chain(), None),
+        UNFUSED: (chain(), None),
         "lmt step, identity, update not compiled": ((identity,), False),
         "lmt step, clipping chain, update not compiled": (chain(), False),
     }
@@ -140,6 +148,8 @@ def clipping(block: int, rounds: int) -> dict:
         trainer = Trainer(config, default_strategy())
         set_seed(0)
         model = trainer.build_model(build_cnn, splits)
+        if name == UNFUSED:
+            model.update_factors = None  # the factors stay 1; the step multiplies first
         input_fn = splits.train.train_input_fn(trainer.plan(splits.train), 0, 0,
                                                trainer.input_config)
         iterator = iter(input_fn(tf.distribute.InputContext()).repeat())
@@ -167,6 +177,7 @@ def clipping(block: int, rounds: int) -> dict:
             "chain_cost": cost("lmt step, clipping chain", identity_step),
             "global_norm_cost": cost("lmt step, global-norm clipping", identity_step),
             "agc_cost": cost("lmt step, AGC", identity_step),
+            "chain_cost_factors_multiplied_first": cost(UNFUSED, identity_step),
             "chain_cost_update_not_compiled": cost(
                 "lmt step, clipping chain, update not compiled",
                 "lmt step, identity, update not compiled"),
@@ -242,10 +253,12 @@ def main() -> None:
     if clip:
         print(f"(c) median of {clip['steps_timed']} steps each, interleaved")
         for name, ms in clip["ms_per_step"].items():
-            print(f"  {name:<50}{ms:>8.2f} ms/step")
+            print(f"  {name:<56}{ms:>8.2f} ms/step")
         print(f"  cost per step against the identity step: chain "
               f"{100 * clip['chain_cost']:.1f}% (global norm {100 * clip['global_norm_cost']:.1f}%"
-              f", AGC {100 * clip['agc_cost']:.1f}%); with the update not compiled, chain "
+              f", AGC {100 * clip['agc_cost']:.1f}%); multiplied before the update, chain "
+              f"{100 * clip['chain_cost_factors_multiplied_first']:.1f}%; with the update not "
+              f"compiled, chain "
               f"{100 * clip['chain_cost_update_not_compiled']:.1f}%; the lmt step against "
               f"Keras' {100 * clip['custom_step_cost']:.1f}%")
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,12 +12,13 @@ learning-rate schedules see one optimizer step per k micro-batches.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
-from lmt_tf.optim.transforms import Transform, apply_transforms
+from lmt_tf.optim.transforms import Rescaling, Transform, transform_lazily
 from lmt_tf.training.model_transforms import ModelTransform
 
 
@@ -62,6 +63,7 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         self.schedule = schedule
         # Set by LocalSGD: each replica applies its own gradient, unaggregated.
         self.local_updates = False
+        self.update_factors: UpdateFactors | None = None  # see fuse_rescaling
         for transform in self.transforms:
             if hasattr(transform, "bind"):
                 transform.bind(inner)
@@ -127,7 +129,12 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
             aggregated = optimizer.aggregate_gradients(list(zip(gradients, variables,
                                                                 strict=True)))
             gradients = [g for g, _ in aggregated]
-        gradients, norm = apply_transforms(self.transforms, gradients, variables)
+        transformed, norm = transform_lazily(self.transforms, gradients, variables)
+        if self.update_factors is not None:  # the optimizer's update multiplies them
+            self.update_factors.assign(variables, transformed.factors)
+            gradients = transformed.raw
+        else:
+            gradients = transformed.gradients()
         finite = tf.math.is_finite(norm)
         self.gradient_norm.update_state(tf.where(finite, norm, 0.0),
                                         sample_weight=tf.cast(finite, tf.float32))
@@ -142,6 +149,74 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
     def extra_callbacks(self) -> list[keras.callbacks.Callback]:
         """Callbacks the step needs from ``fit`` (the unfreezing schedule)."""
         return [self.schedule.callback()] if self.schedule else []
+
+    def fuse_rescaling(self) -> None:
+        """Lets the optimizer's update multiply the clipping factors into the gradients
+        (see ``UpdateFactors``); call in the strategy's scope, after compile, when the
+        update is XLA-compiled. Nothing to fuse unless the last transform is a
+        rescaling; not for local updates (each replica would need its own factors), nor
+        for an optimizer that clips by itself (it would clip the unscaled gradients)."""
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if (self.update_factors is None and self.transforms and not self.local_updates
+                and isinstance(self.transforms[-1], Rescaling)
+                and not any(getattr(optimizer, clip, None)
+                            for clip in ("clipnorm", "clipvalue", "global_clipnorm"))):
+            self.update_factors = UpdateFactors(optimizer, self.inner.trainable_variables)
+
+
+class UpdateFactors:
+    """The gradient transforms' rescalings applied where the optimizer's update reads the
+    gradient, instead of as one more pass over every gradient before it. Each trainable
+    variable gets a small factor variable (one value per output unit); the train step
+    assigns the step's factors, and the optimizer's ``_update_step`` multiplies them into
+    the raw gradient. Under an XLA-compiled update the multiply fuses into the update's
+    own kernels, which takes a write and a read of every gradient off the end of the
+    step, where global-norm clipping already waits for the last gradient (0.7 ms of the
+    quickstart CNN's 36 ms step on 2 CPU cores, in a profile).
+
+    The factors go through variables, not as tensors, because Keras caches its compiled
+    per-variable update, which must not capture a tensor of one trace of the train step.
+    Not tracked by the model: checkpoints hold nothing of them.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, variables: Sequence[tf.Variable]):
+        if getattr(optimizer, "_lmt_update_factors", None) is not None:
+            raise RuntimeError(f"optimizer {optimizer.name} already multiplies the clipping "
+                               "factors of another model; build one optimizer per model")
+        optimizer._lmt_update_factors = self
+        self._optimizer = optimizer
+        self._factors: dict[int, tf.Variable] = {}
+        for variable in variables:
+            shape = variable.shape
+            per_unit = [1] * (shape.rank - 1) + [shape[-1]] if shape.rank >= 2 else shape
+            # Every replica computes the same factors from the same aggregated gradient.
+            self._factors[optimizer._var_key(variable)] = tf.Variable(
+                tf.ones(per_unit, variable.dtype), trainable=False,
+                name=f"gradient_factor_{len(self._factors)}",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        update_step = optimizer._update_step
+
+        def scaled_update_step(gradient: tf.Tensor, variable: tf.Variable) -> Any:
+            factor = self._factors.get(optimizer._var_key(variable))
+            if factor is not None:
+                gradient = gradient * tf.cast(factor, gradient.dtype)
+            return update_step(gradient, variable)
+
+        optimizer._update_step = scaled_update_step
+
+    @property
+    def variables(self) -> list[tf.Variable]:
+        """The factor variables, one per trainable variable."""
+        return list(self._factors.values())
+
+    def assign(self, variables: Sequence[tf.Variable],
+               factors: Sequence[tf.Tensor | None]) -> None:
+        """This step's factor of each variable's gradient (None: 1)."""
+        for variable, factor in zip(variables, factors, strict=True):
+            slot = self._factors[self._optimizer._var_key(variable)]
+            value = tf.ones(slot.shape, slot.dtype) if factor is None \
+                else tf.broadcast_to(tf.cast(factor, slot.dtype), slot.shape)
+            slot.assign(value)
 
 
 class CustomTrainStep(ModelTransform):

@@ -7,7 +7,9 @@ The clipping transforms are rescalings: each multiplies a gradient by factors th
 constant over every output unit, computed from norms. ``apply_transforms`` composes
 consecutive rescalings into one multiply per gradient and computes each norm of the
 gradients once, so a chain costs about as much as its most demanding member: the cost
-of clipping is memory passes over the gradients, not arithmetic.
+of clipping is memory passes over the gradients, not arithmetic. Where the optimizer's
+update is XLA-compiled, that one multiply moves into the update itself
+(``train_step.UpdateFactors``), saving one more pass.
 """
 
 from __future__ import annotations
@@ -145,6 +147,15 @@ def apply_transforms(transforms: Sequence[Transform], gradients: Gradients,
     Returns:
         The transformed gradients and the global norm of ``gradients`` before them.
     """
+    norms, norm = transform_lazily(transforms, gradients, variables)
+    return norms.gradients(), norm
+
+
+def transform_lazily(transforms: Sequence[Transform], gradients: Gradients,
+                     variables: Sequence[tf.Variable]) -> tuple[GradientNorms, tf.Tensor]:
+    """``apply_transforms`` with the last rescalings not yet multiplied in: the gradients
+    as ``GradientNorms`` (raw tensors and their factors), so that the optimizer's update
+    can multiply them where it reads the gradient (``train_step.UpdateFactors``)."""
     unit_wise = any(getattr(t, "unit_wise", False) for t in transforms)
     first = norms = GradientNorms(gradients, unit_wise)
     for transform in transforms:
@@ -153,7 +164,7 @@ def apply_transforms(transforms: Sequence[Transform], gradients: Gradients,
         else:
             norms = GradientNorms(transform(norms.gradients(), variables), unit_wise)
     # Last, so that it reuses the norms the transforms computed.
-    return norms.gradients(), first.raw_global_norm()
+    return norms, first.raw_global_norm()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.optim.decoupled import DecoupledBlocks
 from lmt_tf.optim.local_sgd import LocalSGD, replica_local_variables
-from lmt_tf.optim.train_step import CustomTrainStep
+from lmt_tf.optim.train_step import CustomTrainStep, MicroBatchTrainStep
 from lmt_tf.runtime.strategy import local_updates_unsupported
 from lmt_tf.training import model_transforms
 from lmt_tf.training.model_transforms import ModelTransform, inference_model
@@ -175,6 +175,9 @@ class Trainer:
                             metrics=list(self.config.metrics),
                             steps_per_execution=self.config.steps_per_execution)
             _compile_update(model.optimizer, self._jit_compile_update())
+            if (getattr(_inner(model.optimizer), "jit_compile", False) and not local
+                    and isinstance(model, MicroBatchTrainStep)):
+                model.fuse_rescaling()  # clipping factors multiplied inside the update
             if self.config.divergence_retries:
                 check(isinstance(_learning_rate(model.optimizer), tf.Variable),
                       "TrainConfig.divergence_retries", "needs a constant learning rate "

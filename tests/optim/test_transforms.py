@@ -159,3 +159,46 @@ def test_mirrored_clipping_equals_single_device_clipping_of_the_global_batch() -
     initial = build_mlp((8, 8), 10).get_weights()
     step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(single, initial, strict=True)))
     assert step == pytest.approx(0.05, rel=1e-4)  # SGD(1.0) moved by the clipped norm
+
+
+def _chain_steps(strategy, fused: bool) -> list[np.ndarray]:
+    splits = load_digits()
+    config = TrainConfig(epochs=1, steps_per_epoch=3, global_batch_size=64, verbose=0,
+                         optimizer=lambda: keras.optimizers.Adam(0.01),
+                         gradient_transforms=(ClipByGlobalNorm(0.5),
+                                              AdaptiveGradientClipping(0.01)),
+                         jit_compile_update=True)
+    trainer = Trainer(config, strategy)
+    set_seed(5)
+    model = trainer.build_model(build_mlp, splits)
+    factors = model.update_factors
+    assert factors is not None  # compiled update: the factors go into it
+    if not fused:
+        model.update_factors = None  # multiplied before the update (its factors stay 1)
+    trainer.fit(model, splits, seed=2)
+    # The chain clipped: the last step's factors were not all 1.
+    assert any(np.any(f.numpy() < 1) for f in factors.variables) == fused
+    return inference_model(model).get_weights()
+
+
+@pytest.mark.parametrize("strategy", [default_strategy, lambda: mirrored_strategy(2)],
+                         ids=["default", "mirrored"])
+def test_factors_multiplied_inside_the_update_give_the_same_steps(strategy) -> None:
+    """Global-norm clipping then AGC (a factor per unit), three Adam steps: the factors
+    fused into the compiled update move the weights as multiplying the gradients first."""
+    fused, separate = _chain_steps(strategy(), True), _chain_steps(strategy(), False)
+    set_seed(5)
+    initial = build_mlp((8, 8), 10).get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(fused, initial, strict=True))
+    for a, b in zip(fused, separate, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_optimizer_that_clips_by_itself_gets_gradients_already_rescaled() -> None:
+    """Its own clipping must see the transformed gradients, so nothing is fused."""
+    config = TrainConfig(global_batch_size=64, verbose=0,
+                         optimizer=lambda: keras.optimizers.Adam(0.01, global_clipnorm=1.0),
+                         gradient_transforms=(AdaptiveGradientClipping(0.01),),
+                         jit_compile_update=True)
+    model = Trainer(config, default_strategy()).build_model(build_mlp, load_digits())
+    assert model.update_factors is None

@@ -252,9 +252,13 @@ def test_a_failing_task_stops_the_cluster_and_leaves_no_process(gin_file, in_tmp
 
 
 def test_accumulation_on_two_workers_equals_one_big_batch(gin_file, in_tmp: Path) -> None:
-    """k=4 micro-batches per replica on 2 workers: the same weights as one device taking
+    """k=4 micro-batches per replica on 2 workers, clipped by global norm then AGC (the
+    factors multiplied inside the compiled update): the same weights as one device taking
     the whole global batch at once."""
-    exp = gin_file(TINY)
+    exp = gin_file(TINY + "TrainConfig.gradient_transforms = "
+                          "(@ClipByGlobalNorm(), @AdaptiveGradientClipping())\n"
+                          "ClipByGlobalNorm.limit = 0.5\n"
+                          "AdaptiveGradientClipping.clip = 0.01\n")
     _assert_cluster_matches_local(
         exp, in_tmp, ["--workers", "2", "--gin_param", "TrainConfig.micro_batches = 4"], [])
 
