@@ -170,6 +170,9 @@ class Trainer:
                                         num_classes=splits.num_classes)
             model = model_transforms.apply(model, [*extra, *self.model_transforms(splits)])
             optimizer = configured_call(self.config.optimizer, "TrainConfig.optimizer")
+            check(not isinstance(optimizer, keras.optimizers.legacy.Optimizer),
+                  "TrainConfig.optimizer", f"is a legacy optimizer ({type(optimizer).__name__}"
+                  " from keras.optimizers.legacy); use its keras.optimizers counterpart")
             configured_call(model.compile, "TrainConfig (loss, metrics, optimizer)",
                             optimizer=optimizer, loss=self.config.loss,
                             metrics=list(self.config.metrics),

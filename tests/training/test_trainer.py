@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tf_keras as keras
 
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
@@ -28,6 +29,13 @@ from lmt_tf.training.trainer import TrainConfig, Trainer
 def test_bad_train_config(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_a_legacy_optimizer_is_refused_with_its_counterpart_named() -> None:
+    config = TrainConfig(global_batch_size=64, verbose=0,
+                         optimizer=lambda: keras.optimizers.legacy.Adam(0.01))
+    with pytest.raises(ConfigError, match="legacy optimizer .Adam.*keras.optimizers"):
+        Trainer(config, default_strategy()).build_model(build_mlp, load_digits())
 
 
 def test_checkpoint_restores_weights_and_epoch(tmp_path: Path) -> None:
