@@ -159,22 +159,31 @@ class Efficiency:
     latency_ms: dict[int, dict[str, float]]  # batch size -> mean and p95 per example
 
 
+def latency_per_example(model: keras.Model, x: np.ndarray, batch_size: int,
+                        runs: int) -> list[float]:
+    """Milliseconds per example of ``runs`` timed forward passes of a batch of
+    ``batch_size`` examples of ``x``, compiled (``tf.function`` of the model, traced
+    before timing), as a deployed model runs."""
+    forward = tf.function(lambda batch: model(batch, training=False))
+    batch = tf.constant(np.resize(x, (batch_size, *x.shape[1:])))
+    forward(batch)  # traces: not timed
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        forward(batch).numpy()
+        times.append((time.perf_counter() - start) * 1000 / batch_size)
+    return times
+
+
 def efficiency(model: keras.Model, x: np.ndarray, batch_sizes: Sequence[int], runs: int,
                saved_model: Path | None = None) -> Efficiency:
-    """Parameters, bytes, and the latency per example of one compiled forward pass
-    (``tf.function`` of the model, traced once per batch size before timing)."""
+    """Parameters, bytes, and the latency per example of one compiled forward pass at
+    each batch size (see ``latency_per_example``)."""
     from lmt_tf.training.export import directory_size
 
-    forward = tf.function(lambda batch: model(batch, training=False))
     latency = {}
     for size in sorted(set(batch_sizes)):
-        batch = tf.constant(np.resize(x, (size, *x.shape[1:])))
-        forward(batch)  # traces: not timed
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            forward(batch).numpy()
-            times.append((time.perf_counter() - start) * 1000 / size)
+        times = latency_per_example(model, x, size, runs)
         latency[size] = {"mean": float(np.mean(times)), "p95": float(np.percentile(times, 95))}
     size = directory_size(saved_model) if saved_model and saved_model.is_dir() else \
         sum(w.nbytes for w in model.get_weights())

@@ -7,12 +7,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import tf_keras as keras
+
+from lmt_tf.evaluation import latency_per_example
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,11 @@ def weight_bytes(weights: Sequence[np.ndarray]) -> tuple[int, int]:
 
 
 def keras_row(stage: str, model: keras.Model, test_accuracy: float, x: np.ndarray,
-              latency_examples: int = 50) -> Row:
-    """The row of a Keras model; latency is timed on ``x`` one example at a time."""
+              latency_runs: int = 50) -> Row:
+    """The row of a Keras model; latency is one compiled forward pass of one example of
+    ``x``, as for the evaluate stage (``evaluation.latency_per_example``)."""
     weights = model.get_weights()
-    predict = model.__call__
-    predict(x[:1], training=False)  # the first call traces; not timed
-    samples = x[:latency_examples]
-    start = time.perf_counter()
-    for sample in samples:
-        predict(sample[None], training=False)
-    latency = (time.perf_counter() - start) / len(samples) * 1000
+    latency = float(np.mean(latency_per_example(model, x, 1, latency_runs)))
     return Row(stage, *weight_counts(weights), *weight_bytes(weights), test_accuracy,
                latency)
 
