@@ -66,10 +66,10 @@ class Evaluate(Stage):
         for name in ("confusion_matrix.png", "reliability.png", "robustness.png"):
             run.log_artifact(directory / name, "evaluate")
         run.log_text(results["report"].as_markdown(), "evaluate/per_class.md")
-        results["report"] = results["report"].metrics()
-        results["calibration"] = results["calibration"].__dict__
-        results["confusion"] = results["confusion"].tolist()
-        run.log_text(json.dumps(results, indent=1, default=str), "evaluate/evaluation.json")
+        document = {**results, "report": results["report"].metrics(),
+                    "calibration": results["calibration"].__dict__,
+                    "confusion": results["confusion"].tolist()}
+        run.log_text(json.dumps(document, indent=1, default=str), "evaluate/evaluation.json")
         if self.model is not None:
             from lmt_tf.tracking import source_run_id
 
