@@ -154,11 +154,14 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         """Lets the optimizer's update multiply the clipping factors into the gradients
         (see ``UpdateFactors``); call in the strategy's scope, after compile, when the
         update is XLA-compiled. Nothing to fuse unless the last transform is a
-        rescaling; not for local updates (each replica would need its own factors), nor
-        for an optimizer that clips by itself (it would clip the unscaled gradients)."""
-        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        rescaling. Not for local updates (each replica would need its own factors), for
+        an optimizer that clips by itself (it would clip the unscaled gradients), nor
+        under loss scaling: its optimizer skips a step whose gradients are not finite,
+        so it must see the factors (a non-finite global norm makes them NaN)."""
+        optimizer = self.optimizer
         if (self.update_factors is None and self.transforms and not self.local_updates
                 and isinstance(self.transforms[-1], Rescaling)
+                and not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
                 and not any(getattr(optimizer, clip, None)
                             for clip in ("clipnorm", "clipvalue", "global_clipnorm"))):
             self.update_factors = UpdateFactors(optimizer, self.inner.trainable_variables)

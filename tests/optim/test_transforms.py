@@ -194,11 +194,14 @@ def test_factors_multiplied_inside_the_update_give_the_same_steps(strategy) -> N
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_an_optimizer_that_clips_by_itself_gets_gradients_already_rescaled() -> None:
-    """Its own clipping must see the transformed gradients, so nothing is fused."""
-    config = TrainConfig(global_batch_size=64, verbose=0,
-                         optimizer=lambda: keras.optimizers.Adam(0.01, global_clipnorm=1.0),
-                         gradient_transforms=(AdaptiveGradientClipping(0.01),),
-                         jit_compile_update=True)
+@pytest.mark.parametrize("settings", [
+    # Its own clipping must see the transformed gradients.
+    {"optimizer": lambda: keras.optimizers.Adam(0.01, global_clipnorm=1.0)},
+    # Loss scaling skips a step on non-finite gradients, which must include the factors.
+    {"precision": "mixed_float16"},
+], ids=["optimizer clips by itself", "loss scaling"])
+def test_factors_stay_out_of_an_update_that_must_see_them(settings: dict) -> None:
+    config = TrainConfig(global_batch_size=64, verbose=0, jit_compile_update=True,
+                         gradient_transforms=(AdaptiveGradientClipping(0.01),), **settings)
     model = Trainer(config, default_strategy()).build_model(build_mlp, load_digits())
     assert model.update_factors is None
