@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from lmt_tf.compression.tflite import inner_dtypes, predict
-from lmt_tf.data.sources import load_digits
+from lmt_tf.compression.tflite import convert, float_front, inner_dtypes, predict
+from lmt_tf.data.preprocessing import Preprocessing
+from lmt_tf.data.sources import load_breast_cancer, load_digits
 from lmt_tf.errors import ConfigError
+from lmt_tf.models.mlp import build_mlp
+from lmt_tf.runtime.env import set_seed
 from lmt_tf.stages import Train
 from lmt_tf.stages.context import model_ready
 from lmt_tf.stages.quantize import QAT, TFLite
@@ -107,3 +110,27 @@ def test_the_compression_report_has_a_row_per_stage_output(in_tmp: Path) -> None
     table = Path(client.download_artifacts(run.info.run_id, "compression/report.md",
                                            str(in_tmp))).read_text()
     assert table.count("\n") == 2 + len(rows) and "| tflite:int8 |" in table
+
+
+def test_int8_keeps_a_tabular_preprocessing_front_float() -> None:
+    """Raw breast-cancer features span areas in the thousands and ratios below 0.3; int8
+    activations have one scale per tensor, so the imputation, clipping and scaling in
+    front of the model stay float and quantization starts at their output."""
+    splits = load_breast_cancer(missing_fraction=0.1, outlier_fraction=0.02)
+    fitted = Preprocessing(impute="median", clip="quantile", scale="standard").fit(splits)
+    set_seed(0)
+    model = fitted.wrap(build_mlp)(splits.input_shape, 2)
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(splits.train.x, splits.train.y, epochs=10, batch_size=64, verbose=0)
+    front = float_front(model)
+    for layer in ("preprocess_impute", "preprocess_clip", "preprocess_scale"):
+        assert any(f"/{layer}/" in name for name in front), (layer, front)
+    assert not any("dense" in name or "predictions" in name for name in front), front
+    int8 = convert(model, "int8", splits.train.x)
+    dtypes = inner_dtypes(int8)
+    assert all(dtypes[name] != "int8" for name in front if name in dtypes), dtypes
+    assert {dtypes[name] for name in dtypes if name.endswith("/MatMul")} == {"int8"}, dtypes
+    x = splits.test.x
+    agreement = np.mean(np.argmax(predict(int8, x), -1)
+                        == np.argmax(model.predict(x, verbose=0), -1))
+    assert agreement >= AGREEMENT, agreement
