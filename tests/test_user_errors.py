@@ -98,7 +98,10 @@ CASES = {
     # data files
     "CSV file missing": Case(_run(*CSV_DATA), "CSV file not found: data.csv"),
     "CSV with a word among numbers": Case(
-        _run(*CSV_DATA), "non-numeric value", _csv("a,b,label\n1,2,0\n3,x,1\n")),
+        _run(*CSV_DATA), "line 4, column 'b': 'x' is not a number",
+        _csv("a,b,label\n1,2,0\n\n3,x,1\n")),
+    "CSV with a short row": Case(
+        _run(*CSV_DATA), "line 2: 2 cells, the header has 3", _csv("a,b,label\n1,2\n")),
     "CSV without the label column": Case(
         _run(*CSV_DATA), "no column 'label'", _csv("a,b,class\n1,2,0\n")),
     "CSV with a header only": Case(_run(*CSV_DATA), "no rows below the header",

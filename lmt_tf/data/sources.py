@@ -193,16 +193,21 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
         if not header or label_column not in header:
             raise DataError(f"{file}: no column {label_column!r} in header {header}")
         label_at = header.index(label_column)
-        rows = [row for row in reader if row]
+        numbered = [(reader.line_num, row) for row in reader if row]  # blank lines skipped
+    rows = [row for _, row in numbered]
     if not rows:
         raise DataError(f"{file}: no rows below the header")
     if len(header) < 2:
         raise DataError(f"{file}: no feature columns besides {label_column!r}")
+    for line, row in numbered:
+        if len(row) != len(header):
+            raise DataError(f"{file}, line {line}: {len(row)} cells, the header has "
+                            f"{len(header)}")
     try:
         table = np.asarray([[np.nan if cell.strip().lower() in MISSING else cell
                              for cell in row] for row in rows], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{file}: non-numeric value or a row of another length ({e})") from e
+    except ValueError:
+        raise _non_numeric(file, header, numbered) from None
     if np.isnan(table[:, label_at]).any():
         raise DataError(f"{file}: {int(np.isnan(table[:, label_at]).sum())} rows have no "
                         f"{label_column!r}")
@@ -211,6 +216,24 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
     features = tuple(name for i, name in enumerate(header) if i != label_at)
     return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
                       validation_fraction, test_fraction, seed, str(file), features)
+
+
+def _non_numeric(file: Path, header: list[str],
+                 numbered: list[tuple[int, list[str]]]) -> DataError:
+    """The error naming the first cell that is neither a number nor missing, by its line
+    in the file and its column."""
+    for line, row in numbered:
+        for name, cell in zip(header, row, strict=True):
+            if cell.strip().lower() in MISSING:
+                continue
+            try:
+                float(cell)
+            except ValueError:
+                return DataError(
+                    f"{file}, line {line}, column {name!r}: {cell!r} is not a number (text "
+                    "categories: encode them as integer codes and list the column in "
+                    "Preprocessing.categorical)")
+    return DataError(f"{file}: a value is not a number")
 
 
 def load_breast_cancer(missing_fraction: float = 0.0, outlier_fraction: float = 0.0,
