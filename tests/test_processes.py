@@ -65,11 +65,11 @@ def _epochs_done(directory: Path) -> int:
     return run_state(directory, "epochs")
 
 
-@pytest.mark.slow
 def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_and_keeps_its_checkpoint(in_tmp: Path) -> None:
     (in_tmp / "exp.gin").write_text(TINY)
     process = subprocess.Popen(
