@@ -153,13 +153,14 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
     def fuse_rescaling(self) -> None:
         """Lets the optimizer's update multiply the clipping factors into the gradients
         (see ``UpdateFactors``); call in the strategy's scope, after compile, when the
-        update is XLA-compiled. Nothing to fuse unless the last transform is a
-        rescaling. Not for local updates (each replica would need its own factors), for
-        an optimizer that clips by itself (it would clip the unscaled gradients), nor
-        under loss scaling: its optimizer skips a step whose gradients are not finite,
-        so it must see the factors (a non-finite global norm makes them NaN)."""
+        update is XLA-compiled, and not under local SGD (its local steps, which start
+        after the build, would need factors per replica). Nothing to fuse unless the
+        last transform is a rescaling. Not for an optimizer that clips by itself (it
+        would clip the unscaled gradients), nor under loss scaling: its optimizer skips
+        a step whose gradients are not finite, so it must see the factors (a non-finite
+        global norm makes them NaN)."""
         optimizer = self.optimizer
-        if (self.update_factors is None and self.transforms and not self.local_updates
+        if (self.update_factors is None and self.transforms
                 and isinstance(self.transforms[-1], Rescaling)
                 and not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
                 and not any(getattr(optimizer, clip, None)

@@ -205,3 +205,10 @@ def test_factors_stay_out_of_an_update_that_must_see_them(settings: dict) -> Non
                          gradient_transforms=(AdaptiveGradientClipping(0.01),), **settings)
     model = Trainer(config, default_strategy()).build_model(build_mlp, load_digits())
     assert model.update_factors is None
+
+
+def test_factors_stay_out_of_local_sgd_whose_replicas_step_alone() -> None:
+    config = TrainConfig(global_batch_size=64, verbose=0, jit_compile_update=True,
+                         local_steps=2, gradient_transforms=(ClipByGlobalNorm(0.5),))
+    model = Trainer(config, mirrored_strategy(2)).build_model(build_mlp, load_digits())
+    assert model.update_factors is None
