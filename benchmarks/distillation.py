@@ -37,12 +37,12 @@ import tf_keras as keras  # noqa: E402
 
 from lmt_tf import experiment  # noqa: E402
 from lmt_tf.data.sources import load_mnist  # noqa: E402
+from lmt_tf.invocation import Configs, ExportConfig, RunOptions  # noqa: E402
 from lmt_tf.models.cnn import build_cnn  # noqa: E402
 from lmt_tf.models.mlp import build_mlp  # noqa: E402
-from lmt_tf.stages import Configs, Export, RunOptions, Train  # noqa: E402
+from lmt_tf.stages import Export, Train  # noqa: E402
 from lmt_tf.stages.distill import Distill  # noqa: E402
 from lmt_tf.tracking import TrackingConfig  # noqa: E402
-from lmt_tf.training.export import ExportConfig  # noqa: E402
 from lmt_tf.training.trainer import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from lmt_tf import config  # noqa: E402
 from lmt_tf.config import run_experiment  # noqa: E402
 from lmt_tf.data.pipeline import array_train_input_fn, plan_batches  # noqa: E402
 from lmt_tf.data.sources import load_mnist  # noqa: E402
-from lmt_tf.experiment import RunOptions  # noqa: E402
+from lmt_tf.invocation import RunOptions  # noqa: E402
 from lmt_tf.models.cnn import build_cnn  # noqa: E402
 from lmt_tf.runtime.env import set_seed  # noqa: E402
 

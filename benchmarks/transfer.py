@@ -26,7 +26,7 @@ from pathlib import Path
 import lmt_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
 from lmt_tf import config
 from lmt_tf.data.sources import FASHION_MNIST_DIR
-from lmt_tf.experiment import RunOptions
+from lmt_tf.invocation import RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 

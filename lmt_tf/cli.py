@@ -214,8 +214,7 @@ def _run_experiment(args: argparse.Namespace, bindings: Sequence[str],
     _quiet_mlflow()
     from lmt_tf import config
     from lmt_tf.config import run_experiment
-    from lmt_tf.experiment import RunOptions
-    from lmt_tf.stages.context import FlowerRole
+    from lmt_tf.invocation import FlowerRole, RunOptions
 
     files = [args.gin_file, *args.more_files]
     config.parse(files, bindings)

@@ -27,11 +27,12 @@ from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.errors import ConfigError
 from lmt_tf.federated import algorithm as federated
 from lmt_tf.federated.partition import PartitionConfig
+from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
-from lmt_tf.stages import Configs, Export, RunOptions, Train
-from lmt_tf.stages.cluster import Cluster
+from lmt_tf.stages import Export, Train
+from lmt_tf.stages.clustering import Cluster
 from lmt_tf.stages.distill import Distill
 from lmt_tf.stages.evaluate import Evaluate
 from lmt_tf.stages.federate import Federate
@@ -39,7 +40,6 @@ from lmt_tf.stages.prototypes import Prototypes
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking import TrackingConfig
-from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
 
 _PROJECT = {

@@ -179,7 +179,7 @@ def efficiency(model: keras.Model, x: np.ndarray, batch_sizes: Sequence[int], ru
                saved_model: Path | None = None) -> Efficiency:
     """Parameters, bytes, and the latency per example of one compiled forward pass at
     each batch size (see ``latency_per_example``)."""
-    from lmt_tf.training.export import directory_size
+    from lmt_tf.models.saved import directory_size
 
     latency = {}
     for size in sorted(set(batch_sizes)):

@@ -443,7 +443,7 @@ def load_model(reference: str, uri: str | None = None) -> Any:
     Raises:
       LmtError: if nothing loadable is found under ``reference``.
     """
-    from lmt_tf.training.export import load_saved_model
+    from lmt_tf.models.saved import load_saved_model
 
     path = Path(reference)
     if path.is_dir():

@@ -20,7 +20,7 @@ import pytest
 
 from lmt_tf import config
 from lmt_tf.config import run_experiment
-from lmt_tf.experiment import RunOptions
+from lmt_tf.invocation import RunOptions
 from tests.test_processes import _free_port, _reap, wait_for_health
 
 COMMON = """

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from lmt_tf.errors import ConfigError, LmtError
-from lmt_tf.runtime.cluster import SINGLE_PROCESS, Role, check_own_port, current_role
 from lmt_tf.runtime.env import configure_cpu_devices
+from lmt_tf.runtime.roles import SINGLE_PROCESS, Role, check_own_port, current_role
 
 _CROSS_DEVICE_OPS = {
     "auto": None,

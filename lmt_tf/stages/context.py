@@ -1,67 +1,24 @@
-"""What the stages of one run share: the config objects, how this invocation runs, and
-the run context that carries the model from stage to stage."""
+"""What the stages of one run share: the run context that carries the model from stage
+to stage, and the ``Stage`` base."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.data.pipeline import BatchPlan, InputConfig
-from lmt_tf.data.preprocessing import FittedPreprocessing, Preprocessing
+from lmt_tf.data.pipeline import BatchPlan
+from lmt_tf.data.preprocessing import FittedPreprocessing
 from lmt_tf.data.splits import Splits
+from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.rundir import RunDir
-from lmt_tf.runtime.cluster import Role
+from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
-from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig
-from lmt_tf.training.export import ExportConfig
-from lmt_tf.training.trainer import TrainConfig, Trainer
-
-
-@dataclass
-class Configs:
-    """The config objects of one experiment; gin builds them from the bindings at the
-    edge (``config.run_experiment``), a test or a script passes them directly."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    input: InputConfig = field(default_factory=InputConfig)
-    preprocess: Preprocessing = field(default_factory=Preprocessing)
-
-
-@dataclass(frozen=True)
-class FlowerRole:
-    """This process's part in a Flower deployment (``lmt federate``)."""
-
-    address: str  # host:port the server listens on (server) or connects to (client)
-    client: int | None = None  # the client id this process serves; None: the server
-
-
-@dataclass
-class RunOptions:
-    """How one invocation runs an experiment; set by the CLI or a test, not by gin."""
-
-    config_files: Sequence[str] = ()  # the gin files as given, logged as artifacts
-    bindings: Sequence[str] = ()  # the --gin_param bindings as given
-    resume: bool = False  # continue the latest run of this experiment (or run_name)
-    run_name: str | None = None  # the run directory's name; None: experiment + time
-    allow_changes: bool = False  # let a resume change bindings (recorded beside the config)
-    dry_run: bool = False  # describe what would run, train nothing
-    # Federated deployment on Flower: the server's or a client's side of it.
-    flower: FlowerRole | None = None
-    callbacks: Sequence[keras.callbacks.Callback] = ()  # extra Keras callbacks (training)
-    echo: Callable[[str], None] = print  # progress output
-    # What the config edge knows of the configuration, for the run's record: every
-    # binding flattened ({'TrainConfig.epochs': '3'}), the resolved config as text, and
-    # (after the run) the config that was actually used.
-    params: Mapping[str, str] = field(default_factory=dict)
-    config_text: str = ""
-    operative_config: Callable[[], str] = str
-    operative_params: Callable[[], Mapping[str, str]] = dict  # the same, flattened
+from lmt_tf.tracking import NullRun, TrackedRun
+from lmt_tf.training.trainer import Trainer
 
 
 @dataclass

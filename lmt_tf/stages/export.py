@@ -5,8 +5,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 from lmt_tf.data.pipeline import to_model_input
+from lmt_tf.models.saved import export_saved_model, load_saved_model
 from lmt_tf.stages.context import RunContext, Stage
-from lmt_tf.training.export import export_saved_model, load_saved_model
 
 
 class Export(Stage):

@@ -11,9 +11,9 @@ from lmt_tf.checks import check
 from lmt_tf.compression.quantization import QuantizationAware
 from lmt_tf.compression.report import tflite_row
 from lmt_tf.compression.tflite import MODES, convert, measure
+from lmt_tf.models.saved import export_saved_model, load_saved_model
 from lmt_tf.stages.context import RunContext, Stage, model_ready, prefixed
 from lmt_tf.stages.fine_tune import FineTune
-from lmt_tf.training.export import export_saved_model, load_saved_model
 
 
 class QAT(FineTune):

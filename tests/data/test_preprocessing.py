@@ -17,7 +17,7 @@ from lmt_tf.data.sources import load_breast_cancer, load_digits
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
-from lmt_tf.training.export import export_saved_model, load_saved_model
+from lmt_tf.models.saved import export_saved_model, load_saved_model
 
 
 def _front(model: keras.Model) -> keras.Model:

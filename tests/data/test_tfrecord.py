@@ -14,7 +14,7 @@ from lmt_tf.config import run_experiment
 from lmt_tf.data.sources import load_digits
 from lmt_tf.data.tfrecord import load_tfrecords, write_shards
 from lmt_tf.errors import ConfigError, DataError
-from lmt_tf.experiment import RunOptions
+from lmt_tf.invocation import RunOptions
 from tests.conftest import TINY
 
 

@@ -20,7 +20,7 @@ import tf_keras as keras
 from lmt_tf import config
 from lmt_tf.cli import EXIT_USER_ERROR, main
 from lmt_tf.config import run_experiment
-from lmt_tf.experiment import RunOptions
+from lmt_tf.invocation import RunOptions
 from tests.conftest import TINY, all_runs, mlflow_client
 
 LMT = str(Path(sys.executable).parent / "lmt")

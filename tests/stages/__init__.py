@@ -10,10 +10,9 @@ import tf_keras as keras
 
 from lmt_tf import experiment
 from lmt_tf.data.sources import load_digits
-from lmt_tf.experiment import Configs, RunOptions
+from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.runtime.strategy import default_strategy
-from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
 
 

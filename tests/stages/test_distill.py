@@ -13,9 +13,9 @@ from lmt_tf.cli import main
 from lmt_tf.compression.distillation import distillation_loss
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.models.saved import export_saved_model
 from lmt_tf.stages import Export, Train
 from lmt_tf.stages.distill import Distill
-from lmt_tf.training.export import export_saved_model
 from tests.conftest import TINY, all_runs
 from tests.stages import run_stages
 

@@ -10,10 +10,9 @@ import pytest
 from lmt_tf import experiment
 from lmt_tf.cli import main
 from lmt_tf.data.sources import load_digits
-from lmt_tf.experiment import Configs, RunOptions
+from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.stages import Export, RunContext, Stage, Train
-from lmt_tf.training.export import ExportConfig
 from lmt_tf.training.trainer import TrainConfig
 from tests.conftest import TINY, all_runs, mlflow_client
 

@@ -9,7 +9,7 @@ import pytest
 from lmt_tf import config
 from lmt_tf.cli import EXIT_USER_ERROR, main
 from lmt_tf.config import run_experiment
-from lmt_tf.experiment import RunOptions
+from lmt_tf.invocation import RunOptions
 from lmt_tf.training.callbacks import TrainingDiverged
 from tests.conftest import TINY, all_runs
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from lmt_tf.errors import LmtError
-from lmt_tf.runtime.cluster import check_own_port, current_role, parse_tf_config
+from lmt_tf.runtime.roles import check_own_port, current_role, parse_tf_config
 
 CLUSTER = {"chief": ["h:1"], "worker": ["h:2", "h:3"], "ps": ["h:4"]}
 

@@ -10,7 +10,7 @@ import pytest
 
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages import Train
-from lmt_tf.stages.cluster import Cluster
+from lmt_tf.stages.clustering import Cluster
 from lmt_tf.stages.quantize import QAT
 from tests.conftest import all_runs
 from tests.stages.test_quantize import _run

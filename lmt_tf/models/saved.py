@@ -1,25 +1,12 @@
-"""Export of a trained model as a SavedModel, with its size."""
+"""A Keras model as a SavedModel on disk and back: what every export writes and every
+logged-model reader loads."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 import tf_keras as keras
-
-from lmt_tf.checks import check_types
-
-
-@dataclass
-class ExportConfig:
-    """What a finished run exports."""
-
-    saved_model: bool = True  # write a SavedModel and log it as a run artifact
-    mlflow_model: bool = True  # log an MLflow pyfunc model serving the SavedModel
-
-    def __post_init__(self) -> None:
-        check_types(self)
 
 
 def directory_size(path: Path) -> int:
