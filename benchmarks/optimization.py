@@ -45,7 +45,8 @@ def _train(global_batch: int, micro_batches: int, steps: int) -> float:
     from lmt_tf.models.cnn import build_cnn
     from lmt_tf.runtime.env import set_seed
     from lmt_tf.runtime.strategy import default_strategy
-    from lmt_tf.training.trainer import TrainConfig, Trainer
+    from lmt_tf.training.train_config import TrainConfig
+    from lmt_tf.training.trainer import Trainer
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -122,7 +123,8 @@ def clipping(block: int, rounds: int) -> dict:
     from lmt_tf.optim.transforms import AdaptiveGradientClipping, ClipByGlobalNorm
     from lmt_tf.runtime.env import set_seed
     from lmt_tf.runtime.strategy import default_strategy
-    from lmt_tf.training.trainer import TrainConfig, Trainer
+    from lmt_tf.training.train_config import TrainConfig
+    from lmt_tf.training.trainer import Trainer
 
     def identity(gradients, variables):
         return gradients

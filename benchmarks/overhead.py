@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 from lmt_tf import config  # noqa: E402
-from lmt_tf.config import run_experiment  # noqa: E402
+from lmt_tf.config import run_parsed  # noqa: E402
 from lmt_tf.data.pipeline import array_train_input_fn, plan_batches  # noqa: E402
 from lmt_tf.data.sources import load_mnist  # noqa: E402
 from lmt_tf.invocation import RunOptions  # noqa: E402
@@ -82,7 +82,7 @@ def lmt_fit(steps_per_epoch: int, work: Path) -> float:
                 "ExportConfig.saved_model = False", "ExportConfig.mlflow_model = False"]
     config.parse([str(ROOT / "experiments" / "quickstart.gin")], bindings)
     timer = FitTimer()
-    run_experiment(options=RunOptions(callbacks=[timer], echo=lambda _: None))
+    run_parsed(options=RunOptions(callbacks=[timer], echo=lambda _: None))
     return EPOCHS * steps_per_epoch / timer.seconds
 
 

@@ -47,7 +47,7 @@ def main() -> None:
                 config.parse([str(ROOT / "experiments" / file)], [
                     *extra, f"run_experiment.seed = {seed}", f"load_breast_cancer.seed = {seed}",
                     "TrainConfig.verbose = 0", "ExportConfig.mlflow_model = False"])
-                result = config.run_experiment(options=RunOptions(echo=lambda _: None))
+                result = config.run_parsed(options=RunOptions(echo=lambda _: None))
                 accuracies.append(result.test_metrics["accuracy"])
                 print(f"{label}, seed {seed}: {accuracies[-1]:.4f}", flush=True)
             rows.append({"variant": label, "experiment": file, "bindings": extra,

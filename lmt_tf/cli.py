@@ -213,12 +213,12 @@ def _run_experiment(args: argparse.Namespace, bindings: Sequence[str],
     import_tensorflow()  # quiet, before anything imports TensorFlow
     _quiet_mlflow()
     from lmt_tf import config
-    from lmt_tf.config import run_experiment
+    from lmt_tf.config import run_parsed
     from lmt_tf.invocation import FlowerRole, RunOptions
 
     files = [args.gin_file, *args.more_files]
     config.parse(files, bindings)
-    run_experiment(options=RunOptions(
+    run_parsed(options=RunOptions(
         config_files=files, bindings=list(bindings),
         # Line by line, also into a pipe (`| tee log`, a scheduler's log).
         echo=lambda line: print(line, flush=True),

@@ -20,11 +20,12 @@ from typing import Any
 import gin
 import tf_keras as keras
 
-from lmt_tf import experiment, transfer
+from lmt_tf import transfer
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.errors import ConfigError
+from lmt_tf.experiment import Experiment, RunResult, describe_run, prepare, run
 from lmt_tf.federated import algorithm as federated
 from lmt_tf.federated.partition import PartitionConfig
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
@@ -35,12 +36,13 @@ from lmt_tf.stages import Export, Train
 from lmt_tf.stages.clustering import Cluster
 from lmt_tf.stages.distill import Distill
 from lmt_tf.stages.evaluate import Evaluate
-from lmt_tf.stages.federate import Federate
+from lmt_tf.stages.federate import Federate, serve_flower_client
 from lmt_tf.stages.prototypes import Prototypes
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking import TrackingConfig
-from lmt_tf.training.trainer import TrainConfig
+from lmt_tf.training.sidecar import evaluate_beside
+from lmt_tf.training.train_config import TrainConfig
 
 _PROJECT = {
     "lmt": [TrainConfig, TrackingConfig, ExportConfig, InputConfig],
@@ -76,38 +78,56 @@ _registered: list[str] = []  # every registered name, for "did you mean" hints
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@gin.configurable("run_experiment", denylist=["options"])
-def run_experiment(name: str | None = None,
-                   data: Callable[[], Any] = gin.REQUIRED,
-                   model: Callable[..., keras.Model] = gin.REQUIRED,
-                   strategy: Callable[[], Any] = strategy.default_strategy,
-                   seed: int = 0,
-                   work_dir: str = "lmt_work",
-                   stages: Sequence[Any] | None = None,
-                   options: RunOptions | None = None) -> experiment.RunResult | None:
-    """The gin root: ``experiment.run_experiment`` with the config objects built from
-    the bindings (``TrainConfig.epochs = 3``, ...) and the record of the configuration
-    (flattened params, the resolved and, afterwards, the operative config).
+@gin.configurable("run_experiment")
+def experiment(name: str | None = None,
+               data: Callable[[], Any] = gin.REQUIRED,
+               model: Callable[..., keras.Model] = gin.REQUIRED,
+               strategy: Callable[[], Any] = strategy.default_strategy,
+               seed: int = 0,
+               work_dir: str = "lmt_work",
+               stages: Sequence[Any] | None = None) -> Experiment:
+    """The gin root, bound as ``run_experiment.*``: the experiment the parsed bindings
+    describe (see ``experiment.Experiment``), with the config objects built from them
+    (``TrainConfig.epochs = 3``, ...)."""
+    configs = Configs(train=configured(TrainConfig), tracking=configured(TrackingConfig),
+                      export=configured(ExportConfig), input=configured(InputConfig),
+                      preprocess=configured(Preprocessing))
+    return Experiment(data, model, name, strategy, seed, work_dir, stages, configs)
 
-    Args are ``experiment.run_experiment``'s; ``options`` is set by the caller, not gin.
+
+def run_parsed(options: RunOptions | None = None) -> RunResult | None:
+    """Sets up the experiment of the parsed config and uses it as ``options`` ask: a run
+    (``experiment.run``), or a dry run, a Flower client or a side-car evaluator (by
+    TF_CONFIG), each owned by its module. The run's record gets what gin knows of the
+    configuration (flattened params, the resolved and, afterwards, the operative config).
+
+    Returns:
+      The run's result; None for a dry run, a Flower client or an evaluator.
     """
     options = dataclasses.replace(options or RunOptions(), params=bound_params(),
                                   config_text=gin.config_str(),
                                   operative_config=gin.operative_config_str,
                                   operative_params=operative_params)
-    configs = Configs(train=configured(TrainConfig), tracking=configured(TrackingConfig),
-                      export=configured(ExportConfig), input=configured(InputConfig),
-                      preprocess=configured(Preprocessing))
-    return experiment.run_experiment(data, model, name=name, strategy=strategy, seed=seed,
-                                     work_dir=work_dir, stages=stages, configs=configs,
-                                     options=options)
+    setup = prepare(experiment(), options)
+    if options.dry_run:
+        describe_run(setup, options)
+        return None
+    if options.flower is not None and options.flower.client is not None:
+        serve_flower_client(setup, options)
+        return None
+    if setup.role.task_type == "evaluator":
+        built = setup.trainer.build_model(setup.model_fn, setup.splits)
+        evaluate_beside(setup.trainer, built, setup.splits.validation, setup.work_dir,
+                        setup.name, options.run_name, options.resume, options.echo)
+        return None
+    return run(setup, options)
 
 
 def register() -> None:
     """Registers lmt_tf's and Keras's configurables with gin (idempotent)."""
     if _registered:
         return
-    _registered.append("run_experiment")  # registered where it is defined, above
+    _registered.append("run_experiment")  # the gin root, registered where it is defined
     for stage_name, stage in _STAGES.items():
         gin.external_configurable(stage, name=stage_name, module="lmt.stages")
         _registered.extend([stage_name, f"lmt.stages.{stage_name}"])

@@ -13,7 +13,7 @@ from lmt_tf.checks import check_types
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.tracking import TrackingConfig
-from lmt_tf.training.trainer import TrainConfig
+from lmt_tf.training.train_config import TrainConfig
 
 
 @dataclass

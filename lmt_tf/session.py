@@ -26,12 +26,12 @@ from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, reda
 @dataclass
 class Session:
     """This task's MLflow run (a ``NullRun`` on tasks other than the chief), the run
-    directory it restores from (None for a fresh task that is not chief), and the one it
-    writes checkpoints and exports to."""
+    directory it writes checkpoints and exports to, and the one a resume restores from
+    (the chief's run; None for a fresh task that is not chief)."""
 
     run: TrackedRun | NullRun
-    run_dir: RunDir | None
     own: RunDir
+    source: RunDir | None
 
 
 @contextlib.contextmanager
@@ -55,7 +55,7 @@ def open_session(role: Role, tracking: TrackingConfig, work_dir: str, name: str,
     if not role.is_chief:
         restore_from = _resumed_dir(work_dir, name, options) if options.resume else None
         with tempfile.TemporaryDirectory(prefix=f"lmt-{role.task_type}{role.task_id}-") as own:
-            yield Session(NullRun(), restore_from, RunDir(Path(own)))
+            yield Session(NullRun(), RunDir(Path(own)), restore_from)
         return
     run_dir = _resumed_dir(work_dir, name, options) if options.resume else None
     if run_dir is None:

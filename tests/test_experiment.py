@@ -9,14 +9,14 @@ import pytest
 import tf_keras as keras
 
 from lmt_tf import config
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
 from tests.conftest import TINY, all_runs, mlflow_client
 
 
 def _run(files: list[str], bindings: list[str] = (), **options):
     config.parse(files, list(bindings))
-    return run_experiment(options=RunOptions(config_files=files, bindings=list(bindings),
+    return run_parsed(options=RunOptions(config_files=files, bindings=list(bindings),
                                              echo=lambda _: None, **options))
 
 

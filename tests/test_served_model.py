@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lmt_tf import config
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
 from tests.test_processes import _free_port, _reap, wait_for_health
 
@@ -97,7 +97,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
             text = text.replace("{mnist}", runs.get("mnist", {}).get("run_id", ""))
             (root / f"{name}.gin").write_text(COMMON + text)
             config.parse([str(root / f"{name}.gin")], [])
-            result = run_experiment(options=RunOptions(config_files=[f"{name}.gin"],
+            result = run_parsed(options=RunOptions(config_files=[f"{name}.gin"],
                                                        echo=lambda _: None))
             x = _raw_test_examples(name, root)
             runs[name] = {"uri": f"runs:/{result.run_id}/model", "x": x,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmt_tf import config
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.errors import LmtError
 from lmt_tf.invocation import RunOptions
 from lmt_tf.tracking import find_run, load_model
@@ -19,7 +19,7 @@ from tests.conftest import TINY
 def earlier_run(gin_file, in_tmp: Path):
     exp = gin_file(TINY)
     config.parse([exp], ["TrainConfig.epochs = 1"])
-    return run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    return run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
 
 
 def test_find_a_run_by_id_or_name(earlier_run) -> None:
@@ -54,7 +54,7 @@ def test_loading_nothing_is_one_clear_error(earlier_run, in_tmp: Path) -> None:
 def test_a_run_without_an_mlflow_model_loads_from_its_saved_model(gin_file) -> None:
     exp = gin_file(TINY, "bare.gin")
     config.parse([exp], ["TrainConfig.epochs = 1", "ExportConfig.mlflow_model = False"])
-    bare = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    bare = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     from lmt_tf.data.sources import load_digits
 
     x = load_digits().test.x[:5]

@@ -12,7 +12,7 @@ import tf_keras as keras
 
 from lmt_tf.compression import tfmot
 from lmt_tf.errors import ConfigError
-from lmt_tf.training.model_transforms import ModelTransform
+from lmt_tf.optim.model_transforms import ModelTransform
 
 INITIALISATIONS = ("kmeans_plus_plus", "linear", "density_based", "random")
 

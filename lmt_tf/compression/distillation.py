@@ -11,14 +11,14 @@ probabilities that carry the teacher's knowledge do not survive float32 and clip
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.optim.train_step import MicroBatchTrainStep
-from lmt_tf.optim.transforms import Transform
-from lmt_tf.training.model_transforms import ModelTransform
+from lmt_tf.optim.technique import LossTerm, StepSpec, Technique
 
 Logits = Callable[..., tf.Tensor]
 
@@ -60,52 +60,52 @@ def distillation_loss(y: tf.Tensor, student_logits: tf.Tensor, teacher_logits: t
     return tf.reduce_mean(alpha * hard + (1 - alpha) * soft)
 
 
-class Distiller(MicroBatchTrainStep):
-    """Trains ``inner`` (the student) on its compiled loss weighted by ``alpha`` plus the
-    soft term against ``teacher``, with micro-batching and gradient transforms as
-    ``MicroBatchTrainStep`` does them. The teacher is frozen."""
+class SoftTargets(LossTerm):
+    """The student's loss: alpha times its compiled loss (on the labels) plus 1 - alpha
+    times the soft term against a frozen ``teacher``. It replaces the student's forward
+    pass, to keep the logits the soft term needs."""
 
-    def __init__(self, student: keras.Model, teacher: keras.Model, alpha: float,
-                 temperature: float, micro_batches: int = 1,
-                 transforms: Sequence[Transform] = (), **kwargs):
-        super().__init__(student, micro_batches, transforms, **kwargs)
-        self.teacher = teacher
+    replaces_forward = True
+
+    def __init__(self, teacher: keras.Model, alpha: float, temperature: float):
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
         self.teacher.trainable = False
-        self.alpha, self.temperature = alpha, temperature
-        self._student_logits = logit_function(student)
         self._teacher_logits = logit_function(teacher)
+        self._student_logits: Logits | None = None
         self._forwarded: tuple[tf.Tensor, tf.Tensor] | None = None  # (probabilities, logits)
 
-    def _forward(self, x):
+    def bind(self, inner: keras.Model) -> None:
+        self._student_logits = logit_function(inner)
+
+    def forward(self, x: Any) -> tf.Tensor:
         # The student's logits of this training step's forward pass, for the soft term:
-        # compute_loss runs right after, in the same traced step.
+        # the loss is computed right after, in the same traced step.
         logits = self._student_logits(x, training=True)
         probabilities = tf.nn.softmax(logits)
         self._forwarded = (probabilities, logits)
         return probabilities
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
-        # The compiled loss averages over the global batch (each replica's share); the
-        # soft term is averaged the same way so that the replicas' gradients sum right.
-        hard = super().compute_loss(x, y, y_pred, sample_weight)
+    def __call__(self, loss: tf.Tensor, x: Any, y: Any, y_pred: tf.Tensor) -> tf.Tensor:
         if self._forwarded is None or y_pred is not self._forwarded[0]:
-            return hard  # evaluating: the loss on the labels, comparable across runs
+            return loss
         soft = soft_term(self._teacher_logits(x, training=False), self._forwarded[1],
                          self.temperature)
-        return self.alpha * hard + (1 - self.alpha) * tf.nn.compute_average_loss(soft)
+        return self.alpha * loss + (1 - self.alpha) * tf.nn.compute_average_loss(soft)
 
 
-class Distillation(ModelTransform):
-    """The transform behind the ``distill`` stage: wraps the student in a ``Distiller``."""
+@dataclass
+class Distillation(Technique):
+    """The technique behind the ``distill`` stage: the student trains on ``SoftTargets``
+    against ``teacher`` (with the experiment's accumulation and clipping, if any)."""
 
-    def __init__(self, teacher: keras.Model, alpha: float, temperature: float,
-                 micro_batches: int = 1, transforms: Sequence[Transform] = ()):
-        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
-        self.micro_batches, self.transforms = micro_batches, tuple(transforms)
+    teacher: keras.Model | None = None
+    alpha: float = 0.1
+    temperature: float = 4.0
 
-    def wrap(self, model: keras.Model) -> keras.Model:
-        return Distiller(model, self.teacher, self.alpha, self.temperature,
-                         self.micro_batches, self.transforms)
+    setting = "distill"
 
-    def strip(self, wrapped: keras.Model) -> keras.Model:
-        return wrapped.inner
+    def active(self) -> bool:
+        return self.teacher is not None
+
+    def shape(self, step: StepSpec) -> None:
+        step.loss_terms.append(SoftTargets(self.teacher, self.alpha, self.temperature))

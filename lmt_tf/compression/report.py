@@ -7,8 +7,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import tf_keras as keras
@@ -35,7 +36,7 @@ def weight_counts(weights: Sequence[np.ndarray]) -> tuple[int, int]:
             int(sum(np.count_nonzero(w) for w in weights)))
 
 
-def weight_bytes(weights: Sequence[np.ndarray]) -> tuple[int, int]:
+def saved_bytes(weights: Sequence[np.ndarray]) -> tuple[int, int]:
     """Bytes of ``weights`` saved as one .npz, raw and gzip-compressed: what zeros and
     shared values save in storage and transfer (TF-MOT's guides measure the same way)."""
     buffer = io.BytesIO()
@@ -44,13 +45,18 @@ def weight_bytes(weights: Sequence[np.ndarray]) -> tuple[int, int]:
     return len(raw), len(gzip.compress(raw, compresslevel=9))
 
 
+def gzipped_bytes(weights: Sequence[np.ndarray]) -> int:
+    """Bytes of ``weights`` saved as one .npz, gzip-compressed (see ``saved_bytes``)."""
+    return saved_bytes(weights)[1]
+
+
 def keras_row(stage: str, model: keras.Model, test_accuracy: float, x: np.ndarray,
               latency_runs: int = 50) -> Row:
     """The row of a Keras model; latency is one compiled forward pass of one example of
     ``x``, as for the evaluate stage (``evaluation.latency_per_example``)."""
     weights = model.get_weights()
     latency = float(np.mean(latency_per_example(model, x, 1, latency_runs)))
-    return Row(stage, *weight_counts(weights), *weight_bytes(weights), test_accuracy,
+    return Row(stage, *weight_counts(weights), *saved_bytes(weights), test_accuracy,
                latency)
 
 
@@ -76,3 +82,35 @@ def as_markdown(rows: list[Row]) -> str:
                      f"{r.bytes:,} | {r.gzip_bytes:,} | {base.gzip_bytes / r.gzip_bytes:.2f}x | "
                      f"{r.test_accuracy:.4f} | {r.latency_ms:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+class CompressionReport:
+    """The report of one run: rows as the stages add them, written to the run
+    (``compression/report.json`` and ``.md``) after each stage that added some, so an
+    interrupted run keeps what it measured, and printed once, after the last stage that
+    compresses.
+
+    Args:
+      run: where the artifacts go (a ``tracking`` run).
+      compressing: the names of the run's stages that compress, in order.
+      echo: where the table is printed.
+    """
+
+    def __init__(self, run: Any, compressing: Sequence[str], echo: Callable[[str], None]):
+        self.run, self.compressing, self.echo = run, list(compressing), echo
+        self.rows: list[Row] = []
+        self._written = 0
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def stage_done(self, stage: str) -> None:
+        """Writes the rows so far if ``stage`` added any; prints the table after the last
+        compressing stage."""
+        if len(self.rows) > self._written:
+            table = as_markdown(self.rows)
+            self.run.log_text(as_json(self.rows), "compression/report.json")
+            self.run.log_text(table, "compression/report.md")
+            self._written = len(self.rows)
+        if self.rows and self.compressing and stage == self.compressing[-1]:
+            self.echo("lmt: compression report\n" + as_markdown(self.rows).rstrip())

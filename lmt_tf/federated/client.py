@@ -5,6 +5,7 @@ traced once (its inputs have unknown example counts), so a round costs its steps
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,27 +16,44 @@ from lmt_tf.checks import configured_call
 from lmt_tf.data.pipeline import label_array, to_model_input
 from lmt_tf.data.splits import Split
 from lmt_tf.federated.algorithm import ClientResult, FederatedConfig, Weights, local_batches
+from lmt_tf.optim.technique import LossTerm, StepSpec, Technique, active
 from lmt_tf.optim.train_step import MicroBatchTrainStep
 
 
-class ProximalStep(MicroBatchTrainStep):
-    """A train step whose objective adds FedProx's proximal term
-    mu/2 * ||w - w_global||^2 (Li et al., 2020) to the compiled loss, through the loss
-    seam distillation uses (``compute_loss``). ``anchor`` holds w_global."""
+class ProximalTerm(LossTerm):
+    """FedProx's proximal term mu/2 * ||w - w_global||^2 (Li et al., 2020), added to the
+    loss of the trained model; ``anchor`` holds w_global (set by the client each round)."""
 
-    def __init__(self, inner: keras.Model, mu: float, **kwargs: Any):
-        super().__init__(inner, **kwargs)
+    def __init__(self, mu: float):
         self.mu = mu
-        self.anchor = [tf.Variable(v, trainable=False, name=f"anchor_{i}")
-                       for i, v in enumerate(inner.trainable_variables)]
+        self.anchor: list[tf.Variable] = []
+        self._variables: list[tf.Variable] = []
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
-        loss = super().compute_loss(x, y, y_pred, sample_weight)
-        if not self.mu or self._evaluating:  # evaluation reports the plain loss
-            return loss
-        distance = tf.add_n([tf.reduce_sum(tf.square(v - a)) for v, a in
-                             zip(self.inner.trainable_variables, self.anchor, strict=True)])
+    def bind(self, inner: keras.Model) -> None:
+        self._variables = list(inner.trainable_variables)
+        self.anchor = [tf.Variable(v, trainable=False, name=f"anchor_{i}")
+                       for i, v in enumerate(self._variables)]
+
+    def __call__(self, loss: tf.Tensor, x: Any, y: Any, y_pred: tf.Tensor) -> tf.Tensor:
+        distance = tf.add_n([tf.reduce_sum(tf.square(v - a))
+                             for v, a in zip(self._variables, self.anchor, strict=True)])
         return loss + 0.5 * self.mu * distance
+
+
+@dataclass
+class Proximal(Technique):
+    """FedProx's local step: each client's loss adds the proximal term
+    (``FederatedConfig.prox_mu``; 0 is FedAvg's plain step)."""
+
+    prox_mu: float = 0.0
+
+    setting = "FederatedConfig"
+
+    def __post_init__(self) -> None:
+        self.term = ProximalTerm(self.prox_mu)
+
+    def shape(self, step: StepSpec) -> None:
+        step.loss_terms.append(self.term)
 
 
 class ClientModel:
@@ -56,7 +74,9 @@ class ClientModel:
         self.config = config
         inner = configured_call(model_fn, "run_experiment.model", input_shape=tuple(input_shape),
                                 num_classes=num_classes)
-        self.step = ProximalStep(inner, config.prox_mu)
+        proximal = Proximal(config.prox_mu)
+        self.step = MicroBatchTrainStep(inner, StepSpec.of(active([proximal])))
+        self._anchor = proximal.term.anchor  # empty when mu is 0
         # Plain SGD, as in McMahan et al.: stateless, so no state leaks between clients.
         optimizer = keras.optimizers.SGD(config.client_learning_rate, jit_compile=False)
         self.step.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
@@ -97,9 +117,10 @@ class ClientModel:
         self.traces += 1  # Python runs only while tracing
         for variable, value in zip(self.weights, weights, strict=True):
             variable.assign(value)
-        for anchor, variable in zip(self.step.anchor, self.model.trainable_variables,
-                                    strict=True):
-            anchor.assign(variable)
+        if self._anchor:  # FedProx's w_global (none when mu is 0)
+            for anchor, variable in zip(self._anchor, self.model.trainable_variables,
+                                        strict=True):
+                anchor.assign(variable)
         for variable in self.step.optimizer.variables:  # iterations: a fresh local run
             variable.assign(tf.zeros_like(variable))
         for metric in self.step.metrics:

@@ -9,13 +9,16 @@ Inference, evaluation and export use the original model unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim.model_transforms import ModelTransform
+from lmt_tf.optim.technique import Technique
 from lmt_tf.optim.train_step import TrainingOnlyMetrics
-from lmt_tf.training.model_transforms import ModelTransform
 
 
 def _chain(model: keras.Model) -> list[keras.layers.Layer]:
@@ -108,15 +111,31 @@ class DecoupledGreedyModel(TrainingOnlyMetrics):
         return {m.name: m.result() for m in self.metrics}
 
 
-class DecoupledBlocks(ModelTransform):
-    """The transform behind ``TrainConfig.decoupled_blocks``: wraps the model in a
-    ``DecoupledGreedyModel``."""
+class DecoupledWrapper(ModelTransform):
+    """Wraps the model in a ``DecoupledGreedyModel``; strips it again for export."""
 
-    def __init__(self, boundaries: Sequence[str], num_classes: int, loss: str):
-        self.boundaries, self.num_classes, self.loss = tuple(boundaries), num_classes, loss
+    def __init__(self, boundaries: Sequence[str], loss: str):
+        self.boundaries, self.loss = tuple(boundaries), loss
 
     def wrap(self, model: keras.Model) -> keras.Model:
-        return DecoupledGreedyModel(model, self.boundaries, self.num_classes, self.loss)
+        return DecoupledGreedyModel(model, self.boundaries, model.output_shape[-1], self.loss)
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
         return wrapped.inner
+
+
+@dataclass
+class DecoupledBlocks(Technique):
+    """Decoupled greedy learning: the model trains block by block, each on the loss of
+    its own auxiliary head, with no gradient crossing between blocks."""
+
+    decoupled_blocks: tuple[str, ...] = ()  # layers ending each greedily trained block
+
+    replaces_step = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decoupled_blocks, list):  # gin writes [...] as a list
+            self.decoupled_blocks = tuple(self.decoupled_blocks)
+
+    def wrapper(self, config: Any) -> ModelTransform:
+        return DecoupledWrapper(self.decoupled_blocks, config.loss)

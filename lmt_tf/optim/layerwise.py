@@ -8,11 +8,15 @@ scaled by its factor; a block waiting to be unfrozen has factor 0 until its epoc
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
+from lmt_tf.checks import check
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim.technique import StepSpec, Technique
 
 
 def blocks_of(model: keras.Model, names: Mapping[str, object], setting: str
@@ -77,3 +81,25 @@ def rescale_updates(pairs: list[tuple[tf.Variable, tf.Tensor, tf.Variable]]) -> 
                 args=(old, factor), group=False)
 
     tf.distribute.get_replica_context().merge_call(rescale, args=(pairs,))
+
+
+@dataclass
+class LayerwiseUpdates(Technique):
+    """Layer-wise update multipliers and gradual unfreezing, by block (a block: every
+    layer whose name starts with the block's name)."""
+
+    update_multipliers: dict[str, float] = field(default_factory=dict)  # block -> factor
+    unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
+
+    def validate(self, config: Any) -> None:
+        check(all(f >= 0 for f in self.update_multipliers.values()),
+              "TrainConfig.update_multipliers", f"must be >= 0, got {self.update_multipliers}")
+        check(all(e >= 0 for e in self.unfreeze_epochs.values()),
+              "TrainConfig.unfreeze_epochs", f"must be >= 0, got {self.unfreeze_epochs}")
+
+    def shape(self, step: StepSpec) -> None:
+        step.multipliers.update(self.update_multipliers)
+        step.unfreeze_epochs.update(self.unfreeze_epochs)
+
+    def callbacks(self, step: keras.Model) -> list[keras.callbacks.Callback]:
+        return [step.schedule.callback()] if step.schedule else []

@@ -5,15 +5,24 @@ SGD trains synchronously for the first T steps, then locally.
 
 The replicas' diverging copies are on-read-synchronised variables: each replica updates
 its own copy, and reading outside a replica (checkpoints, export) gives their mean.
+``LocalSGD`` is the technique (``TrainConfig.local_steps``, ``sync_steps``);
+``ReplicaAveraging`` the callback that averages.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
+
+from lmt_tf.checks import check
+from lmt_tf.optim.model_transforms import inference_model
+from lmt_tf.optim.technique import Technique
+from lmt_tf.runtime.strategy import local_updates_unsupported
 
 
 @contextlib.contextmanager
@@ -34,18 +43,16 @@ def replica_local_variables() -> Iterator[None]:
         yield
 
 
-class LocalSGD(keras.callbacks.Callback):
+class ReplicaAveraging(keras.callbacks.Callback):
     """Switches the train step to local updates after ``sync_steps`` optimizer steps and
     averages the replicas' weights every ``local_steps`` local steps, and at the end."""
 
     _supports_tf_logs = True  # the batch hook reads no logs
 
-    def __init__(self, local_steps: int, sync_steps: int, steps_per_epoch: int,
-                 variables: list[tf.Variable]):
+    def __init__(self, local_steps: int, sync_steps: int, variables: list[tf.Variable]):
         super().__init__()
         self.local_steps = local_steps
         self.sync_steps = sync_steps
-        self.steps_per_epoch = steps_per_epoch
         self.variables = variables
         self.synchronisations = 0  # weight averagings so far
         self._epoch = 0
@@ -76,6 +83,10 @@ class LocalSGD(keras.callbacks.Callback):
             self.model.local_updates = local
             self.model.train_function = self.model.make_train_function(force=True)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.params["steps"]  # what fit runs per epoch
+
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._epoch = epoch
         self._set_local(epoch * self.steps_per_epoch >= self.sync_steps)
@@ -97,3 +108,39 @@ class LocalSGD(keras.callbacks.Callback):
     def on_train_end(self, logs=None) -> None:
         if self._since_average:
             self.average()  # the model evaluated and exported is the replicas' mean
+
+
+@dataclass
+class LocalSGD(Technique):
+    """Local SGD: every replica updates its own copy of the weights, and the copies are
+    averaged every ``local_steps`` steps; post-local SGD after ``sync_steps``
+    synchronous ones."""
+
+    local_steps: int | None = None  # local SGD: average replicas every H local steps
+    sync_steps: int = 0  # post-local SGD: synchronous optimizer steps before local ones
+
+    allows_fused_update = False  # its local steps would need clipping factors per replica
+
+    def active(self) -> bool:
+        return self.local_steps is not None
+
+    def validate(self, config: Any) -> None:
+        if self.local_steps is not None:
+            check(self.local_steps >= 1, "TrainConfig.local_steps",
+                  f"must be >= 1, got {self.local_steps}")
+            check(config.steps_per_execution == 1, "TrainConfig.local_steps",
+                  "needs TrainConfig.steps_per_execution = 1 (averaging runs between steps)")
+        check(self.sync_steps >= 0, "TrainConfig.sync_steps",
+              f"must be >= 0, got {self.sync_steps}")
+
+    def check(self, strategy: tf.distribute.Strategy) -> None:
+        reason = local_updates_unsupported(strategy)
+        check(reason is None, "TrainConfig.local_steps", f"cannot be used: {reason}")
+
+    def variables(self) -> contextlib.AbstractContextManager:
+        # Each replica keeps its own weights and optimizer state.
+        return replica_local_variables()
+
+    def callbacks(self, step: keras.Model) -> list[keras.callbacks.Callback]:
+        weights = [v for v in inference_model(step).weights if v.dtype.is_floating]
+        return [ReplicaAveraging(self.local_steps, self.sync_steps, weights)]

@@ -1,25 +1,38 @@
-"""``MicroBatchTrainStep``: a Keras model wrapping the user's model whose train step
+"""``MicroBatchTrainStep``: a Keras model wrapping the user's model whose train step runs
+what the active training techniques assembled (a ``technique.StepSpec``):
+
+    gradients = self._micro_batch_gradients(x, y, w)   # accumulation: k micro-batches
+    gradients = aggregate(gradients)                   # once, over all replicas
+    gradients = transform_lazily(transforms, ...)      # the clipping chain, after that
+    apply_gradients(gradients); rescale_updates(...)   # layer-wise update factors
+
 (1) splits each per-replica batch into k micro-batches and sums their gradients in a
 loop, so activations of only one micro-batch are alive at a time; (2) aggregates the
 gradient over all replicas once; (3) applies the configured gradient transforms to that
 aggregated gradient (the semantics of one large batch); (4) updates once, each block's
 update scaled by its factor when layer-wise multipliers or unfreezing are configured.
+Loss terms (FedProx's, distillation's) add to the loss of each micro-batch.
 
 k micro-batches of size b give the update of one batch of k*b (without BatchNorm), and
-learning-rate schedules see one optimizer step per k micro-batches.
+learning-rate schedules see one optimizer step per k micro-batches. ``Accumulation``,
+the technique behind ``TrainConfig.micro_batches``, lives here too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
+from lmt_tf.checks import check
+from lmt_tf.errors import ConfigError
 from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
-from lmt_tf.optim.transforms import Rescaling, Transform, transform_lazily
-from lmt_tf.training.model_transforms import ModelTransform
+from lmt_tf.optim.model_transforms import ModelTransform
+from lmt_tf.optim.technique import StepSpec, Technique
+from lmt_tf.optim.transforms import Rescaling, transform_lazily
 
 
 class TrainingOnlyMetrics(keras.Model):
@@ -48,25 +61,34 @@ class TrainingOnlyMetrics(keras.Model):
 
 
 class MicroBatchTrainStep(TrainingOnlyMetrics):
-    """Trains ``inner`` with micro-batching and post-aggregation gradient transforms.
+    """Trains ``inner`` with what ``spec`` asks for: micro-batching, post-aggregation
+    gradient transforms, block update factors, loss terms.
 
     Predictions, evaluation and export use ``inner`` unchanged.
     """
 
-    def __init__(self, inner: keras.Model, micro_batches: int = 1,
-                 transforms: Sequence[Transform] = (), schedule: BlockSchedule | None = None,
-                 **kwargs):
+    def __init__(self, inner: keras.Model, spec: StepSpec | None = None, **kwargs):
         super().__init__(name=f"{inner.name}_train_step", **kwargs)
+        spec = spec or StepSpec()
         self.inner = inner
-        self.micro_batches = micro_batches
-        self.transforms = list(transforms)
-        self.schedule = schedule
+        self.micro_batches = spec.micro_batches
+        self.transforms = list(spec.transforms)
+        self.schedule = (BlockSchedule(inner, spec.multipliers, spec.unfreeze_epochs)
+                         if spec.multipliers or spec.unfreeze_epochs else None)
+        self.loss_terms = list(spec.loss_terms)
+        forwarding = [term for term in self.loss_terms if term.replaces_forward]
+        if len(forwarding) > 1:
+            raise ConfigError("two training techniques each replace the forward pass "
+                              f"({', '.join(type(t).__name__ for t in forwarding)})")
+        self._forwarding = forwarding[0] if forwarding else None
         # Set by LocalSGD: each replica applies its own gradient, unaggregated.
         self.local_updates = False
         self.update_factors: UpdateFactors | None = None  # see fuse_rescaling
         for transform in self.transforms:
             if hasattr(transform, "bind"):
                 transform.bind(inner)
+        for term in self.loss_terms:
+            term.bind(inner)
         self.gradient_norm = keras.metrics.Mean(name="gradient_norm")
         self._training_only = ("gradient_norm",)
 
@@ -93,8 +115,20 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
                 for g, v in zip(gradients, variables, strict=True)]
 
     def _forward(self, x):
-        """The trained model's predictions on ``x`` (a subclass may keep more of them)."""
+        """The trained model's predictions on ``x`` (a loss term may replace the pass)."""
+        if self._forwarding is not None:
+            return self._forwarding.forward(x)
         return self.inner(x, training=True)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        # The compiled loss averages over the global batch (each replica's share); the
+        # loss terms add theirs averaged the same way, so replicas' gradients sum right.
+        loss = super().compute_loss(x, y, y_pred, sample_weight)
+        if self._evaluating:  # the loss on the labels, comparable across runs
+            return loss
+        for term in self.loss_terms:
+            loss = term(loss, x, y, y_pred)
+        return loss
 
     def _micro_batch_gradients(self, x, y, sample_weight, variables):
         k = self.micro_batches
@@ -145,10 +179,6 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         if scaled:
             rescale_updates(scaled)
         return {m.name: m.result() for m in self.metrics}
-
-    def extra_callbacks(self) -> list[keras.callbacks.Callback]:
-        """Callbacks the step needs from ``fit`` (the unfreezing schedule)."""
-        return [self.schedule.callback()] if self.schedule else []
 
     def fuse_rescaling(self) -> None:
         """Lets the optimizer's update multiply the clipping factors into the gradients
@@ -224,25 +254,50 @@ class UpdateFactors:
 
 
 class CustomTrainStep(ModelTransform):
-    """The transform behind micro-batching, gradient transforms after aggregation,
-    layer-wise update multipliers, gradual unfreezing and local SGD: wraps the model in
-    a ``MicroBatchTrainStep``."""
+    """The transform behind the techniques that shape the train step: wraps the model
+    in a ``MicroBatchTrainStep`` running what they shape, with their callbacks."""
 
-    def __init__(self, micro_batches: int = 1, transforms: Sequence[Transform] = (),
-                 multipliers: Mapping[str, float] | None = None,
-                 unfreeze_epochs: Mapping[str, int] | None = None):
-        self.micro_batches = micro_batches
-        self.transforms = transforms
-        self.multipliers = dict(multipliers or {})
-        self.unfreeze_epochs = dict(unfreeze_epochs or {})
+    def __init__(self, techniques: Sequence[Technique]):
+        self.techniques = tuple(techniques)
 
     def wrap(self, model: keras.Model) -> keras.Model:
-        schedule = (BlockSchedule(model, self.multipliers, self.unfreeze_epochs)
-                    if self.multipliers or self.unfreeze_epochs else None)
-        return MicroBatchTrainStep(model, self.micro_batches, self.transforms, schedule)
+        return MicroBatchTrainStep(model, StepSpec.of(self.techniques))
 
     def callbacks(self, wrapped: keras.Model) -> list[keras.callbacks.Callback]:
-        return wrapped.extra_callbacks()
+        return [c for technique in self.techniques for c in technique.callbacks(wrapped)]
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
         return wrapped.inner
+
+
+def step_transforms(techniques: Sequence[Technique], config: Any) -> list[ModelTransform]:
+    """The model transform that trains with ``techniques`` (the active ones, all
+    validated against TrainConfig ``config``): the train step of the one that replaces
+    it, or one ``MicroBatchTrainStep`` doing what the others shape; none without any."""
+    replacing = [t for t in techniques if t.replaces_step]
+    if replacing:
+        return [replacing[0].wrapper(config)]
+    return [CustomTrainStep(techniques)] if techniques else []
+
+
+@dataclass
+class Accumulation(Technique):
+    """Gradient accumulation: each optimizer step sums the gradients of k micro-batches
+    of the per-replica batch, one after another (the update of one k times larger
+    batch, with the activations of one micro-batch)."""
+
+    micro_batches: int = 1  # k: gradient accumulation over k micro-batches per step
+
+    kept_for_students = True
+
+    def validate(self, config: Any) -> None:
+        check(self.micro_batches >= 1, "TrainConfig.micro_batches",
+              f"must be >= 1, got {self.micro_batches}")
+
+    def check_batch(self, per_replica_batch_size: int) -> None:
+        check(per_replica_batch_size % self.micro_batches == 0, "TrainConfig.micro_batches",
+              f"{self.micro_batches} must divide the per-replica batch of "
+              f"{per_replica_batch_size}")
+
+    def shape(self, step: StepSpec) -> None:
+        step.micro_batches = self.micro_batches

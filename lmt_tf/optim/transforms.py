@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import check, check_types
+from lmt_tf.optim.technique import StepSpec, Technique
 
 Gradients = list[tf.Tensor]
 Transform = Callable[[Gradients, Sequence[tf.Variable]], Gradients]
@@ -248,3 +250,21 @@ class AdaptiveGradientClipping(Rescaling):
             # max(||g||, tiny) keeps the ratio finite where a unit's gradient is zero.
             factors.append(tf.minimum(1.0, max_norm / tf.maximum(norms.unit(i), 1e-6)))
         return factors
+
+
+@dataclass
+class GradientTransforms(Technique):
+    """The clipping chain: transforms of the gradient aggregated over all replicas,
+    before the update, in the order configured (the semantics of one large batch)."""
+
+    gradient_transforms: tuple[Callable[..., Any], ...] = ()  # e.g. (@ClipByGlobalNorm(),)
+
+    kept_for_students = True
+    waits_for_all_gradients = True  # a global norm needs every gradient
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gradient_transforms, list):  # gin writes [...] as a list
+            self.gradient_transforms = tuple(self.gradient_transforms)
+
+    def shape(self, step: StepSpec) -> None:
+        step.transforms.extend(self.gradient_transforms)

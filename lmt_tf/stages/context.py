@@ -1,15 +1,18 @@
-"""What the stages of one run share: the run context that carries the model from stage
-to stage, and the ``Stage`` base."""
+"""What the stages of one run share: the experiment as set up in this process
+(``Setup``), the run context that carries the model from stage to stage, and the
+``Stage`` base, whose ``run`` is the resume protocol written once around a stage's own
+``work``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import tensorflow as tf
 import tf_keras as keras
 
+from lmt_tf.compression.report import CompressionReport, keras_row
 from lmt_tf.data.pipeline import BatchPlan
 from lmt_tf.data.preprocessing import FittedPreprocessing
 from lmt_tf.data.splits import Splits
@@ -17,56 +20,95 @@ from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.rundir import RunDir
 from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
-from lmt_tf.tracking import NullRun, TrackedRun
+from lmt_tf.session import Session
 from lmt_tf.training.trainer import Trainer
 
 
 @dataclass
-class RunContext:
-    """One run as its stages see it. ``run_experiment`` sets it up; each stage reads what
-    it needs and leaves its result (the model, metrics) for the stages after it."""
+class Setup:
+    """An experiment set up in this process: its strategy (made first), its data and the
+    preprocessing fitted on it, the model builder behind that preprocessing, the trainer
+    and its batch plan, and the stages to run."""
 
+    name: str  # the experiment's name (its run directories, by default its MLflow one)
     strategy: tf.distribute.Strategy
     info: StrategyInfo
     role: Role
     splits: Splits
-    plan: BatchPlan
-    trainer: Trainer
+    preprocessing: FittedPreprocessing  # fitted on the training split
     model_fn: Callable[..., keras.Model]  # with the preprocessing layers in front
+    trainer: Trainer
+    plan: BatchPlan
     seed: int
+    work_dir: str
     configs: Configs
+    stages: Sequence[Stage]
+
+
+@dataclass
+class RunContext:
+    """One run as its stages see it: the setup, this invocation's options, this task's
+    session (its MLflow run and directories), and the model as the stages leave it."""
+
+    setup: Setup
     options: RunOptions
-    run: TrackedRun | NullRun
-    run_dir: RunDir | None  # the run restored from; None for a fresh task that is not chief
-    own: RunDir  # where this task writes checkpoints and exports
+    session: Session
     trainable: keras.Model | None = None  # the model inside its training wrappers
     model: keras.Model | None = None  # the current model, as it is exported
     history: dict[str, list[float]] = field(default_factory=dict)
     test_metrics: dict[str, float] = field(default_factory=dict)
-    compressing: bool = False  # a stage compresses the model (Stage.compresses): report it
-    report: list[Any] = field(default_factory=list)  # compression.report.Row per output
-    preprocessing: FittedPreprocessing | None = None  # fitted on the training split
+    report: CompressionReport | None = None  # None: no stage of the run compresses
     _test_arrays: tuple[Any, Any] | None = None
 
     @property
     def echo(self) -> Callable[[str], None]:
         return self.options.echo
 
+    @property
+    def run(self) -> Any:
+        """This task's MLflow run (a null run on tasks other than the chief)."""
+        return self.session.run
+
+    @property
+    def strategy(self) -> tf.distribute.Strategy:
+        return self.setup.strategy
+
+    @property
+    def splits(self) -> Splits:
+        return self.setup.splits
+
     def with_preprocessing(self, model_fn: Callable[..., keras.Model]
                            ) -> Callable[..., keras.Model]:
         """Another model builder (a student, a new head) behind this run's preprocessing."""
-        return self.preprocessing.wrap(model_fn) if self.preprocessing else model_fn
+        return self.setup.preprocessing.wrap(model_fn)
 
     def done(self, stage: str) -> bool:
         """Whether ``stage`` finished in an earlier attempt of this run (``--resume``)."""
-        state = (self.run_dir or self.own).read_state() if self.options.resume else {}
+        source = self.session.source or self.session.own
+        state = source.read_state() if self.options.resume else {}
         return stage in state.get("stages_done", [])
 
     def mark_done(self, stage: str) -> None:
         """Records that ``stage`` finished, so a resume goes on after it."""
-        if self.role.is_chief:
-            done = self.own.read_state().get("stages_done", [])
-            self.own.update_state(stages_done=[*done, stage] if stage not in done else done)
+        if self.setup.role.is_chief:
+            done = self.session.own.read_state().get("stages_done", [])
+            self.session.own.update_state(
+                stages_done=[*done, stage] if stage not in done else done)
+
+    def stage_dir(self, stage: str) -> RunDir:
+        """The part of this task's run directory that belongs to ``stage`` (made)."""
+        path = self.session.own.path / "stages" / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return RunDir(path)
+
+    def resumed(self, stage: str | None = None) -> RunDir | None:
+        """Where a resume restores ``stage`` from (None: the run's own checkpoints, the
+        ``train`` stage's): its directory in the run this one continues; None when this
+        run continues none."""
+        source = self.session.source
+        if not self.options.resume or source is None:
+            return None
+        return source if stage is None else RunDir(source.path / "stages" / stage)
 
     def test_arrays(self) -> tuple[Any, Any]:
         """The test split as model-ready inputs and labels (what the pipeline feeds)."""
@@ -77,34 +119,47 @@ class RunContext:
     def add_row(self, stage: str, model: keras.Model, test_metrics: dict[str, float]) -> None:
         """Adds ``model``, the output of ``stage``, to the compression report (chief only;
         classification only: the report compares accuracies)."""
-        if self.compressing and self.role.is_chief and "accuracy" in test_metrics:
-            from lmt_tf.compression.report import keras_row
-
-            self.report.append(keras_row(stage, model, test_metrics["accuracy"],
-                                         self.test_arrays()[0]))
-
-    def stage_dir(self, stage: str) -> RunDir:
-        """The part of this task's run directory that belongs to ``stage``."""
-        path = self.own.path / "stages" / stage
-        path.mkdir(parents=True, exist_ok=True)
-        return RunDir(path)
+        if self.report is not None and self.setup.role.is_chief and "accuracy" in test_metrics:
+            self.report.add(keras_row(stage, model, test_metrics["accuracy"],
+                                      self.test_arrays()[0]))
 
 
 class Stage:
     """One step of an experiment: ``train``, ``export``, and the compression stages.
 
-    ``run`` reads the context (the model of the stages before it) and leaves its own
-    result in it. It logs metrics under ``<name>/`` and artifacts under ``<name>/``
-    (``train`` keeps the plain names of a training run), and must be resumable: when
-    ``context.done(name)`` it only restores what the stages after it need.
+    A stage does its own ``work`` on the context (the model of the stages before it) and
+    leaves its result in it. It logs metrics under ``<name>/`` and artifacts under
+    ``<name>/`` (``train`` keeps the plain names of a training run). ``run`` makes every
+    stage resumable the same way: a stage done in an earlier attempt of the run only
+    ``restore``s what the stages after it need.
     """
 
     name = "stage"
     # Whether it compresses the model: a run with such a stage logs a compression report.
     compresses = False
+    # Only the chief runs it (it trains nothing every worker must take part in).
+    chief_only = False
 
     def run(self, context: RunContext) -> None:
+        """The stage's part of the run: ``work``, or ``restore`` if it was done in an
+        earlier attempt; then it is recorded as done."""
+        if self.chief_only and not context.setup.role.is_chief:
+            return
+        if context.done(self.name):
+            self.restore(context)
+        else:
+            self.work(context)
+            context.mark_done(self.name)
+        if context.report is not None:
+            context.report.stage_done(self.name)
+
+    def work(self, context: RunContext) -> None:
+        """What the stage does."""
         raise NotImplementedError
+
+    def restore(self, context: RunContext) -> None:
+        """After a resume, what the stages after it need of this stage's work, done in an
+        earlier attempt (nothing, unless the stage changed the model)."""
 
     def check(self, context: RunContext) -> None:
         """Raises ConfigError if the stage cannot run here (its strategy, its model);

@@ -11,6 +11,7 @@ import tf_keras as keras
 from lmt_tf.checks import check, configured_call
 from lmt_tf.compression.distillation import Distillation
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim.technique import Technique
 from lmt_tf.stages.context import RunContext
 from lmt_tf.stages.fine_tune import FineTune
 from lmt_tf.tracking import load_model
@@ -48,24 +49,27 @@ class Distill(FineTune):
     def model_fn(self, context: RunContext) -> Any:
         # A fresh model, behind the run's preprocessing like the teacher.
         student = context.with_preprocessing(self.student) if self.student \
-            else context.model_fn
+            else context.setup.model_fn
 
         def build(**kwargs: Any) -> keras.Model:
             return configured_call(student, "distill.student", **kwargs)
 
         return build
 
-    def transform(self, context: RunContext) -> Distillation:
+    def techniques(self, context: RunContext) -> list[Technique]:
         if self.teacher is None:
             teacher = context.model
         else:
             with context.strategy.scope():  # its variables mirrored like the student's
-                teacher = load_model(self.teacher, context.configs.tracking.tracking_uri)
+                teacher = load_model(self.teacher, context.setup.configs.tracking.tracking_uri)
         classes = teacher.output_shape[-1]
         if classes != context.splits.num_classes:
             raise ConfigError(f"distill.teacher {self.teacher or 'model'} outputs "
                               f"{teacher.output_shape}, but the student predicts "
                               f"{context.splits.num_classes} classes")
-        train = context.configs.train
-        return Distillation(teacher, self.alpha, self.temperature, train.micro_batches,
-                            train.gradient_transforms)
+        return [Distillation(teacher, self.alpha, self.temperature)]
+
+    def keeps(self, technique: Technique) -> bool:
+        # The student is a fresh model: it trains with what shapes one step of the
+        # experiment's training (accumulation, clipping), not what names its layers.
+        return technique.kept_for_students

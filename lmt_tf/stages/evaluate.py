@@ -28,6 +28,7 @@ class Evaluate(Stage):
     """
 
     name = "evaluate"
+    chief_only = True
 
     def __init__(self, model: str | None = None, calibration_bins: int = 15,
                  noise_levels: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
@@ -46,17 +47,16 @@ class Evaluate(Stage):
             raise ConfigError(f"evaluate judges classifiers; data {context.splits.name} is a "
                               f"regression (num_classes {context.splits.num_classes})")
 
-    def run(self, context: RunContext) -> None:
-        if context.done(self.name) or not context.role.is_chief:
-            return
+    def work(self, context: RunContext) -> None:
         model = self._model(context)
         x, y = context.test_arrays()
         if self.config.max_examples:
             x, y = x[: self.config.max_examples], y[: self.config.max_examples]
         directory = context.stage_dir(self.name).path
         results = judge(model, x, y, context.splits.num_classes, self.config,
-                        feature_scale(context), context.plan.global_batch_size,
-                        context.own.export / "saved_model" if self.model is None else None)
+                        feature_scale(context), context.setup.plan.global_batch_size,
+                        context.session.own.export / "saved_model" if self.model is None
+                        else None)
         run = context.run
         metrics = results.pop("metrics")
         run.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()}, step=0)
@@ -73,14 +73,13 @@ class Evaluate(Stage):
         if self.model is not None:
             from lmt_tf.tracking import source_run_id
 
-            source = source_run_id(self.model, context.configs.tracking.tracking_uri)
+            source = source_run_id(self.model, context.setup.configs.tracking.tracking_uri)
             run.set_tags({"lmt.evaluated_model": self.model,
                           **({"lmt.evaluated_run": source} if source else {})})
         context.echo(
             f"lmt: evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 "
             f"{metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}; latency per example "
             f"{metrics['latency_ms_batch_1']:.3f} ms at batch 1; plots in {directory}")
-        context.mark_done(self.name)
 
     def _model(self, context: RunContext) -> keras.Model:
         """The model to judge, outside any distribution strategy."""
@@ -90,7 +89,7 @@ class Evaluate(Stage):
             return copy
         from lmt_tf.tracking import load_model
 
-        loaded = load_model(self.model, context.configs.tracking.tracking_uri)
+        loaded = load_model(self.model, context.setup.configs.tracking.tracking_uri)
         takes = tuple(loaded.input_shape[1:])
         if takes != tuple(context.splits.input_shape):
             raise ConfigError(f"evaluate.model {self.model} takes inputs of shape {takes}, "

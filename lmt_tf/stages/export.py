@@ -18,11 +18,11 @@ class Export(Stage):
 
     name = "export"
 
-    def run(self, context: RunContext) -> None:
-        config, run = context.configs.export, context.run
-        if context.done(self.name) or not (config.saved_model or config.mlflow_model):
+    def work(self, context: RunContext) -> None:
+        config, run = context.setup.configs.export, context.run
+        if not (config.saved_model or config.mlflow_model):
             return
-        target = context.own.export / "saved_model"
+        target = context.session.own.export / "saved_model"
         size = export_saved_model(context.model, target)
         if run.logs:
             if config.saved_model:
@@ -36,4 +36,3 @@ class Export(Stage):
                 outputs = load_saved_model(target).predict(example, verbose=0)
                 uri = run.log_served_model(target, example, outputs)
                 context.echo(f"lmt: MLflow model {uri}")
-        context.mark_done(self.name)

@@ -15,10 +15,9 @@ from lmt_tf.federated.algorithm import FederatedConfig, dp_delta
 from lmt_tf.federated.client import ClientModel
 from lmt_tf.federated.partition import PartitionConfig, partition, write_artifacts
 from lmt_tf.federated.simulation import Federation, RoundRecord, RoundState, simulate
-from lmt_tf.invocation import FlowerRole
-from lmt_tf.rundir import RunDir
-from lmt_tf.stages.context import RunContext, Stage, prefixed
-from lmt_tf.training.trainer import TrainConfig
+from lmt_tf.invocation import FlowerRole, RunOptions
+from lmt_tf.stages.context import RunContext, Setup, Stage, prefixed
+from lmt_tf.training.train_config import TrainConfig
 
 
 class Federate(Stage):
@@ -46,10 +45,11 @@ class Federate(Stage):
                 f"{self.partition.scheme} partition)")
 
     def check(self, context: RunContext) -> None:
-        if context.info.replicas != 1 or not context.role.is_chief:
+        info = context.setup.info
+        if info.replicas != 1 or not context.setup.role.is_chief:
             raise ConfigError(f"the federate stage simulates clients in one process; run it "
-                              f"under the default strategy, not {context.info.name} with "
-                              f"{context.info.replicas} replica(s)")
+                              f"under the default strategy, not {info.name} with "
+                              f"{info.replicas} replica(s)")
         if not isinstance(context.splits.train, Split):
             raise ConfigError("the federate stage partitions examples in memory; its data "
                               "source must load arrays (not TFRecord files)")
@@ -57,19 +57,26 @@ class Federate(Stage):
               f"{self.partition.clients} clients need at least as many training examples, "
               f"got {len(context.splits.train)}")
 
-    def run(self, context: RunContext) -> None:
-        config, run, seed, splits = self.config, context.run, context.seed, context.splits
-        own = context.stage_dir(self.name)
-        source = RunDir((context.run_dir or context.own).path / "stages" / self.name)
-        saved = RoundState.latest(source.checkpoints) if context.options.resume else None
-        if context.done(self.name) and saved is not None:
-            context.model.set_weights(saved.weights)
-            context.echo(f"lmt: federate: done in an earlier attempt; restored round "
-                         f"{saved.round}")
+    def restore(self, context: RunContext) -> None:
+        saved = self._saved(context)
+        if saved is None:  # its checkpoint is gone: federate again
+            self.work(context)
             return
+        context.model.set_weights(saved.weights)
+        context.echo(f"lmt: federate: done in an earlier attempt; restored round "
+                     f"{saved.round}")
+
+    def _saved(self, context: RunContext) -> RoundState | None:
+        source = context.resumed(self.name)
+        return RoundState.latest(source.checkpoints) if source is not None else None
+
+    def work(self, context: RunContext) -> None:
+        config, run, seed, splits = self.config, context.run, context.setup.seed, context.splits
+        own = context.stage_dir(self.name)
+        saved = self._saved(context)
         parts = partition(splits.train.y, self.partition, seed)
         federation = Federation(config, parts, splits.train, seed)
-        client = self._client_model(context.model_fn, splits, context.configs.train)
+        client = self._client_model(context.setup.model_fn, splits, context.setup.configs.train)
         if saved is None:
             summary = parts.summary(splits.train.y, splits.num_classes, self.partition, seed)
             for path in write_artifacts(summary, splits.num_classes, own.path):
@@ -91,8 +98,8 @@ class Federate(Stage):
                 tested[record.round] = record.test
             # The checkpoint first: a run killed in between logs no round twice.
             new.save(own.checkpoints)
-            context.own.update_state(federate_round=record.round)
-            context.own.mark_latest()  # a run with a checkpoint is one --resume continues
+            context.session.own.update_state(federate_round=record.round)
+            context.session.own.mark_latest()  # a run with a checkpoint is one --resume continues
             run.log_metrics(prefixed(record.metrics(new), self.name), record.round)
             with log_file.open("a") as out:
                 out.write(json.dumps({"round": record.round, "clients": record.clients,
@@ -121,7 +128,6 @@ class Federate(Stage):
                    if state.reached_target is not None else "")
         context.echo(f"lmt: federate: {state.round} rounds, test "
                      + ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + reached)
-        context.mark_done(self.name)
 
     def _client_model(self, model_fn: Any, splits: Splits, train: TrainConfig) -> ClientModel:
         return ClientModel(model_fn, splits.input_shape, splits.num_classes, self.config,
@@ -151,3 +157,19 @@ def _progress(record: RoundRecord, rounds: int) -> str:
     if record.epsilon is not None:
         text += f", epsilon {record.epsilon:.3g}"
     return text + f" ({record.seconds:.1f} s)"
+
+
+def serve_flower_client(setup: Setup, options: RunOptions) -> None:
+    """This process as a client of a Flower deployment (``lmt flower-client``): the
+    experiment's federate stage serves client ``options.flower.client``; nothing is
+    logged to MLflow (the server logs the run).
+
+    Raises:
+      ConfigError: if the experiment has no federate stage.
+    """
+    federate = [stage for stage in setup.stages if isinstance(stage, Federate)]
+    if not federate:
+        raise ConfigError("a Flower client needs an experiment with a federate stage "
+                          "(include 'gin/federated/fedavg.gin')")
+    federate[0].serve_client(setup.splits, setup.model_fn, setup.seed, setup.configs.train,
+                             options.flower, options.echo)

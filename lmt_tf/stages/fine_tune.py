@@ -1,29 +1,30 @@
 """``FineTune``: the base of stages that fine-tune the current model through a model
-transform (prune, qat, cluster): build the transformed model in the strategy's scope,
-resume from the stage's own checkpoints, train with the experiment's optimizer, loss
-and batch, test, and hand the stripped model to the next stage."""
+transform (prune, qat, cluster) or train a fresh one with a technique of their own
+(distill): build the model in the strategy's scope, resume from the stage's own
+checkpoints, train with the experiment's optimizer, loss and batch, test, and hand the
+stripped model to the next stage."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import tf_keras as keras
 
 from lmt_tf.checks import check
-from lmt_tf.compression.report import weight_bytes
-from lmt_tf.rundir import RunDir
+from lmt_tf.compression.report import gzipped_bytes
+from lmt_tf.optim import model_transforms
+from lmt_tf.optim.model_transforms import ModelTransform
+from lmt_tf.optim.technique import Technique
 from lmt_tf.stages.context import RunContext, Stage, prefixed
-from lmt_tf.training import model_transforms
 from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, divergence_guard
-from lmt_tf.training.model_transforms import ModelTransform
 from lmt_tf.training.preemption import StartAt
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.trainer import Trainer
 
 
 class FineTune(Stage):
-    """Subclasses give ``transform`` and may add to ``report``. Metrics go under the
-    stage's name (``prune/test_accuracy``), checkpoints under ``stages/<name>/``."""
+    """Subclasses give ``transform`` (or ``techniques``) and may add to ``report``.
+    Metrics go under the stage's name (``prune/test_accuracy``), checkpoints under
+    ``stages/<name>/``."""
 
     epochs = 1
     compresses = True  # prune, cluster, qat, distill: each a row of the report
@@ -36,44 +37,66 @@ class FineTune(Stage):
               f"must be an integer >= 1, got {epochs!r}")
         self.epochs = epochs
 
-    def transform(self, context: RunContext) -> ModelTransform:
-        """The transform to fine-tune through (called before the model is built)."""
-        raise NotImplementedError
+    def transform(self, context: RunContext) -> ModelTransform | None:
+        """The model transform to fine-tune through (called before the model is built)."""
+        return None
+
+    def techniques(self, context: RunContext) -> list[Technique]:
+        """The training techniques the stage brings (called before the model is built)."""
+        return []
+
+    def keeps(self, technique: Technique) -> bool:
+        """Whether the stage trains with a technique of the experiment's TrainConfig (a
+        fine-tuning stage trains an already trained model briefly: with none)."""
+        return False
 
     def model_fn(self, context: RunContext) -> Any:
         """What the stage trains: the current model (a distillation: a fresh one)."""
         return lambda **_: context.model
 
-    def report(self, context: RunContext, transform: ModelTransform, trained: keras.Model,
-               log: Any) -> str:
+    def report(self, context: RunContext, transform: ModelTransform | None,
+               trained: keras.Model, log: Any) -> str:
         """Logs what the stage achieved beyond test metrics; returns it as a phrase."""
         return ""
 
-    def run(self, context: RunContext) -> None:
-        plan, run = context.plan, context.run
-        source = RunDir((context.run_dir or context.own).path / "stages" / self.name)
-        trainer = Trainer(fine_tuning(context.configs.train, self.epochs, plan.steps_per_epoch),
-                          context.strategy, context.configs.input)
-        # Before the transform: pruning and clustering change these very layers in place.
-        before = weight_bytes(context.model.get_weights())[1] if self.measures_size else 0
+    def _build(self, context: RunContext
+               ) -> tuple[Trainer, ModelTransform | None, keras.Model, StartAt]:
+        """The stage's trainer, its transform, the model built through it and where its
+        training starts: restored from the stage's checkpoints on a resume."""
+        setup = context.setup
+        config = setup.configs.train.without_techniques(
+            self.keeps, epochs=self.epochs, steps_per_epoch=setup.plan.steps_per_epoch,
+            divergence_retries=0)
+        trainer = Trainer(config, setup.strategy, setup.configs.input)
         transform = self.transform(context)
-        trained = trainer.build_model(self.model_fn(context), context.splits, [transform])
-        start = (trainer.restore(trained, source.checkpoints, plan.steps_per_epoch)
-                 if context.options.resume else StartAt())
-        if context.done(self.name):
-            context.model = model_transforms.inference_model(trained)
-            context.echo(f"lmt: {self.name}: done in an earlier attempt; restored its model")
-            return
+        trained = trainer.build_model(self.model_fn(context), setup.splits,
+                                      [transform] if transform else [],
+                                      self.techniques(context))
+        source = context.resumed(self.name)
+        start = (trainer.restore(trained, source.checkpoints, setup.plan.steps_per_epoch)
+                 if source is not None else StartAt())
+        return trainer, transform, trained, start
+
+    def restore(self, context: RunContext) -> None:
+        trained = self._build(context)[2]
+        context.model = model_transforms.inference_model(trained)
+        context.echo(f"lmt: {self.name}: done in an earlier attempt; restored its model")
+
+    def work(self, context: RunContext) -> None:
+        steps = context.setup.plan.steps_per_epoch
+        # Before the transform: pruning and clustering change these very layers in place.
+        before = gzipped_bytes(context.model.get_weights()) if self.measures_size else 0
+        trainer, transform, trained, start = self._build(context)
 
         def log(metrics: dict, step: int) -> None:
-            run.log_metrics(prefixed(metrics, self.name), step)
+            context.run.log_metrics(prefixed(metrics, self.name), step)
 
-        guard = divergence_guard(context.strategy, plan.steps_per_epoch)
+        guard = divergence_guard(context.strategy, steps)
         own = context.stage_dir(self.name)
         callbacks = [guard, EpochMetrics(log),
                      EpochCheckpoint(trainer.checkpoint_manager(trained, own.checkpoints))]
         context.echo(f"lmt: {self.describe()}")
-        trainer.fit(trained, context.splits, context.seed, start, callbacks)
+        trainer.fit(trained, context.splits, context.setup.seed, start, callbacks)
         test = trainer.evaluate(trained, context.splits.test)
         log({f"test_{k}": v for k, v in test.items()}, self.epochs)
         context.model = model_transforms.inference_model(trained)
@@ -81,7 +104,7 @@ class FineTune(Stage):
         context.add_row(self.name, context.model, test)
         achieved = self.report(context, transform, trained, log)
         if self.measures_size:
-            after = weight_bytes(context.model.get_weights())[1]
+            after = gzipped_bytes(context.model.get_weights())
             log({"dense_weights_gzip_bytes": before, "weights_gzip_bytes": after,
                  "gzip_ratio": before / after}, self.epochs)
             achieved += (f"; weights {before / 1e6:.2f} -> {after / 1e6:.2f} MB gzipped "
@@ -89,14 +112,3 @@ class FineTune(Stage):
         context.echo(f"lmt: {self.name}: test "
                      + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
                      + (f"; {achieved}" if achieved else ""))
-        context.mark_done(self.name)
-
-
-def fine_tuning(config: TrainConfig, epochs: int, steps_per_epoch: int) -> TrainConfig:
-    """The experiment's TrainConfig for a fine-tuning stage: its optimizer, loss,
-    metrics, batch and precision, for ``epochs``, without the training-time techniques
-    that wrap the model in a train step of their own."""
-    return dataclasses.replace(
-        config, epochs=epochs, steps_per_epoch=steps_per_epoch, micro_batches=1,
-        gradient_transforms=(), update_multipliers={}, unfreeze_epochs={},
-        decoupled_blocks=(), local_steps=None, divergence_retries=0)

@@ -17,14 +17,13 @@ class Prototypes(Stage):
     ``prototypes/test_accuracy``."""
 
     name = "prototypes"
+    chief_only = True
 
     def check(self, context: RunContext) -> None:
         if context.splits.num_classes < 2:
             raise ConfigError("prototypes classify; the data is a regression")
 
-    def run(self, context: RunContext) -> None:
-        if context.done(self.name) or not context.role.is_chief:
-            return
+    def work(self, context: RunContext) -> None:
         train_x, train_y = model_ready(context.splits.train)
         test_x, test_y = context.test_arrays()
         predicted = prototype_predictions(embedding_model(context.model), train_x, train_y,
@@ -33,4 +32,3 @@ class Prototypes(Stage):
         context.run.log_metrics({"prototypes/test_accuracy": accuracy}, step=0)
         context.echo(f"lmt: prototypes (nearest class mean of {len(train_x)} training "
                      f"embeddings): test accuracy {accuracy:.4f}")
-        context.mark_done(self.name)

@@ -71,7 +71,7 @@ class Prune(FineTune):
                               "does not allow there (use multi-worker mirrored)")
 
     def transform(self, context: RunContext) -> Pruning:
-        steps = self.epochs * context.plan.steps_per_epoch
+        steps = self.epochs * context.setup.plan.steps_per_epoch
         return Pruning(PruningSchedule(self.final_sparsity, steps, self.schedule,
                                        self.initial_sparsity, self.frequency),
                        self.layers, self.m_by_n)

@@ -65,16 +65,14 @@ class TFLite(Stage):
     def describe(self) -> str:
         return f"tflite ({', '.join(self.modes)})"
 
-    def run(self, context: RunContext) -> None:
-        if context.done(self.name):
-            return
+    def work(self, context: RunContext) -> None:
         own = context.stage_dir(self.name)
         with tempfile.TemporaryDirectory(prefix="lmt-tflite-") as scratch:
             # Every task saves (saving may need all workers); the chief converts the
             # model re-loaded outside any strategy.
             saved = Path(scratch) / "saved_model"
             export_saved_model(context.model, saved)
-            if not context.role.is_chief:
+            if not context.setup.role.is_chief:
                 return
             model = load_saved_model(saved)
         x, y = context.test_arrays()
@@ -89,10 +87,9 @@ class TFLite(Stage):
                                               "latency_ms": result.latency_ms,
                                               "bytes": result.bytes}, f"{self.name}/{mode}"),
                                     step=0)
-            context.report.append(tflite_row(f"tflite:{mode}", flat, result.accuracy,
+            context.report.add(tflite_row(f"tflite:{mode}", flat, result.accuracy,
                                              result.latency_ms, weights))
             context.echo(f"lmt: tflite {mode}: test accuracy {result.accuracy:.4f} (LiteRT), "
                          f"{result.bytes / 1e6:.2f} MB, {result.latency_ms:.3f} ms per example")
         if context.run.logs:
             context.run.log_artifacts(own.path, self.name)
-        context.mark_done(self.name)

@@ -31,18 +31,25 @@ class Train(Stage):
 
     name = "train"
 
-    def run(self, context: RunContext) -> None:
-        trainer, plan, own, run = context.trainer, context.plan, context.own, context.run
-        model = context.trainable
-        start = (trainer.restore(model, context.run_dir.checkpoints, plan.steps_per_epoch)
-                 if context.options.resume and context.run_dir else StartAt())
-        if context.done(self.name):
-            context.echo(f"lmt: train: done in an earlier attempt; restored epoch "
-                         f"{start.epoch}")
-            return
+    def restore(self, context: RunContext) -> None:
+        start = self._restored(context)
+        context.echo(f"lmt: train: done in an earlier attempt; restored epoch {start.epoch}")
+
+    def _restored(self, context: RunContext) -> StartAt:
+        """Restores the last checkpoint of the run this one continues, if any."""
+        source = context.resumed()
+        if source is None:
+            return StartAt()
+        return context.setup.trainer.restore(context.trainable, source.checkpoints,
+                                             context.setup.plan.steps_per_epoch)
+
+    def work(self, context: RunContext) -> None:
+        setup, own, run = context.setup, context.session.own, context.run
+        trainer, plan, model = setup.trainer, setup.plan, context.trainable
+        start = self._restored(context)
         if start != StartAt():
-            context.echo(f"lmt: resuming {context.run_dir.path} at epoch {start.epoch + 1}, "
-                         f"step {start.step + 1}")
+            context.echo(f"lmt: resuming {context.session.source.path} at epoch "
+                         f"{start.epoch + 1}, step {start.step + 1}")
 
         def saved(done: int) -> None:
             own.update_state(epochs=done)
@@ -52,20 +59,20 @@ class Train(Stage):
             own.update_state(preempted_at_step=step)
             own.mark_latest()
 
-        chief = context.role.is_chief
-        guard = divergence_guard(context.strategy, plan.steps_per_epoch)
+        chief = setup.role.is_chief
+        guard = divergence_guard(setup.strategy, plan.steps_per_epoch)
         callbacks = [guard,  # before the checkpoint: a diverged epoch is never saved
                      Throughput(run.log_metrics, plan.examples_per_epoch),
                      EpochMetrics(run.log_metrics),
                      EpochCheckpoint(trainer.checkpoint_manager(model, own.checkpoints),
                                      saved if chief else None)]
-        every = context.configs.tracking.log_every_n_steps
+        tracking = setup.configs.tracking
+        every = tracking.log_every_n_steps
         if every:
             callbacks.append(StepMetrics(run.log_metrics, every, plan.steps_per_epoch))
         reporter = trial_reporter() if chief else None  # a pruned sweep's trial
         if reporter is not None:
             callbacks.append(reporter)
-        tracking = context.configs.tracking
         board = own.path / "tensorboard"
         if tracking.tensorboard:
             # Every worker writes (Keras' callback runs on all); only the chief's count.
@@ -74,9 +81,9 @@ class Train(Stage):
                 profile_batch=tracking.tensorboard_profile
                 if tracking.tensorboard_profile[0] else 0))
         preemption: Any = contextlib.nullcontext()
-        if batch_hooks_allowed(context.strategy):  # the handler runs at each step's end
+        if batch_hooks_allowed(setup.strategy):  # the handler runs at each step's end
             preemption = PreemptionCheckpoint(
-                context.strategy,
+                setup.strategy,
                 trainer.checkpoint_manager(model, own.checkpoints / PREEMPTED_DIR, 1),
                 plan.steps_per_epoch, saved_on_preemption if chief else None)
             callbacks.append(preemption)
@@ -89,7 +96,6 @@ class Train(Stage):
         context.echo("lmt: test " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
         context.history, context.test_metrics = result.history, test
         context.add_row(self.name, context.model, test)
-        context.mark_done(self.name)
 
 
 def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Callback]
@@ -97,17 +103,17 @@ def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Ca
     """``trainer.fit``; with ``TrainConfig.divergence_retries``, a diverged fit rolls back
     to the last checkpoint (the weights before training if there is none yet) with a
     lower learning rate and continues, each rollback logged as an event of the run."""
-    trainer, model, own = context.trainer, context.trainable, context.own
+    trainer, model, own = context.setup.trainer, context.trainable, context.session.own
     retries = trainer.config.divergence_retries
     if retries and latest_checkpoint(own.checkpoints)[0] is None:
         trainer.checkpoint_manager(model, own.checkpoints).save(checkpoint_number=0)
     for rollback in range(retries + 1):
         try:
-            return trainer.fit(model, context.splits, context.seed, start, callbacks)
+            return trainer.fit(model, context.splits, context.setup.seed, start, callbacks)
         except TrainingDiverged as e:
             if rollback == retries:
                 raise
-            start = trainer.restore(model, own.checkpoints, context.plan.steps_per_epoch)
+            start = trainer.restore(model, own.checkpoints, context.setup.plan.steps_per_epoch)
             before, after = trainer.lower_learning_rate(model)
             event = (f"step {e.step} (epoch {e.epoch}): loss {e.value}; rolled back to epoch "
                      f"{start.epoch + 1}, step {start.step + 1}; learning rate {before:g} -> "

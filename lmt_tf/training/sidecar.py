@@ -12,9 +12,40 @@ import tf_keras as keras
 
 from lmt_tf.data.splits import Split
 from lmt_tf.errors import LmtError
-from lmt_tf.training.trainer import latest_checkpoint
+from lmt_tf.rundir import LATEST, find_run_dir
+from lmt_tf.training.trainer import Trainer, latest_checkpoint
 
 POLL_SECONDS = 1.0
+# An evaluator accepts a chief's run directory made this long before it started, and
+# waits this long for the chief's next checkpoint.
+EVALUATOR_SLACK = 600  # seconds
+EVALUATOR_TIMEOUT = 3600  # seconds
+
+
+def evaluate_beside(trainer: Trainer, model: keras.Model, split: Split, work_dir: str,
+                    name: str, run_name: str | None, resume: bool,
+                    echo: Callable[[str], None]) -> None:
+    """The evaluator task of a cluster: validates ``model`` (built, in its wrappers) at
+    every checkpoint of the chief's run of experiment ``name`` as it appears: the run
+    named ``run_name`` (as ``lmt launch`` names its job's), else the latest one."""
+    started = time.time()
+
+    def chiefs_run_dir() -> Path | None:
+        if run_name is not None:  # named by the launcher: that run's directory
+            path = Path(work_dir) / name / run_name
+            return path / "checkpoints" if path.is_dir() else None
+        # Else the latest run, which (unless resuming) got its checkpoint after this
+        # task started.
+        marker = Path(work_dir) / name / LATEST
+        if not marker.is_file() or (not resume
+                                    and marker.stat().st_mtime < started - EVALUATOR_SLACK):
+            return None
+        return find_run_dir(work_dir, name).checkpoints
+
+    directory = wait_for_run_dir(chiefs_run_dir, timeout=EVALUATOR_TIMEOUT)
+    echo(f"lmt: evaluator watching {directory}")
+    evaluate_checkpoints(trainer.evaluate, model, split, directory, trainer.config.epochs,
+                         echo, timeout=EVALUATOR_TIMEOUT)
 
 
 def evaluate_checkpoints(evaluate: Callable[[keras.Model, Split], dict[str, float]],

@@ -1,12 +1,13 @@
 """The Trainer: builds model and optimizer inside the strategy's scope, runs ``model.fit``
 on per-worker input, evaluates, and saves/restores per-epoch checkpoints.
 
-The Trainer asks the strategy how many replicas there are and never names a model.
+The Trainer asks the strategy how many replicas there are, and the training techniques
+(``train_config.TECHNIQUES``, or a stage's) what they change; it never names a model or
+a technique.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,92 +17,17 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.checks import check, check_types, configured_call
+from lmt_tf.checks import check, configured_call
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
-from lmt_tf.errors import ConfigError
-from lmt_tf.optim.decoupled import DecoupledBlocks
-from lmt_tf.optim.local_sgd import LocalSGD, replica_local_variables
-from lmt_tf.optim.train_step import CustomTrainStep, MicroBatchTrainStep
-from lmt_tf.runtime.strategy import local_updates_unsupported
-from lmt_tf.training import model_transforms
-from lmt_tf.training.model_transforms import ModelTransform, inference_model
+from lmt_tf.optim import model_transforms, technique
+from lmt_tf.optim.model_transforms import ModelTransform
+from lmt_tf.optim.technique import Technique
+from lmt_tf.optim.train_step import MicroBatchTrainStep, step_transforms
 from lmt_tf.training.preemption import PREEMPTED_DIR, StartAt
+from lmt_tf.training.train_config import TrainConfig
 
 ModelFn = Callable[..., keras.Model]
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-# Metric names that model.compile() maps to the loss's own variant.
-_COMPILE_METRIC_NAMES = {"accuracy", "acc", "crossentropy", "ce"}
-
-
-@dataclass
-class TrainConfig:
-    """How a model is trained. Batch sizes are global: summed over all replicas."""
-
-    epochs: int = 1  # passes over the training split
-    global_batch_size: int = 128  # examples per optimizer step, all replicas together
-    steps_per_epoch: int | None = None  # None: every full global batch of the split once
-    optimizer: Callable[..., Any] = keras.optimizers.Adam  # called with no arguments
-    loss: str = "sparse_categorical_crossentropy"  # a Keras loss name
-    metrics: tuple[str, ...] = ("accuracy",)  # Keras metric names
-    steps_per_execution: int = 1  # steps per tf.function call (fewer host round trips)
-    # XLA-compile the optimizer's update of each variable, fusing its elementwise ops
-    # (Adam on the quickstart CNN: 1.3 instead of 3.0 ms on CPU). None (auto): on where
-    # the update waits for every gradient (more than one replica in sync, or gradient
-    # transforms), since there it is on the critical path; off where it overlaps
-    # backpropagation and compiling (~0.5 s) would not pay; Keras' choice (on) with a
-    # GPU. Never under parameter servers: XLA cannot reach variables on another ps.
-    jit_compile_update: bool | None = None
-    verbose: int | None = None  # Keras verbosity; None: bar on a terminal, else per epoch
-    deterministic: bool = False  # TensorFlow op determinism (slower; bitwise repeatable)
-    micro_batches: int = 1  # k: gradient accumulation over k micro-batches per step
-    gradient_transforms: tuple[Callable[..., Any], ...] = ()  # e.g. (@ClipByGlobalNorm(),)
-    precision: str = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16
-    update_multipliers: dict[str, float] = field(default_factory=dict)  # block -> factor
-    unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
-    decoupled_blocks: tuple[str, ...] = ()  # layers ending each greedily trained block
-    # On a NaN or infinite loss: roll back to the last checkpoint and continue with the
-    # learning rate times divergence_lr_factor, up to this many times (0: fail at once).
-    divergence_retries: int = 0
-    divergence_lr_factor: float = 0.5  # in (0, 1)
-    local_steps: int | None = None  # local SGD: average replicas every H local steps
-    sync_steps: int = 0  # post-local SGD: synchronous optimizer steps before local ones
-
-    def __post_init__(self) -> None:
-        for name in ("metrics", "gradient_transforms", "decoupled_blocks"):
-            if isinstance(getattr(self, name), list):  # gin writes [...] as a list
-                setattr(self, name, tuple(getattr(self, name)))
-        check_types(self)
-        check(self.epochs >= 1, "TrainConfig.epochs", f"must be >= 1, got {self.epochs}")
-        check(self.micro_batches >= 1, "TrainConfig.micro_batches",
-              f"must be >= 1, got {self.micro_batches}")
-        check(self.precision in PRECISIONS, "TrainConfig.precision",
-              f"must be one of {PRECISIONS}, got {self.precision!r}")
-        check(all(f >= 0 for f in self.update_multipliers.values()),
-              "TrainConfig.update_multipliers", f"must be >= 0, got {self.update_multipliers}")
-        check(all(e >= 0 for e in self.unfreeze_epochs.values()),
-              "TrainConfig.unfreeze_epochs", f"must be >= 0, got {self.unfreeze_epochs}")
-        if self.local_steps is not None:
-            check(self.local_steps >= 1, "TrainConfig.local_steps",
-                  f"must be >= 1, got {self.local_steps}")
-            check(self.steps_per_execution == 1, "TrainConfig.local_steps",
-                  "needs TrainConfig.steps_per_execution = 1 (averaging runs between steps)")
-        check(self.divergence_retries >= 0, "TrainConfig.divergence_retries",
-              f"must be >= 0, got {self.divergence_retries}")
-        check(0 < self.divergence_lr_factor < 1, "TrainConfig.divergence_lr_factor",
-              f"must be in (0, 1), got {self.divergence_lr_factor}")
-        check(self.sync_steps >= 0, "TrainConfig.sync_steps",
-              f"must be >= 0, got {self.sync_steps}")
-        combined = (self.micro_batches > 1 or self.gradient_transforms
-                    or self.update_multipliers or self.unfreeze_epochs)
-        check(not (self.decoupled_blocks and combined), "TrainConfig.decoupled_blocks",
-              "cannot be combined with micro_batches, gradient_transforms, "
-              "update_multipliers or unfreeze_epochs")
-        check(self.steps_per_execution >= 1, "TrainConfig.steps_per_execution",
-              f"must be >= 1, got {self.steps_per_execution}")
-        configured_call(keras.losses.get, "TrainConfig.loss", self.loss)
-        for metric in self.metrics:
-            _check_metric(metric)
 
 
 @dataclass
@@ -126,49 +52,45 @@ class Trainer:
         """The batch plan for ``train_split`` under this strategy's replicas.
 
         Raises:
-          ConfigError: if the per-replica batch does not split into the micro-batches.
+          ConfigError: if a technique cannot split the per-replica batch.
         """
         plan = plan_batches(len(train_split), self.config.global_batch_size,
                             self.strategy.num_replicas_in_sync, self.config.steps_per_epoch)
-        check(plan.per_replica_batch_size % self.config.micro_batches == 0,
-              "TrainConfig.micro_batches", f"{self.config.micro_batches} must divide the "
-              f"per-replica batch of {plan.per_replica_batch_size}")
+        for used in self.config.techniques():
+            used.check_batch(plan.per_replica_batch_size)
         return plan
 
     def build_model(self, model_fn: ModelFn, splits: Splits,
-                    extra: Sequence[ModelTransform] = ()) -> keras.Model:
+                    transforms: Sequence[ModelTransform] = (),
+                    techniques: Sequence[Technique] = ()) -> keras.Model:
         """Builds and compiles the model; variables (optimizer slots included) are created
         in the strategy's scope so that they are mirrored or placed on parameter servers.
 
-        The returned model is the built one with the ``extra`` model transforms (a
-        stage's) and then the configured ones applied (``model_transforms.
-        inference_model`` strips them again).
+        The returned model is the built one with a stage's model ``transforms`` applied,
+        then the train step of a stage's ``techniques`` and the configured ones
+        (``model_transforms.inference_model`` strips them all again).
         """
         previous = keras.mixed_precision.global_policy()
         # Layers take the policy in force when they are built, and compile wraps the
         # optimizer for loss scaling under mixed_float16; nothing else sees the policy.
         keras.mixed_precision.set_global_policy(self.config.precision)
         try:
-            return self._build(model_fn, splits, extra)
+            return self._build(model_fn, splits, transforms,
+                               [*technique.active(techniques), *self.config.techniques()])
         finally:
             keras.mixed_precision.set_global_policy(previous)
 
-    def _build(self, model_fn: ModelFn, splits: Splits,
-               extra: Sequence[ModelTransform]) -> keras.Model:
-        local = self.config.local_steps is not None
-        if local:
-            reason = local_updates_unsupported(self.strategy)
-            check(reason is None, "TrainConfig.local_steps", f"cannot be used: {reason}")
-
-        def per_replica():
-            return replica_local_variables() if local else contextlib.nullcontext()
-
+    def _build(self, model_fn: ModelFn, splits: Splits, transforms: Sequence[ModelTransform],
+               techniques: Sequence[Technique]) -> keras.Model:
+        for used in techniques:
+            used.check(self.strategy)
         with self.strategy.scope():
-            with per_replica():
+            with technique.variables(techniques):
                 model = configured_call(model_fn, "run_experiment.model",
                                         input_shape=splits.input_shape,
                                         num_classes=splits.num_classes)
-            model = model_transforms.apply(model, [*extra, *self.model_transforms(splits)])
+            model = model_transforms.apply(
+                model, [*transforms, *step_transforms(techniques, self.config)])
             optimizer = configured_call(self.config.optimizer, "TrainConfig.optimizer")
             check(not isinstance(optimizer, keras.optimizers.legacy.Optimizer),
                   "TrainConfig.optimizer", f"is a legacy optimizer ({type(optimizer).__name__}"
@@ -177,8 +99,9 @@ class Trainer:
                             optimizer=optimizer, loss=self.config.loss,
                             metrics=list(self.config.metrics),
                             steps_per_execution=self.config.steps_per_execution)
-            _compile_update(model.optimizer, self._jit_compile_update())
-            if (getattr(_inner(model.optimizer), "jit_compile", False) and not local
+            _compile_update(model.optimizer, self._jit_compile_update(techniques))
+            if (getattr(_inner(model.optimizer), "jit_compile", False)
+                    and all(t.allows_fused_update for t in techniques)
                     and isinstance(model, MicroBatchTrainStep)):
                 model.fuse_rescaling()  # clipping factors multiplied inside the update
             if self.config.divergence_retries:
@@ -186,20 +109,9 @@ class Trainer:
                       "TrainConfig.divergence_retries", "needs a constant learning rate "
                       "(a rollback lowers it; a schedule cannot be lowered)")
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
-            with per_replica():  # under local SGD each replica keeps its own optimizer state
+            with technique.variables(techniques):  # e.g. optimizer state per replica
                 model.optimizer.build(model.trainable_variables)
         return model
-
-    def model_transforms(self, splits: Splits) -> list[ModelTransform]:
-        """The model transforms that ``config`` asks for, in the order they wrap."""
-        config = self.config
-        if config.decoupled_blocks:  # combined with nothing else (checked in TrainConfig)
-            return [DecoupledBlocks(config.decoupled_blocks, splits.num_classes, config.loss)]
-        if (config.micro_batches > 1 or config.gradient_transforms or config.update_multipliers
-                or config.unfreeze_epochs or config.local_steps is not None):
-            return [CustomTrainStep(config.micro_batches, config.gradient_transforms,
-                                    config.update_multipliers, config.unfreeze_epochs)]
-        return []
 
     def checkpoint_manager(self, model: keras.Model, directory: Path,
                            keep: int = 2) -> tf.train.CheckpointManager:
@@ -244,10 +156,6 @@ class Trainer:
         input_fn = splits.train.train_input_fn(plan, seed, start.epoch, self.input_config,
                                                start_step=start.step)
         callbacks = [*model_transforms.transform_callbacks(model), *callbacks]
-        if self.config.local_steps is not None:
-            weights = [v for v in inference_model(model).weights if v.dtype.is_floating]
-            callbacks = [LocalSGD(self.config.local_steps, self.config.sync_steps,
-                                  plan.steps_per_epoch, weights), *callbacks]
         # Keras asks this for the first (epoch, step) of fit, as for its BackupAndRestore.
         model._training_state = start if start.step else None  # noqa: SLF001
         try:
@@ -281,12 +189,13 @@ class Trainer:
                                  return_dict=True, verbose=0)
         return {k: float(v) for k, v in results.items()}
 
-    def _jit_compile_update(self) -> bool:
+    def _jit_compile_update(self, techniques: Sequence[Technique]) -> bool:
         if isinstance(self.strategy, tf.distribute.ParameterServerStrategy):
             return False
         if self.config.jit_compile_update is not None:
             return self.config.jit_compile_update
-        return (self.strategy.num_replicas_in_sync > 1 or bool(self.config.gradient_transforms)
+        return (self.strategy.num_replicas_in_sync > 1
+                or any(t.waits_for_all_gradients for t in techniques)
                 or bool(tf.config.list_physical_devices("GPU")))
 
     def _verbosity(self) -> int:
@@ -304,22 +213,6 @@ def _learning_rate(optimizer: keras.optimizers.Optimizer) -> Any:
 def _inner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
     """The optimizer itself, under a loss-scaling wrapper (mixed_float16) if any."""
     return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def _check_metric(name: Any) -> None:
-    """Raises ConfigError unless ``name`` is a metric that ``model.compile`` resolves
-    (``keras.metrics.get`` hands an unknown string back instead of failing)."""
-    if not isinstance(name, str) or name in _COMPILE_METRIC_NAMES:
-        return
-    if callable(configured_call(keras.metrics.get, "TrainConfig.metrics", name)):
-        return
-    import difflib
-
-    known = sorted(_COMPILE_METRIC_NAMES | {n for n in dir(keras.metrics)
-                                            if n.islower() and not n.startswith("_")})
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    raise ConfigError(f"TrainConfig.metrics: unknown metric {name!r}{hint}")
 
 
 def latest_checkpoint(directory: Path) -> tuple[str | None, int]:

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from lmt_tf import config
 from lmt_tf.cli import main
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.data.sources import load_digits
 from lmt_tf.data.tfrecord import load_tfrecords, write_shards
 from lmt_tf.errors import ConfigError, DataError
@@ -90,7 +90,7 @@ def test_experiment_trains_from_tfrecords(shards: Path, gin_file, in_tmp: Path) 
                           f"load_tfrecords.directory = '{shards}'\n"
                           f"InputConfig.auto_shard_policy = 'FILE'\n")
     config.parse([exp], ["TrainConfig.epochs = 5", "ExportConfig.mlflow_model = False"])
-    result = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    result = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     assert result.test_metrics["accuracy"] > 0.7
 
 

@@ -11,9 +11,10 @@ from lmt_tf.errors import ConfigError
 from lmt_tf.models.cnn import build_cnn
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.optim.decoupled import DecoupledGreedyModel
+from lmt_tf.optim.model_transforms import inference_model
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
-from lmt_tf.training.model_transforms import inference_model
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 
 def test_no_gradient_crosses_between_blocks() -> None:

@@ -9,10 +9,11 @@ import tf_keras as keras
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.optim.model_transforms import inference_model
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
-from lmt_tf.training.model_transforms import inference_model
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 
 def _deltas(strategy, optimizer, steps=1, epochs=1, **config) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import tf_keras as keras
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.optim.model_transforms import inference_model
 from lmt_tf.optim.transforms import (
     AdaptiveGradientClipping,
     ClipByGlobalNorm,
@@ -20,8 +21,8 @@ from lmt_tf.optim.transforms import (
 )
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
-from lmt_tf.training.model_transforms import inference_model
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 GRADS = [tf.constant([[3.0, -4.0], [0.5, 0.0]]), tf.constant([12.0, -0.1])]
 VARS = [tf.Variable(tf.ones((2, 2))), tf.Variable(tf.ones(2))]

@@ -19,7 +19,7 @@ import tf_keras as keras
 
 from lmt_tf import config
 from lmt_tf.cli import EXIT_USER_ERROR, main
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
 from tests.conftest import TINY, all_runs, mlflow_client
 
@@ -92,7 +92,7 @@ def _assert_cluster_matches_local(exp: str, directory: Path, cluster_args: list[
     assert launch.wait(300) == 0, launch.output
     runs = all_runs(directory)
     config.parse([exp], ["run_experiment.work_dir = 'local'", *local_bindings])
-    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    local = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     for a, b in zip(_exported_weights(directory / "cluster"), local.model.get_weights(),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -301,7 +301,7 @@ def test_restart_after_an_early_kill_resumes_the_jobs_own_run(gin_file, in_tmp: 
     job made, not an earlier finished run of the same experiment, which stays untouched."""
     exp = gin_file(TINY + "TrainConfig.epochs = 3\n")
     config.parse([exp], [])
-    earlier = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    earlier = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     before = mlflow_client(in_tmp).get_run(earlier.run_id)
     launch = Launch(["--workers", "2", "--restarts", "1", "--timeout", "240", exp], in_tmp)
     deadline = time.monotonic() + 180
@@ -375,7 +375,7 @@ def test_sigterm_to_a_multi_worker_job_checkpoints_and_resume_matches(gin_file,
     assert run.info.status == "FINISHED"
     config.parse([exp], ["run_experiment.work_dir = 'local'",
                          "run_experiment.strategy = @mirrored_strategy"])
-    local = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    local = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     for a, b in zip(_exported_weights(in_tmp / "cluster"), local.model.get_weights(),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

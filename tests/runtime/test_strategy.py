@@ -18,7 +18,8 @@ from lmt_tf.runtime.strategy import (
     mirrored_strategy,
     one_device_strategy,
 )
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 
 def test_mirrored_on_cpu_has_one_replica_per_logical_device() -> None:

@@ -13,7 +13,7 @@ from lmt_tf.data.sources import load_digits
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.runtime.strategy import default_strategy
-from lmt_tf.training.trainer import TrainConfig
+from lmt_tf.training.train_config import TrainConfig
 
 
 def run_stages(stages: Sequence[Any], *, hidden: int = 32, epochs: int = 1,

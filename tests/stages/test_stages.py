@@ -13,7 +13,7 @@ from lmt_tf.data.sources import load_digits
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.stages import Export, RunContext, Stage, Train
-from lmt_tf.training.trainer import TrainConfig
+from lmt_tf.training.train_config import TrainConfig
 from tests.conftest import TINY, all_runs, mlflow_client
 
 
@@ -54,11 +54,10 @@ class _Interrupted(Stage):
         self.fail = fail
         self.ran = False
 
-    def run(self, context: RunContext) -> None:
+    def work(self, context: RunContext) -> None:
         if self.fail:
             raise KeyboardInterrupt("killed in a later stage")
         self.ran = True
-        context.mark_done(self.name)
 
 
 def _run(stages: list[Stage], **options) -> experiment.RunResult:

@@ -8,7 +8,7 @@ import pytest
 
 from lmt_tf import config
 from lmt_tf.cli import EXIT_USER_ERROR, main
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
 from lmt_tf.training.callbacks import TrainingDiverged
 from tests.conftest import TINY, all_runs
@@ -19,7 +19,7 @@ def test_a_diverging_run_fails_with_step_and_epoch_and_exports_nothing(gin_file,
     exp = gin_file(TINY)
     config.parse([exp], ["keras.optimizers.SGD.learning_rate = 1e30"])
     with pytest.raises(TrainingDiverged) as caught:
-        run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+        run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     # Step 1's update already blows the weights up; step 2's loss is the first non-finite.
     assert caught.value.epoch == 1 and 1 <= caught.value.step <= 3
     (run,) = all_runs(in_tmp)
@@ -49,13 +49,13 @@ def test_rollback_lowers_the_learning_rate_and_equals_a_run_at_that_rate(
 
     exp = gin_file(TINY)
     config.parse([exp], ["run_experiment.work_dir = 'steady'"])
-    steady = run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    steady = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     config.parse([exp], ["run_experiment.work_dir = 'rolled'",
                          "keras.optimizers.SGD.learning_rate = 1e30",
                          "TrainConfig.divergence_retries = 2",
                          "TrainConfig.divergence_lr_factor = 1e-31"])
     lines: list[str] = []
-    rolled = run_experiment(options=RunOptions(config_files=[exp], echo=lines.append))
+    rolled = run_parsed(options=RunOptions(config_files=[exp], echo=lines.append))
     assert any("training diverged at step" in line and "(1/2)" in line for line in lines)
     for a, b in zip(steady.model.get_weights(), rolled.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -71,7 +71,7 @@ def test_rollbacks_that_do_not_help_end_failed(gin_file, in_tmp: Path) -> None:
     config.parse([exp], ["keras.optimizers.SGD.learning_rate = 1e30",
                          "TrainConfig.divergence_retries = 2"])  # 1e30 * 0.5 * 0.5: no help
     with pytest.raises(TrainingDiverged):
-        run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None))
+        run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FAILED"
     assert {"lmt.rollback.1", "lmt.rollback.2"} <= set(run.data.tags)

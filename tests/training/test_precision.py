@@ -9,9 +9,10 @@ import tf_keras as keras
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.optim.model_transforms import inference_model
 from lmt_tf.runtime.strategy import default_strategy
-from lmt_tf.training.model_transforms import inference_model
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("precision, compute", [("mixed_bfloat16", "bfloat16"),

@@ -12,7 +12,7 @@ import pytest
 import tf_keras as keras
 
 from lmt_tf import config
-from lmt_tf.config import run_experiment
+from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
 from lmt_tf.training.preemption import Preempted
 from tests.conftest import TINY, all_runs, mlflow_client
@@ -35,7 +35,7 @@ class _SigtermAt(keras.callbacks.Callback):
 
 def _run(exp: str, work_dir: str, **options):
     config.parse([exp], [f"run_experiment.work_dir = '{work_dir}'"])
-    return run_experiment(options=RunOptions(config_files=[exp], echo=lambda _: None,
+    return run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None,
                                              **options))
 
 

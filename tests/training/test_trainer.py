@@ -16,7 +16,8 @@ from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
 from lmt_tf.training.callbacks import EpochCheckpoint
 from lmt_tf.training.preemption import StartAt
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -6,11 +6,12 @@ import tf_keras as keras
 
 from lmt_tf.data.sources import load_digits
 from lmt_tf.models.mlp import build_mlp
-from lmt_tf.optim.train_step import CustomTrainStep, MicroBatchTrainStep
+from lmt_tf.optim import model_transforms
+from lmt_tf.optim.model_transforms import ModelTransform, inference_model
+from lmt_tf.optim.train_step import CustomTrainStep, MicroBatchTrainStep, step_transforms
 from lmt_tf.runtime.strategy import default_strategy
-from lmt_tf.training import model_transforms
-from lmt_tf.training.model_transforms import ModelTransform, inference_model
-from lmt_tf.training.trainer import TrainConfig, Trainer
+from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.trainer import Trainer
 
 
 class _Tag(ModelTransform):
@@ -50,11 +51,10 @@ def test_a_model_without_transforms_is_its_own_inference_model() -> None:
 
 
 def test_the_trainer_builds_its_wrappers_through_transforms() -> None:
-    trainer = Trainer(TrainConfig(micro_batches=2, unfreeze_epochs={"dense_0": 1}),
-                      default_strategy())
-    (transform,) = trainer.model_transforms(load_digits())
+    config = TrainConfig(micro_batches=2, unfreeze_epochs={"dense_0": 1})
+    (transform,) = step_transforms(config.techniques(), config)
     assert isinstance(transform, CustomTrainStep)
-    built = trainer.build_model(build_mlp, load_digits())
+    built = Trainer(config, default_strategy()).build_model(build_mlp, load_digits())
     assert isinstance(built, MicroBatchTrainStep) and inference_model(built).name == "mlp"
     assert len(model_transforms.transform_callbacks(built)) == 1  # the unfreezing schedule
-    assert Trainer(TrainConfig(), default_strategy()).model_transforms(load_digits()) == []
+    assert step_transforms(TrainConfig().techniques(), TrainConfig()) == []
