@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from lmt_tf.checks import check, check_types
-from lmt_tf.data.splits import Split
 from lmt_tf.errors import ConfigError
+
+if TYPE_CHECKING:  # splits.py calls into this module for its pipelines
+    from lmt_tf.data.splits import Split
 
 InputFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
 
