@@ -14,7 +14,8 @@ from lmt_tf.errors import ConfigError
 from lmt_tf.federated.algorithm import FederatedConfig, dp_delta
 from lmt_tf.federated.client import ClientModel
 from lmt_tf.federated.partition import PartitionConfig, partition, write_artifacts
-from lmt_tf.federated.simulation import Federation, RoundRecord, RoundState, simulate
+from lmt_tf.federated.rounds import Federation, RoundRecord, RoundState
+from lmt_tf.federated.simulation import simulate
 from lmt_tf.invocation import FlowerRole
 from lmt_tf.rundir import RunDir
 from lmt_tf.stages.context import RunContext, Stage, prefixed

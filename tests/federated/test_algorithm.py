@@ -22,7 +22,7 @@ from lmt_tf.federated.algorithm import (
     sample_clients,
 )
 from lmt_tf.federated.partition import Partition
-from lmt_tf.federated.simulation import Federation
+from lmt_tf.federated.rounds import Federation
 
 RNG = np.random.default_rng(0)
 GLOBAL = [RNG.normal(size=(3, 4)).astype(np.float32), RNG.normal(size=4).astype(np.float32)]
