@@ -25,8 +25,9 @@ from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.errors import ConfigError
-from lmt_tf.federated import algorithm as federated
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig
+from lmt_tf.federated.server_optimizers import FedAdam, FedAvg, FedAvgM
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.optim import transforms
@@ -50,8 +51,7 @@ _PROJECT = {
                  Preprocessing],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
-    "lmt.federated": [federated.FederatedConfig, PartitionConfig, federated.FedAvg,
-                      federated.FedAvgM, federated.FedAdam],
+    "lmt.federated": [FederatedConfig, PartitionConfig, FedAvg, FedAvgM, FedAdam],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,

@@ -14,16 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from lmt_tf.data.splits import Split
-from lmt_tf.federated.algorithm import (
-    ClientResult,
-    FederatedConfig,
-    Weights,
-    aggregate,
-    privacy_spent,
-    sample_clients,
-    weight_bytes,
-)
+from lmt_tf.federated.aggregation import ClientResult, aggregate, wire_bytes
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import Partition
+from lmt_tf.federated.privacy import privacy_spent
+from lmt_tf.federated.sampling import sample_clients
+from lmt_tf.federated.server_optimizers import Weights
 
 
 @dataclass
@@ -133,7 +129,7 @@ class Federation:
                                                              state.server_state)
         examples = sum(r.examples for r in results)
         loss = (sum(r.loss * r.examples for r in results) / examples) if examples else 0.0
-        sent = weight_bytes(weights) * len(results)  # each way: a model to and from each
+        sent = wire_bytes(weights) * len(results)  # each way: a model to and from each
         epsilon = (privacy_spent(self.config, self.clients, round_)
                    if self.config.private and self.config.dp_noise_multiplier else None)
         state = RoundState(round_, weights, server, state.reached_target,

@@ -12,8 +12,8 @@ import tf_keras as keras
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import load_digits
 from lmt_tf.data.splits import Split
-from lmt_tf.federated.algorithm import FederatedConfig
 from lmt_tf.federated.client import ClientModel
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig, partition
 from lmt_tf.federated.rounds import Federation
 from lmt_tf.federated.simulation import simulate
