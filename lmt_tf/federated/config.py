@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmt_tf.checks import check, check_types
-from lmt_tf.federated.server_optimizers import FedAvg, ServerOptimizer
+from lmt_tf.federated.server_optimizers import ServerAveraging, ServerOptimizer
 
 
 @dataclass
@@ -25,7 +25,7 @@ class FederatedConfig:
     local_batch_size: int | None = 10  # [B] examples per local step; None: all (B = inf)
     client_learning_rate: float = 0.05  # local SGD step size (tuned per setting)
     prox_mu: float = 0.0  # FedProx (Li et al., 2020): mu/2 ||w - w_global||^2; 0: FedAvg
-    server_optimizer: ServerOptimizer = field(default_factory=FedAvg)
+    server_optimizer: ServerOptimizer = field(default_factory=ServerAveraging)
     # DP-FedAvg (McMahan et al., 2018): each client's update clipped to this L2 norm,
     # Gaussian noise of std noise_multiplier * clip on the sum; None: no DP.
     dp_clip_norm: float | None = None
@@ -82,4 +82,4 @@ class FederatedConfig:
                 else "FedSGD" if batch == "inf" and self.local_epochs == 1 else "FedAvg")
         return (f"{name}: {clients} clients, C={self.client_fraction}, E={self.local_epochs}, "
                 f"B={batch}, client lr {self.client_learning_rate}, server "
-                f"{type(self.server_optimizer).__name__}, up to {self.rounds} rounds")
+                f"{self.server_optimizer.name}, up to {self.rounds} rounds")

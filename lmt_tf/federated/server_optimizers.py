@@ -4,6 +4,7 @@ global weights (plain averaging, server momentum, Adam on the server), in NumPy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -14,8 +15,14 @@ Weights = list[np.ndarray]  # a model's weights (or their deltas), one array per
 
 class ServerOptimizer:
     """Applies the round's aggregated update ``delta`` (mean client weights minus the
-    global weights: a negative pseudo-gradient) to the global weights."""
+    global weights: a negative pseudo-gradient) to the global weights.
 
+    ``name`` is the algorithm's name, under which gin binds the class (``@FedAvgM()``)
+    and which messages and ``FederatedConfig.describe`` use; the Python class names
+    leave the algorithms' names to Flower's strategies.
+    """
+
+    name: ClassVar[str]
     learning_rate: float = 1.0
 
     def initial_state(self, weights: Weights) -> Weights:
@@ -28,14 +35,15 @@ class ServerOptimizer:
 
 
 @dataclass
-class FedAvg(ServerOptimizer):
+class ServerAveraging(ServerOptimizer):
     """w <- w + lr * delta; lr 1 takes the mean of the clients' weights (FedAvg)."""
 
+    name: ClassVar[str] = "FedAvg"
     learning_rate: float = 1.0
 
     def __post_init__(self) -> None:
-        check_types(self)
-        check(self.learning_rate > 0, "FedAvg.learning_rate",
+        check_types(self, self.name)
+        check(self.learning_rate > 0, f"{self.name}.learning_rate",
               f"must be > 0, got {self.learning_rate}")
 
     def apply(self, weights, delta, state):
@@ -44,17 +52,18 @@ class FedAvg(ServerOptimizer):
 
 
 @dataclass
-class FedAvgM(ServerOptimizer):
-    """Server momentum (Hsu et al., 2019): m <- beta * m + delta; w <- w + lr * m."""
+class ServerMomentum(ServerOptimizer):
+    """Server momentum, FedAvgM (Hsu et al., 2019): m <- beta * m + delta; w <- w + lr * m."""
 
+    name: ClassVar[str] = "FedAvgM"
     learning_rate: float = 1.0
     momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        check_types(self)
-        check(self.learning_rate > 0, "FedAvgM.learning_rate",
+        check_types(self, self.name)
+        check(self.learning_rate > 0, f"{self.name}.learning_rate",
               f"must be > 0, got {self.learning_rate}")
-        check(0 <= self.momentum < 1, "FedAvgM.momentum",
+        check(0 <= self.momentum < 1, f"{self.name}.momentum",
               f"must be in [0, 1), got {self.momentum}")
 
     def initial_state(self, weights):
@@ -67,24 +76,25 @@ class FedAvgM(ServerOptimizer):
 
 
 @dataclass
-class FedAdam(ServerOptimizer):
-    """Adaptive server optimizer (Reddi et al., 2021, "Adaptive Federated Optimization"):
-    Adam on the pseudo-gradient -delta, with tau the adaptivity (epsilon) term and no
-    bias correction, as in the paper's Algorithm 2."""
+class ServerAdam(ServerOptimizer):
+    """Adaptive server optimizer, FedAdam (Reddi et al., 2021, "Adaptive Federated
+    Optimization"): Adam on the pseudo-gradient -delta, with tau the adaptivity (epsilon)
+    term and no bias correction, as in the paper's Algorithm 2."""
 
+    name: ClassVar[str] = "FedAdam"
     learning_rate: float = 0.01
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
 
     def __post_init__(self) -> None:
-        check_types(self)
-        for name in ("learning_rate", "tau"):
-            check(getattr(self, name) > 0, f"FedAdam.{name}",
-                  f"must be > 0, got {getattr(self, name)}")
-        for name in ("beta_1", "beta_2"):
-            check(0 <= getattr(self, name) < 1, f"FedAdam.{name}",
-                  f"must be in [0, 1), got {getattr(self, name)}")
+        check_types(self, self.name)
+        for setting in ("learning_rate", "tau"):
+            check(getattr(self, setting) > 0, f"{self.name}.{setting}",
+                  f"must be > 0, got {getattr(self, setting)}")
+        for setting in ("beta_1", "beta_2"):
+            check(0 <= getattr(self, setting) < 1, f"{self.name}.{setting}",
+                  f"must be in [0, 1), got {getattr(self, setting)}")
 
     def initial_state(self, weights):
         # First moments, then second moments (tau^2 initially, as in the paper).

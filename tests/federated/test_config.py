@@ -7,7 +7,7 @@ import pytest
 
 from lmt_tf.errors import ConfigError
 from lmt_tf.federated.config import FederatedConfig
-from lmt_tf.federated.server_optimizers import FedAdam, FedAvgM
+from lmt_tf.federated.server_optimizers import ServerAdam, ServerMomentum
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -29,10 +29,10 @@ def test_describe_names_the_algorithm_and_the_server_optimizer() -> None:
     assert FederatedConfig().describe(100) == (
         "FedAvg: 100 clients, C=0.1, E=1, B=10, client lr 0.05, server FedAvg, "
         "up to 20 rounds")
-    sgd = FederatedConfig(local_batch_size=None, server_optimizer=FedAdam(), rounds=5)
+    sgd = FederatedConfig(local_batch_size=None, server_optimizer=ServerAdam(), rounds=5)
     assert sgd.describe(10) == ("FedSGD: 10 clients, C=0.1, E=1, B=inf, client lr 0.05, "
                                 "server FedAdam, up to 5 rounds")
-    private = FederatedConfig(dp_clip_norm=1.0, prox_mu=0.1, server_optimizer=FedAvgM())
+    private = FederatedConfig(dp_clip_norm=1.0, prox_mu=0.1, server_optimizer=ServerMomentum())
     assert private.describe(10).startswith("DP-FedAvg: 10 clients,")
     assert ", server FedAvgM," in private.describe(10)
     assert FederatedConfig(prox_mu=0.1).describe(10).startswith("FedProx: ")

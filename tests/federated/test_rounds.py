@@ -10,7 +10,7 @@ from lmt_tf.federated.aggregation import ClientResult, clip_update
 from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import Partition
 from lmt_tf.federated.rounds import Federation
-from lmt_tf.federated.server_optimizers import FedAvgM
+from lmt_tf.federated.server_optimizers import ServerMomentum
 
 RNG = np.random.default_rng(0)
 GLOBAL = [RNG.normal(size=(3, 4)).astype(np.float32), RNG.normal(size=4).astype(np.float32)]
@@ -46,7 +46,7 @@ def test_fedavg_takes_the_example_weighted_mean_of_client_weights() -> None:
 def test_fedavgm_without_momentum_at_rate_one_is_fedavg() -> None:
     results = _results()
     plain, _ = _server_round(FederatedConfig(), results)
-    momentum, _ = _server_round(FederatedConfig(server_optimizer=FedAvgM(1.0, 0.0)),
+    momentum, _ = _server_round(FederatedConfig(server_optimizer=ServerMomentum(1.0, 0.0)),
                                 results)
     for a, b in zip(plain, momentum, strict=True):
         np.testing.assert_array_equal(a, b)

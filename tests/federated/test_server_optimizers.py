@@ -9,11 +9,11 @@ import pytest
 
 from lmt_tf import config
 from lmt_tf.errors import ConfigError
-from lmt_tf.federated.server_optimizers import FedAdam, FedAvg, FedAvgM
+from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, ServerMomentum
 
 
 def test_server_averaging_steps_by_the_learning_rate_in_the_weights_dtype() -> None:
-    averaging = FedAvg(learning_rate=0.5)
+    averaging = ServerAveraging(learning_rate=0.5)
     weights = [np.array([1.0, 2.0], np.float32)]
     new, state = averaging.apply(weights, [np.array([0.5, -1.0])],
                                  averaging.initial_state(weights))
@@ -24,7 +24,7 @@ def test_server_averaging_steps_by_the_learning_rate_in_the_weights_dtype() -> N
 def test_server_momentum_accumulates() -> None:
     delta = [np.ones((2,)), np.full((1,), -2.0)]
     weights = [np.zeros(2, np.float32), np.zeros(1, np.float32)]
-    m = FedAvgM(learning_rate=0.5, momentum=0.9)
+    m = ServerMomentum(learning_rate=0.5, momentum=0.9)
     state = m.initial_state(weights)
     weights, state = m.apply(weights, delta, state)
     weights, state = m.apply(weights, delta, state)
@@ -33,7 +33,7 @@ def test_server_momentum_accumulates() -> None:
 
 
 def test_server_adam_follows_the_paper() -> None:
-    adam = FedAdam(learning_rate=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    adam = ServerAdam(learning_rate=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
     new, _ = adam.apply([np.zeros(2, np.float32)], [np.ones(2)], adam.initial_state(
         [np.zeros(2, np.float32)]))
     m1, v1 = 0.1, 1e-6 * 0.99 + 0.01  # (1 - b1) d and b2 tau^2 + (1 - b2) d^2
@@ -42,22 +42,22 @@ def test_server_adam_follows_the_paper() -> None:
 
 def test_bad_server_optimizers_are_refused() -> None:
     with pytest.raises(ConfigError, match="FedAvgM.momentum must be in \\[0, 1\\)"):
-        FedAvgM(momentum=1.0)
+        ServerMomentum(momentum=1.0)
     with pytest.raises(ConfigError, match="FedAdam.tau must be > 0"):
-        FedAdam(tau=0.0)
+        ServerAdam(tau=0.0)
     with pytest.raises(ConfigError, match="FedAvg.learning_rate must be > 0"):
-        FedAvg(learning_rate=0.0)
+        ServerAveraging(learning_rate=0.0)
     with pytest.raises(ConfigError, match="^FedAvgM.momentum must be float, got 'x'"):
-        FedAvgM(momentum="x")
+        ServerMomentum(momentum="x")
 
 
 def test_gin_binds_the_server_optimizers_by_their_algorithms_names() -> None:
     config.parse([], ["FederatedConfig.server_optimizer = @FedAvgM()",
                       "FedAvgM.momentum = 0.5"])
     federated = config.configurable("FederatedConfig")()
-    assert federated.server_optimizer == FedAvgM(learning_rate=1.0, momentum=0.5)
+    assert federated.server_optimizer == ServerMomentum(learning_rate=1.0, momentum=0.5)
     assert ", server FedAvgM," in federated.describe(10)
     assert config.operative_params()["FedAvgM.momentum"] == "0.5"
-    for name, cls in [("FedAvg", FedAvg), ("lmt.federated.FedAdam", FedAdam)]:
+    for name, cls in [("FedAvg", ServerAveraging), ("lmt.federated.FedAdam", ServerAdam)]:
         config.parse([], [f"FederatedConfig.server_optimizer = @{name}()"])
         assert type(config.configurable("FederatedConfig")().server_optimizer) is cls
