@@ -3,7 +3,7 @@ global weights (plain averaging, server momentum, Adam on the server), in NumPy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +25,13 @@ class ServerOptimizer:
     name: ClassVar[str]
     learning_rate: float = 1.0
 
+    def __repr__(self) -> str:
+        # As bound in gin, FedAvgM(learning_rate=1.0, momentum=0.9), in messages that
+        # show a value given in the wrong place.
+        settings = ", ".join(f"{f.name}={getattr(self, f.name)!r}"
+                             for f in fields(self))
+        return f"{self.name}({settings})"
+
     def initial_state(self, weights: Weights) -> Weights:
         return []
 
@@ -34,7 +41,7 @@ class ServerOptimizer:
         raise NotImplementedError
 
 
-@dataclass
+@dataclass(repr=False)
 class ServerAveraging(ServerOptimizer):
     """w <- w + lr * delta; lr 1 takes the mean of the clients' weights (FedAvg)."""
 
@@ -51,7 +58,7 @@ class ServerAveraging(ServerOptimizer):
         return new, state
 
 
-@dataclass
+@dataclass(repr=False)
 class ServerMomentum(ServerOptimizer):
     """Server momentum, FedAvgM (Hsu et al., 2019): m <- beta * m + delta; w <- w + lr * m."""
 
@@ -75,7 +82,7 @@ class ServerMomentum(ServerOptimizer):
         return new, state
 
 
-@dataclass
+@dataclass(repr=False)
 class ServerAdam(ServerOptimizer):
     """Adaptive server optimizer, FedAdam (Reddi et al., 2021, "Adaptive Federated
     Optimization"): Adam on the pseudo-gradient -delta, with tau the adaptivity (epsilon)

@@ -51,6 +51,13 @@ def test_bad_server_optimizers_are_refused() -> None:
         ServerMomentum(momentum="x")
 
 
+def test_an_optimizer_shows_as_gin_binds_it() -> None:
+    assert repr(ServerMomentum(momentum=0.5)) == "FedAvgM(learning_rate=1.0, momentum=0.5)"
+    assert repr(ServerAveraging()) == "FedAvg(learning_rate=1.0)"
+    assert repr(ServerAdam()) == (
+        "FedAdam(learning_rate=0.01, beta_1=0.9, beta_2=0.99, tau=0.001)")
+
+
 def test_gin_binds_the_server_optimizers_by_their_algorithms_names() -> None:
     config.parse([], ["FederatedConfig.server_optimizer = @FedAvgM()",
                       "FedAvgM.momentum = 0.5"])
