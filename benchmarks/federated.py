@@ -30,10 +30,10 @@ import tf_keras as keras  # noqa: E402
 
 from lmt_tf.data.pipeline import label_array, to_model_input  # noqa: E402
 from lmt_tf.data.sources import load_mnist  # noqa: E402
-from lmt_tf.federated.algorithm import FederatedConfig  # noqa: E402
 from lmt_tf.federated.client import ClientModel  # noqa: E402
+from lmt_tf.federated.config import FederatedConfig  # noqa: E402
 from lmt_tf.federated.partition import PartitionConfig, partition  # noqa: E402
-from lmt_tf.federated.simulation import Federation  # noqa: E402
+from lmt_tf.federated.rounds import Federation  # noqa: E402
 from lmt_tf.models.cnn import build_cnn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -42,15 +42,17 @@ def _describe(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else text
 
 
-def check_types(config: Any) -> None:
+def check_types(config: Any, name: str | None = None) -> None:
     """Raises ConfigError if a field of the dataclass ``config`` does not match its hint.
 
     Args:
       config: a dataclass instance whose annotations are simple types (int, float, str,
         bool, Optional/Union of those, tuples/lists of one type, callables).
+      name: the name gin binds the class by, if it is not the class's own.
 
     Raises:
-      ConfigError: naming ``ClassName.field``, the value given and the type expected.
+      ConfigError: naming ``ClassName.field`` (or ``name.field``), the value given and
+        the type expected.
     """
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
@@ -58,7 +60,7 @@ def check_types(config: Any) -> None:
         hint = hints[field.name]
         if not _matches(value, hint):
             raise ConfigError(
-                f"{type(config).__name__}.{field.name} must be {_describe(hint)}, "
+                f"{name or type(config).__name__}.{field.name} must be {_describe(hint)}, "
                 f"got {value!r} ({type(value).__name__})"
             )
 

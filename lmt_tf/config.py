@@ -26,8 +26,9 @@ from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.errors import ConfigError
 from lmt_tf.experiment import Experiment, RunResult, describe_run, prepare, run
-from lmt_tf.federated import algorithm as federated
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig
+from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, ServerMomentum
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.optim import transforms
@@ -52,8 +53,7 @@ _PROJECT = {
                  Preprocessing],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
-    "lmt.federated": [federated.FederatedConfig, PartitionConfig, federated.FedAvg,
-                      federated.FedAvgM, federated.FedAdam],
+    "lmt.federated": [FederatedConfig, PartitionConfig],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
@@ -72,6 +72,9 @@ _KERAS = {
 _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tflite": TFLite,
            "distill": Distill, "federate": Federate, "evaluate": Evaluate,
            "prototypes": Prototypes, "export": Export}
+# Server optimizers are bound by their algorithms' names (@FedAvgM()), not by their
+# classes' names, which leave those to Flower's strategies.
+_SERVER_OPTIMIZERS = [ServerAveraging, ServerMomentum, ServerAdam]
 _registered: list[str] = []  # every registered name, for "did you mean" hints
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.
@@ -131,6 +134,9 @@ def register() -> None:
     for stage_name, stage in _STAGES.items():
         gin.external_configurable(stage, name=stage_name, module="lmt.stages")
         _registered.extend([stage_name, f"lmt.stages.{stage_name}"])
+    for optimizer in _SERVER_OPTIMIZERS:
+        gin.external_configurable(optimizer, name=optimizer.name, module="lmt.federated")
+        _registered.extend([optimizer.name, f"lmt.federated.{optimizer.name}"])
     for module, items in {**_PROJECT, **_KERAS}.items():
         for item in items:
             gin.external_configurable(item, module=module)

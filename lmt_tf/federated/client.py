@@ -15,7 +15,10 @@ import tf_keras as keras
 from lmt_tf.checks import configured_call
 from lmt_tf.data.pipeline import label_array, to_model_input
 from lmt_tf.data.splits import Split
-from lmt_tf.federated.algorithm import ClientResult, FederatedConfig, Weights, local_batches
+from lmt_tf.federated.aggregation import ClientResult
+from lmt_tf.federated.config import FederatedConfig
+from lmt_tf.federated.sampling import local_batches
+from lmt_tf.federated.server_optimizers import Weights
 from lmt_tf.optim.technique import LossTerm, StepSpec, Technique, active
 from lmt_tf.optim.train_step import MicroBatchTrainStep
 

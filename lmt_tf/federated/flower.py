@@ -23,9 +23,9 @@ import numpy as np
 
 from lmt_tf.data.splits import Split
 from lmt_tf.errors import LmtError
-from lmt_tf.federated.algorithm import ClientResult
+from lmt_tf.federated.aggregation import ClientResult
 from lmt_tf.federated.client import ClientModel
-from lmt_tf.federated.simulation import Federation, RoundRecord, RoundState
+from lmt_tf.federated.rounds import Federation, RoundRecord, RoundState
 
 # Flower sends usage telemetry unless told not to.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -11,10 +11,12 @@ from typing import Any
 from lmt_tf.checks import check
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
-from lmt_tf.federated.algorithm import FederatedConfig, dp_delta
 from lmt_tf.federated.client import ClientModel
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig, partition, write_artifacts
-from lmt_tf.federated.simulation import Federation, RoundRecord, RoundState, simulate
+from lmt_tf.federated.privacy import dp_delta
+from lmt_tf.federated.rounds import Federation, RoundRecord, RoundState
+from lmt_tf.federated.simulation import simulate
 from lmt_tf.invocation import FlowerRole, RunOptions
 from lmt_tf.stages.context import RunContext, Setup, Stage, prefixed
 from lmt_tf.training.train_config import TrainConfig

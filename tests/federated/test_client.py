@@ -12,10 +12,11 @@ import tf_keras as keras
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import load_digits
 from lmt_tf.data.splits import Split
-from lmt_tf.federated.algorithm import FederatedConfig
 from lmt_tf.federated.client import ClientModel
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig, partition
-from lmt_tf.federated.simulation import Federation, simulate
+from lmt_tf.federated.rounds import Federation
+from lmt_tf.federated.simulation import simulate
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.runtime.env import set_seed
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmt_tf.federated.algorithm import FederatedConfig, sample_clients
+from lmt_tf.federated.config import FederatedConfig
+from lmt_tf.federated.sampling import sample_clients
 from tests.conftest import all_runs
 from tests.stages.test_federate import FEDERATED
 

@@ -12,7 +12,7 @@ import pytest
 
 from lmt_tf.cli import main
 from lmt_tf.errors import ConfigError
-from lmt_tf.federated.algorithm import FederatedConfig
+from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig
 from lmt_tf.runtime.strategy import mirrored_strategy
 from lmt_tf.stages import Export
