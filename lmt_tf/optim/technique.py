@@ -126,7 +126,7 @@ class Technique:
         wrapper) needs."""
         return []
 
-    def fields(self) -> str:
+    def setting_names(self) -> str:
         """Its settings as they are bound, for messages: ``TrainConfig.local_steps``."""
         return ", ".join(f"{self.setting}.{f.name}" for f in dataclasses.fields(self))
 

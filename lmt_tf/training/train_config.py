@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import tf_keras as keras
 
@@ -38,6 +38,8 @@ _COMPILE_METRIC_NAMES = {"accuracy", "acc", "crossentropy", "ce"}
 class TrainSettings:
     """The basic settings of training, without any technique's (``TrainConfig`` adds
     those). Batch sizes are global: summed over all replicas."""
+
+    TECHNIQUES: ClassVar[tuple[type[Technique], ...]] = ()  # set by ``with_techniques``
 
     epochs: int = 1  # passes over the training split
     global_batch_size: int = 128  # examples per optimizer step, all replicas together
@@ -86,7 +88,7 @@ class TrainSettings:
         replacing = [t for t in techniques if t.replaces_step]
         if replacing:  # it trains with its own step: nothing else may shape it
             others = [t for t in self.techniques(every=True) if t is not replacing[0]]
-            check(len(techniques) == 1, replacing[0].fields(),
+            check(len(techniques) == 1, replacing[0].setting_names(),
                   "cannot be combined with "
                   + _either(f.name for t in others for f in dataclasses.fields(t)))
 
@@ -94,7 +96,7 @@ class TrainSettings:
         """The techniques these settings ask for (``every``: all, asked for or not), in
         ``TECHNIQUES`` order, each with its settings."""
         made = [cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
-                for cls in TECHNIQUES]
+                for cls in self.TECHNIQUES]
         return made if every else [t for t in made if t.active()]
 
     def without_techniques(self, keep: Callable[[Technique], bool] = lambda _: False,
@@ -112,8 +114,9 @@ def _either(names: Sequence[str] | Any) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def _with_techniques(base: type, techniques: Sequence[type[Technique]]) -> type:
-    """``base`` with every field of each technique added, of the same type and default."""
+def with_techniques(base: type, techniques: Sequence[type[Technique]]) -> type:
+    """``base`` with every field of each technique added, of the same type and default,
+    as the dataclass ``TrainConfig`` (``TECHNIQUES``: the techniques it configures)."""
     fields: list[tuple[str, Any, Any]] = []
     for technique in techniques:
         hints = typing.get_type_hints(technique)
@@ -131,13 +134,14 @@ def _with_techniques(base: type, techniques: Sequence[type[Technique]]) -> type:
                        for t in techniques)
     doc = (f"How a model is trained: the basic settings ({base.__name__}) and those of each "
            f"training technique ({listed}). Batch sizes are global: summed over all replicas.")
-    composed = dataclasses.make_dataclass("TrainConfig", fields, bases=(base,),
-                                          namespace={"__doc__": doc})
+    composed = dataclasses.make_dataclass(
+        "TrainConfig", fields, bases=(base,),
+        namespace={"__doc__": doc, "TECHNIQUES": tuple(techniques)})
     composed.__module__ = __name__
     return composed
 
 
-TrainConfig = _with_techniques(TrainSettings, TECHNIQUES)
+TrainConfig = with_techniques(TrainSettings, TECHNIQUES)
 
 
 def _check_metric(name: Any) -> None:
