@@ -14,10 +14,7 @@ from typing import Any
 
 import lmt_tf
 from lmt_tf.errors import LmtError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-EXIT_PRUNED = 3  # a sweep's trial stopped early by the sweep's pruner (sweep.EXIT_PRUNED)
+from lmt_tf.process import EXIT_USER_ERROR, Stopped, exit_status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -308,7 +305,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 def _serve(command: list[str]) -> int:
     """Runs a server until it exits or lmt is stopped (Ctrl-C, SIGTERM), which stops it."""
-    from lmt_tf.runtime.launcher import stop_process_groups
+    from lmt_tf.runtime.processes import stop_process_groups
 
     # Its own session, so that stopping lmt stops the whole server, children included.
     server = subprocess.Popen(command, start_new_session=True)
@@ -411,6 +408,20 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _error_line(error: BaseException) -> str:
+    """The one line ``lmt`` ends with on ``error``."""
+    if isinstance(error, Stopped):  # a preemption says where its checkpoint is, ...
+        return f"lmt: {error}"
+    if isinstance(error, KeyboardInterrupt):  # ... Ctrl-C needs no explanation
+        return "lmt: interrupted"
+    if isinstance(error, OSError) and not isinstance(error, LmtError):
+        where = f": {error.filename}" if error.filename else ""
+        reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
+        return f"lmt: error: {reason}{where}"
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"lmt: error: {message}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lmt``; returns the process exit status."""
     try:
@@ -425,29 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "tensorboard": _tensorboard, "compare": _compare, "sweep": _sweep,
                     "evaluate": _evaluate}
         return commands[args.command](args)
-    except LmtError as e:
-        if getattr(args, "traceback", False):
-            traceback.print_exc()
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lmt: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt as e:
-        if type(e).__name__ == "Pruned":  # a sweep's trial stopped by its pruner
-            print(f"lmt: {e}", file=sys.stderr)
-            return EXIT_PRUNED
-        # A preemption says where its checkpoint is; Ctrl-C needs no explanation.
-        preempted = type(e).__name__ == "Preempted"
-        print(f"lmt: {e}" if preempted else "lmt: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as e:
+    except (LmtError, KeyboardInterrupt, OSError) as e:
         # The file system refusing a path the user chose (permissions, a file where a
         # directory belongs, a full disk) is the user's to fix, not a traceback.
-        if getattr(args, "traceback", False):
+        if not isinstance(e, KeyboardInterrupt) and getattr(args, "traceback", False):
             traceback.print_exc()
-        where = f": {e.filename}" if e.filename else ""
-        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
-        print(f"lmt: error: {reason}{where}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(_error_line(e), file=sys.stderr)
+        return exit_status(e)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from lmt_tf.errors import ConfigError, LmtError
-from lmt_tf.tracking import PARENT_RUN_ENV
+from lmt_tf.process import EXIT_PRUNED, PARENT_RUN_ENV, TRIAL_ENV, lmt_command
 
 STUDY_FILE = "lmt_sweeps.db"
-TRIAL_ENV = "LMT_SWEEP_TRIAL"  # JSON: the trial a child reports to (pruning)
-EXIT_PRUNED = 3
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "random")
 _RANGE = re.compile(r"^(uniform|loguniform|int|choice)\((.*)\)$")
@@ -272,7 +270,7 @@ def _optimize(study: Any, sweep: Sweep, count: int, parent_id: str, client: Any,
                     except LmtError:
                         study.tell(trial, state=TrialState.FAIL)
         except BaseException:
-            from lmt_tf.runtime.launcher import stop_process_groups
+            from lmt_tf.runtime.processes import stop_process_groups
 
             stop_process_groups(list(processes))  # Ctrl-C: no trial goes on running
             for trial in running.values():  # the next run of the command retries them
@@ -327,9 +325,9 @@ def _run_trial(sweep: Sweep, trial: Any, bindings: list[str], parent_id: str, cl
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"trial-{trial.number}.log"
     run_name = f"trial-{trial.number}"
-    command = [sys.executable, "-m", "lmt_tf.cli", "run", *sweep.gin_args,
-               *[arg for b in bindings for arg in ("--gin_param", b)],
-               "--run-name", f"{sweep.study_name}-{run_name}"]
+    command = lmt_command("run", *sweep.gin_args,
+                          *[arg for b in bindings for arg in ("--gin_param", b)],
+                          "--run-name", f"{sweep.study_name}-{run_name}")
     environment = {**os.environ, PARENT_RUN_ENV: parent_id, "PYTHONUNBUFFERED": "1"}
     if sweep.prune:
         environment[TRIAL_ENV] = json.dumps({
@@ -418,33 +416,3 @@ class _Table:
             self.echo(f"lmt sweep: best trial {best.number}: {self.sweep.metric} "
                       f"{best.value:.4f} with " + ", ".join(f"{k} = {v}" for k, v in
                                                           best.params.items()))
-
-
-class Pruned(KeyboardInterrupt):
-    """A trial stopped by the sweep's pruner: its run ends KILLED, ``lmt run`` exits 3."""
-
-
-def trial_reporter() -> Any:
-    """A Keras callback reporting each epoch's metric to the sweep's trial, and stopping
-    the run when the pruner says so; None outside a pruned sweep."""
-    spec = os.environ.get(TRIAL_ENV)
-    if not spec:
-        return None
-    import optuna
-    import tf_keras as keras
-
-    spec = json.loads(spec)
-    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"])
-    trial = optuna.trial.Trial(study, spec["trial_id"])
-
-    class Report(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            value = (logs or {}).get(spec["metric"])
-            if value is None:
-                return
-            trial.report(float(value), epoch + 1)
-            if trial.should_prune():
-                raise Pruned(f"pruned by the sweep after epoch {epoch + 1} "
-                             f"({spec['metric']} {value:.4f})")
-
-    return Report()

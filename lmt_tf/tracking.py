@@ -28,16 +28,12 @@ from typing import Any
 from lmt_tf.checks import check, check_types
 from lmt_tf.errors import LmtError
 from lmt_tf.liveness import HEARTBEAT, Heartbeat, owner_tags, sweep_orphans
-from lmt_tf.runtime.launcher import JOB_NETWORK_ENV
+from lmt_tf.process import JOB_NETWORK_ENV, PARENT_RUN_ENV
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value, in characters
 DATASET_ATTEMPTS = 3  # logging a dataset input that a parallel run creates at once
-
-
-# Set by `lmt sweep` for its trials: the MLflow run they are nested under.
-PARENT_RUN_ENV = "LMT_PARENT_RUN_ID"
 
 
 @dataclass

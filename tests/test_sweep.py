@@ -82,32 +82,3 @@ def test_bad_sweeps_fail_before_any_trial(gin_file, in_tmp: Path, capsys, monkey
     assert main(["sweep", "exp.gin", "--grid", "TrainConfig.epochs=[1,2]"]) == 2
     assert "127.0.0.1:9" in capsys.readouterr().err
     assert not (in_tmp / "lmt_sweeps.db").exists() and not all_runs(in_tmp)
-
-
-def test_a_trial_below_the_median_is_pruned_and_its_run_ends_killed(
-        gin_file, in_tmp: Path, monkeypatch, capsys) -> None:
-    import json
-
-    import optuna
-
-    from lmt_tf.sweep import TRIAL_ENV
-
-    storage = f"sqlite:///{in_tmp / 'study.db'}"
-    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_warmup_steps=1))
-    for _ in range(5):  # MedianPruner waits for 5 trials; these reached 0.99 at once
-        trial = study.ask()
-        for epoch in (1, 2):
-            trial.report(0.99, epoch)
-        study.tell(trial, 0.99)
-    trial = study.ask()
-    monkeypatch.setenv(TRIAL_ENV, json.dumps({"storage": storage, "study": "s",
-                                              "trial_id": trial._trial_id,
-                                              "metric": "val_accuracy"}))
-    gin_file(TINY + "TrainConfig.epochs = 3\n")
-    assert main(["run", "exp.gin"]) == 3
-    assert "lmt: pruned by the sweep after epoch 1 (val_accuracy" in capsys.readouterr().err
-    (run,) = all_runs(in_tmp)
-    assert run.info.status == "KILLED"
-    reported = study.trials[-1].intermediate_values
-    assert sorted(reported) == [1]  # reported, then stopped before the second epoch
