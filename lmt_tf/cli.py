@@ -285,7 +285,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from lmt_tf.tracking import DEFAULT_ARTIFACTS, redact_uri, resolve_tracking_uri, sweep_store
+    from lmt_tf.tracking.credentials import redact_uri
+    from lmt_tf.tracking.store import DEFAULT_ARTIFACTS, end_orphaned_runs, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
@@ -294,7 +295,7 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
     _check_port_free(args.port)
     _quiet_mlflow()
-    sweep_store(uri, "lmt ui", echo=lambda line: print(line, flush=True))
+    end_orphaned_runs(uri, "lmt ui", echo=lambda line: print(line, flush=True))
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
@@ -325,7 +326,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from lmt_tf import config
     from lmt_tf.runtime.launcher import project_file
     from lmt_tf.sweep import Sweep, parse_dimension, run_sweep
-    from lmt_tf.tracking import TrackingConfig, check_reachable, resolve_tracking_uri
+    from lmt_tf.tracking.config import TrackingConfig
+    from lmt_tf.tracking.store import check_reachable, resolve_tracking_uri
 
     files = [args.gin_file, *args.more_files]
     for file in files:
@@ -349,7 +351,7 @@ def _compare(args: argparse.Namespace) -> int:
     import mlflow
 
     from lmt_tf.compare import select_runs, write_report
-    from lmt_tf.tracking import check_reachable, resolve_tracking_uri
+    from lmt_tf.tracking.store import check_reachable, resolve_tracking_uri
 
     _quiet_mlflow()
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -374,7 +376,8 @@ def _tensorboard(args: argparse.Namespace) -> int:
 
     import mlflow
 
-    from lmt_tf.tracking import find_run, resolve_tracking_uri
+    from lmt_tf.tracking.read import find_run
+    from lmt_tf.tracking.store import resolve_tracking_uri
 
     _check_port_free(args.port)
     _quiet_mlflow()

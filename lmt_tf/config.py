@@ -39,7 +39,7 @@ from lmt_tf.stages.federate import Federate
 from lmt_tf.stages.prototypes import Prototypes
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
-from lmt_tf.tracking import TrackingConfig
+from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.training.trainer import TrainConfig
 
 _PROJECT = {

@@ -27,7 +27,8 @@ from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import StrategyInfo, default_strategy, describe, role_of
 from lmt_tf.session import config_path, log_setup, open_session
 from lmt_tf.stages import RunContext, Stage, default_stages
-from lmt_tf.tracking import redact_credentials, run_links
+from lmt_tf.tracking.credentials import redact_credentials
+from lmt_tf.tracking.store import run_links
 from lmt_tf.training.model_transforms import inference_model
 from lmt_tf.training.sidecar import evaluate_checkpoints, wait_for_run_dir
 from lmt_tf.training.trainer import Trainer

@@ -20,7 +20,9 @@ from lmt_tf.process import JOB_FILE_ENV
 from lmt_tf.rundir import RunDir, check_name, find_run_dir, new_run_dir
 from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo, variable_placement
-from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, redact_credentials
+from lmt_tf.tracking.config import TrackingConfig
+from lmt_tf.tracking.credentials import redact_credentials
+from lmt_tf.tracking.run import NullRun, TrackedRun, host_tags
 
 
 @dataclass

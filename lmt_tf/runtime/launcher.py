@@ -32,6 +32,8 @@ from lmt_tf.process import (
 )
 from lmt_tf.runtime.netns import JobNamespace
 from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
+from lmt_tf.tracking.credentials import redact_uri
+from lmt_tf.tracking.store import end_orphaned_runs
 
 NETWORKS = ("isolated", "host")
 
@@ -141,8 +143,6 @@ def launch(job: Job, echo: Callable[[str], None] = print,
         raise LmtError(f"--network must be one of {NETWORKS}, got {job.network!r}")
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if job.network == "isolated" and server.startswith(("http://", "https://")):
-        from lmt_tf.tracking import redact_uri
-
         raise LmtError(f"the job's tasks run in a network namespace of their own, where the "
                        f"tracking server {redact_uri(server)} cannot be reached; add "
                        f"--network host (the tasks' servers are then reachable from "
@@ -182,11 +182,9 @@ def launch(job: Job, echo: Callable[[str], None] = print,
 
 def _end_orphaned_run(made: dict[str, str], echo: Callable[[str], None]) -> None:
     """After a stopped attempt every task is gone; the run its chief reported (``made``),
-    if still RUNNING, has lost its owner and is ended KILLED (``liveness.sweep_orphans``)."""
-    from lmt_tf.tracking import sweep_store
-
+    if still RUNNING, has lost its owner and is ended KILLED (``liveness.end_orphans``)."""
     with contextlib.suppress(LmtError):
-        sweep_store(made["tracking_uri"], f"lmt launch (pid {os.getpid()})", echo)
+        end_orphaned_runs(made["tracking_uri"], f"lmt launch (pid {os.getpid()})", echo)
 
 
 def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],

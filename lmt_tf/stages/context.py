@@ -17,7 +17,7 @@ from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.rundir import RunDir
 from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
-from lmt_tf.tracking import NullRun, TrackedRun
+from lmt_tf.tracking.run import NullRun, TrackedRun
 from lmt_tf.training.trainer import Trainer
 
 

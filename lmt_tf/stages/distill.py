@@ -13,7 +13,7 @@ from lmt_tf.compression.distillation import Distillation
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext
 from lmt_tf.stages.fine_tune import FineTune
-from lmt_tf.tracking import load_model
+from lmt_tf.tracking.read import load_model
 
 
 class Distill(FineTune):
