@@ -325,7 +325,8 @@ def _sweep(args: argparse.Namespace) -> int:
     _quiet_mlflow()
     from lmt_tf import config
     from lmt_tf.runtime.launcher import project_file
-    from lmt_tf.sweep import Sweep, parse_dimension, run_sweep
+    from lmt_tf.sweep.driver import Sweep, run_sweep
+    from lmt_tf.sweep.space import parse_dimension
     from lmt_tf.tracking.config import TrackingConfig
     from lmt_tf.tracking.store import check_reachable, resolve_tracking_uri
 
@@ -337,11 +338,11 @@ def _sweep(args: argparse.Namespace) -> int:
     # Every binding parses, with a value of each dimension, before any trial starts.
     example = [f"{d.key} = {d.values[0] if d.values else d.example()}" for d in dimensions]
     config.parse(files, [*args.bindings, *example])
-    uri = resolve_tracking_uri(config.configured(TrackingConfig).tracking_uri)
-    check_reachable(uri)
+    tracking = config.configured(TrackingConfig)
+    check_reachable(resolve_tracking_uri(tracking.tracking_uri))
     job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
-                args.sampler, args.metric, args.direction, args.parallel, args.prune, uri,
-                args.quiet)
+                args.sampler, args.metric, args.direction, args.parallel, args.prune,
+                tracking, args.quiet)
     return run_sweep(job, echo=lambda line: print(line, flush=True))
 
 
