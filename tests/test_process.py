@@ -50,6 +50,22 @@ def test_exit_status_is_by_type(error: BaseException, status: int) -> None:
     assert exit_status(error) == status
 
 
+@pytest.mark.parametrize(("error", "status", "line"), [
+    (_EarlyStop("stopped early after epoch 2"), EXIT_PRUNED, "lmt: stopped early after epoch 2"),
+    (Pruned2("not the sweep's"), EXIT_INTERRUPTED, "lmt: interrupted"),
+], ids=["a kind of Pruned", "merely named Pruned"])
+def test_lmt_ends_on_a_stop_by_its_type(error: BaseException, status: int, line: str,
+                                        capsys, monkeypatch) -> None:
+    from lmt_tf import cli, commands
+
+    def stopped(_args) -> int:
+        raise error
+
+    monkeypatch.setattr(commands, "ui", stopped)
+    assert cli.main(["ui"]) == status
+    assert capsys.readouterr().err.strip() == line
+
+
 def test_a_child_is_lmt_run_by_this_interpreter() -> None:
     assert lmt_command("run", "exp.gin", "--resume") == [*LMT, "run", "exp.gin", "--resume"]
 
