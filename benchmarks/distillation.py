@@ -42,7 +42,7 @@ from lmt_tf.models.cnn import build_cnn  # noqa: E402
 from lmt_tf.models.mlp import build_mlp  # noqa: E402
 from lmt_tf.stages import Export, Train  # noqa: E402
 from lmt_tf.stages.distill import Distill  # noqa: E402
-from lmt_tf.tracking import TrackingConfig  # noqa: E402
+from lmt_tf.tracking.config import TrackingConfig  # noqa: E402
 from lmt_tf.training.train_config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

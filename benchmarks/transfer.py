@@ -35,7 +35,7 @@ def _run(file: str, bindings: list[str]) -> dict:
     config.parse([str(ROOT / "experiments" / file)],
                  [*bindings, "TrainConfig.verbose = 0", "ExportConfig.mlflow_model = False"])
     result = config.run_parsed(options=RunOptions(echo=lambda _: None))
-    from lmt_tf.tracking import find_run
+    from lmt_tf.tracking.read import find_run
 
     return {"run_id": result.run_id, **find_run(result.run_id).data.metrics}
 

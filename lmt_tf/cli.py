@@ -1,23 +1,20 @@
-"""The ``lmt`` command: argument parsing only. TensorFlow is imported only by the
-sub-commands that need it, so ``lmt --help`` answers at once."""
+"""The ``lmt`` command: its arguments, and how it ends (one line and exit status 2 for a
+user error; every status from ``process``). What each sub-command does is in
+``commands``; TensorFlow is imported only by those that need it, so ``lmt --help``
+answers at once."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import lmt_tf
+from lmt_tf import commands
 from lmt_tf.errors import LmtError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
-EXIT_PRUNED = 3  # a sweep's trial stopped early by the sweep's pruner (sweep.EXIT_PRUNED)
+from lmt_tf.process import EXIT_USER_ERROR, Stopped, exit_status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,232 +180,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.allow_changes and not args.resume:
-        raise LmtError("--allow-changes only applies to --resume")
-    return _run_experiment(
-        args, args.bindings, flower=(args.flower_server, None) if args.flower_server else None,
-        resume=args.resume, dry_run=args.dry_run, run_name=args.run_name,
-        allow_changes=args.allow_changes)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    if "'" in args.model or "\\" in args.model:
-        raise LmtError(f"a model reference cannot hold quotes or backslashes: {args.model!r}")
-    return _run_experiment(args, [*args.bindings, "run_experiment.stages = [@evaluate()]",
-                                  f"evaluate.model = '{args.model}'"])
-
-
-def _flower_client(args: argparse.Namespace) -> int:
-    return _run_experiment(args, args.bindings, flower=(args.server, args.client))
-
-
-def _run_experiment(args: argparse.Namespace, bindings: Sequence[str],
-                    flower: tuple[str, int | None] | None = None, **options: Any) -> int:
-    """Parses the experiment's gin files with ``bindings`` and runs it with ``options``
-    (``RunOptions`` fields) and a Flower role (address, client or None for the server):
-    ``lmt run``, ``lmt evaluate`` and ``lmt flower-client``."""
-    from lmt_tf.runtime.env import import_tensorflow
-
-    import_tensorflow()  # quiet, before anything imports TensorFlow
-    _quiet_mlflow()
-    from lmt_tf import config
-    from lmt_tf.config import run_parsed
-    from lmt_tf.invocation import FlowerRole, RunOptions
-
-    files = [args.gin_file, *args.more_files]
-    config.parse(files, bindings)
-    run_parsed(options=RunOptions(
-        config_files=files, bindings=list(bindings),
-        # Line by line, also into a pipe (`| tee log`, a scheduler's log).
-        echo=lambda line: print(line, flush=True),
-        flower=FlowerRole(*flower) if flower else None, **options))
-    return 0
-
-
-def _federate(args: argparse.Namespace) -> int:
-    from lmt_tf.federated.deploy import Deployment, deploy
-    from lmt_tf.runtime.launcher import project_file
-
-    for file in [args.gin_file, *args.more_files]:
-        project_file(file)
-    job = Deployment(_gin_args(args), args.clients, args.timeout, args.run_name, args.resume,
-                     args.allow_changes)
-    return deploy(job, echo=lambda line: print(line, flush=True),
-                  echo_error=lambda line: print(line, file=sys.stderr, flush=True))
-
-
-def _gin_args(args: argparse.Namespace) -> list[str]:
-    """The gin file and the --gin_file/--gin_param arguments, to pass on to a process."""
-    gin_args = [args.gin_file]
-    for file in args.more_files:
-        gin_args += ["--gin_file", file]
-    for binding in args.bindings:
-        gin_args += ["--gin_param", binding]
-    return gin_args
-
-
-def _quiet_mlflow() -> None:
-    """MLflow's INFO lines (database migrations on first use) are not the user's concern;
-    MLFLOW_LOGGING_LEVEL set by the user wins."""
-    import logging
-
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
-
-
-def _shard(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.env import import_tensorflow
-
-    import_tensorflow()
-    from lmt_tf import config
-    from lmt_tf.data.tfrecord import write_shards
-
-    config.parse(args.more_files, args.bindings)
-    source = config.configurable(args.source)
-    manifest = write_shards(source(), args.output, args.shards,
-                            echo=lambda line: print(line, flush=True))
-    print(f"lmt shard: wrote {manifest}; read it with run_experiment.data = @load_tfrecords "
-          f"and load_tfrecords.directory = '{args.output}'")
-    return 0
-
-
-def _launch(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.launcher import Job, launch, project_file
-
-    for file in [args.gin_file, *args.more_files]:
-        project_file(file)
-    run_args = _gin_args(args)
-    if args.allow_changes:
-        run_args.append("--allow-changes")
-    job = Job(run_args, args.workers, args.ps, args.restarts, args.timeout, args.evaluator,
-              resume=args.resume, run_name=args.run_name, network=args.network)
-    return launch(job, echo=lambda line: print(line, flush=True),
-                  echo_error=lambda line: print(line, file=sys.stderr, flush=True))
-
-
-def _ui(args: argparse.Namespace) -> int:
-    from lmt_tf.tracking import DEFAULT_ARTIFACTS, redact_uri, resolve_tracking_uri, sweep_store
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        print(f"lmt: {redact_uri(uri)} is an MLflow server already; open "
-              f"{redact_uri(uri)}/#/experiments")
-        return 0
-    _check_port_free(args.port)
-    _quiet_mlflow()
-    sweep_store(uri, "lmt ui", echo=lambda line: print(line, flush=True))
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
-               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
-    print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
-          f"  (Ctrl-C stops it)", flush=True)
-    return _serve(command)
-
-
-def _serve(command: list[str]) -> int:
-    """Runs a server until it exits or lmt is stopped (Ctrl-C, SIGTERM), which stops it."""
-    from lmt_tf.runtime.launcher import stop_process_groups
-
-    # Its own session, so that stopping lmt stops the whole server, children included.
-    server = subprocess.Popen(command, start_new_session=True)
-    try:
-        return server.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_process_groups([server])
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from lmt_tf.runtime.env import import_tensorflow
-
-    import_tensorflow()
-    _quiet_mlflow()
-    from lmt_tf import config
-    from lmt_tf.runtime.launcher import project_file
-    from lmt_tf.sweep import Sweep, parse_dimension, run_sweep
-    from lmt_tf.tracking import TrackingConfig, check_reachable, resolve_tracking_uri
-
-    files = [args.gin_file, *args.more_files]
-    for file in files:
-        project_file(file)
-    dimensions = ([parse_dimension(text, grid=True) for text in args.grid]
-                  + [parse_dimension(text, grid=False) for text in args.search])
-    # Every binding parses, with a value of each dimension, before any trial starts.
-    example = [f"{d.key} = {d.values[0] if d.values else d.example()}" for d in dimensions]
-    config.parse(files, [*args.bindings, *example])
-    uri = resolve_tracking_uri(config.configured(TrackingConfig).tracking_uri)
-    check_reachable(uri)
-    job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
-                args.sampler, args.metric, args.direction, args.parallel, args.prune, uri,
-                args.quiet)
-    return run_sweep(job, echo=lambda line: print(line, flush=True))
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import mlflow
-
-    from lmt_tf.compare import select_runs, write_report
-    from lmt_tf.tracking import check_reachable, resolve_tracking_uri
-
-    _quiet_mlflow()
-    uri = resolve_tracking_uri(args.tracking_uri)
-    check_reachable(uri)
-    client = mlflow.MlflowClient(uri)
-    runs = select_runs(client, uri, args.experiment, args.parent, args.run_ids)
-    name = args.parent or args.experiment or "runs"
-    directory = Path(args.output or Path("lmt_compare") / name)
-    report = write_report(client, runs, directory, args.metrics)
-    if args.parent:
-        client.log_artifacts(args.parent, str(directory), "compare")
-    differ = (f"{len(report.params)} param differs" if len(report.params) == 1
-              else f"{len(report.params)} params differ")
-    print(f"lmt compare: {len(runs)} runs; {differ}; "
-          f"{len(report.plots)} plot(s)\n  {report.markdown}\n  {report.html}"
-          + (f"\n  logged to run {args.parent} under compare/" if args.parent else ""))
-    return 0
-
-
-def _tensorboard(args: argparse.Namespace) -> int:
-    import tempfile
-
-    import mlflow
-
-    from lmt_tf.tracking import find_run, resolve_tracking_uri
-
-    _check_port_free(args.port)
-    _quiet_mlflow()
-    uri = resolve_tracking_uri(args.tracking_uri)
-    run = find_run(args.run, uri)
-    client = mlflow.MlflowClient(uri)
-    if not client.list_artifacts(run.info.run_id, "tensorboard"):
-        raise LmtError(f"run {run.info.run_id} has no TensorBoard logs (run it with "
-                       f"TrackingConfig.tensorboard = True)")
-    with tempfile.TemporaryDirectory(prefix="lmt-tensorboard-") as scratch:
-        logs = client.download_artifacts(run.info.run_id, "tensorboard", scratch)
-        command = [sys.executable, "-m", "tensorboard.main", "--logdir", logs,
-                   "--host", "127.0.0.1", "--port", str(args.port)]
-        print(f"lmt: TensorBoard for run {run.info.run_id} ({run.info.run_name})\n"
-              f"  http://127.0.0.1:{args.port}/\n  (Ctrl-C stops it)", flush=True)
-        return _serve(command)
-
-
-def _check_port_free(port: int) -> None:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise LmtError(f"port {port} on 127.0.0.1 is in use ({e.strerror}); "
-                           f"choose another with --port") from e
-
-
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
+    return {"run": commands.run, "launch": commands.launch, "federate": commands.federate,
+            "flower-client": commands.flower_client, "shard": commands.shard,
+            "ui": commands.ui, "tensorboard": commands.tensorboard,
+            "compare": commands.compare, "sweep": commands.sweep,
+            "evaluate": commands.evaluate}
+
+
+def _error_line(error: BaseException) -> str:
+    """The one line ``lmt`` ends with on ``error``."""
+    if isinstance(error, Stopped):  # a preemption says where its checkpoint is, ...
+        return f"lmt: {error}"
+    if isinstance(error, KeyboardInterrupt):  # ... Ctrl-C needs no explanation
+        return "lmt: interrupted"
+    if isinstance(error, OSError) and not isinstance(error, LmtError):
+        where = f": {error.filename}" if error.filename else ""
+        reason = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
+        return f"lmt: error: {reason}{where}"
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return f"lmt: error: {message}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,34 +215,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A scheduler's SIGTERM ends a run like Ctrl-C: KILLED in MLflow, checkpoints kept.
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        commands = {"run": _run, "launch": _launch, "federate": _federate,
-                    "flower-client": _flower_client, "shard": _shard, "ui": _ui,
-                    "tensorboard": _tensorboard, "compare": _compare, "sweep": _sweep,
-                    "evaluate": _evaluate}
-        return commands[args.command](args)
-    except LmtError as e:
-        if getattr(args, "traceback", False):
-            traceback.print_exc()
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lmt: error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt as e:
-        if type(e).__name__ == "Pruned":  # a sweep's trial stopped by its pruner
-            print(f"lmt: {e}", file=sys.stderr)
-            return EXIT_PRUNED
-        # A preemption says where its checkpoint is; Ctrl-C needs no explanation.
-        preempted = type(e).__name__ == "Preempted"
-        print(f"lmt: {e}" if preempted else "lmt: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except OSError as e:
+        return _commands()[args.command](args)
+    except (LmtError, KeyboardInterrupt, OSError) as e:
         # The file system refusing a path the user chose (permissions, a file where a
         # directory belongs, a full disk) is the user's to fix, not a traceback.
-        if getattr(args, "traceback", False):
+        if not isinstance(e, KeyboardInterrupt) and getattr(args, "traceback", False):
             traceback.print_exc()
-        where = f": {e.filename}" if e.filename else ""
-        reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
-        print(f"lmt: error: {reason}{where}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        print(_error_line(e), file=sys.stderr)
+        return exit_status(e)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmt_tf.errors import LmtError
-from lmt_tf.tracking import redact_uri
+from lmt_tf.tracking.credentials import redact_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -1,6 +1,7 @@
 """gin at the edge: the one place where configurables are registered, config files and
 bindings are parsed, the bound parameters are read back as flat params, and the gin
-root ``run_experiment`` builds the config objects that the plain root takes.
+root (bound as ``run_experiment``) builds the ``Experiment`` that the plain root takes;
+``run_parsed`` uses it as the invocation asks.
 
 Nothing else imports gin: library modules' functions, config dataclasses and stages are
 registered here explicitly.
@@ -41,7 +42,7 @@ from lmt_tf.stages.federate import Federate, serve_flower_client
 from lmt_tf.stages.prototypes import Prototypes
 from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import QAT, TFLite
-from lmt_tf.tracking import TrackingConfig
+from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.training.sidecar import evaluate_beside
 from lmt_tf.training.train_config import TrainConfig
 

@@ -26,7 +26,8 @@ from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, describe, role_of
 from lmt_tf.session import config_path, log_setup, open_session
 from lmt_tf.stages import RunContext, Setup, Stage, default_stages
-from lmt_tf.tracking import redact_credentials, run_links
+from lmt_tf.tracking.credentials import redact_credentials
+from lmt_tf.tracking.store import run_links
 from lmt_tf.training.trainer import Trainer
 
 

@@ -12,7 +12,7 @@ import tf_keras as keras
 from lmt_tf.checks import check_types
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
-from lmt_tf.tracking import TrackingConfig
+from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.training.train_config import TrainConfig
 
 

@@ -1,5 +1,5 @@
-"""Who owns an MLflow run, whether that owner is still alive, and the sweep that ends
-the runs of owners that are gone.
+"""Who owns an MLflow run, whether that owner is still alive, and ending the runs of
+owners that are gone.
 
 A process killed by a signal it cannot catch (SIGKILL, an abort inside a native library,
 the machine going down) cannot end its run, so every run records its owner and a
@@ -89,14 +89,14 @@ def owner_gone(tags: Mapping[str, str], now: float | None = None) -> str | None:
     return None
 
 
-def sweep_orphans(client: Any, found_by: str,
+def end_orphans(client: Any, found_by: str,
                   echo: Callable[[str], None] | None = None) -> list[str]:
     """Ends every RUNNING run in the store of ``client`` (an ``MlflowClient``) whose owner
     is gone, as KILLED, tagged with how it was found. Returns their run ids.
 
     Args:
-      client: an MlflowClient on the store to sweep.
-      found_by: what is sweeping, for the tag (e.g. ``lmt run, pid 123``).
+      client: an MlflowClient on the store to look through.
+      found_by: what is looking, for the tag (e.g. ``lmt run, pid 123``).
       echo: where to say which runs were ended.
     """
     experiments = [e.experiment_id for e in client.search_experiments()]

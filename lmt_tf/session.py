@@ -16,11 +16,13 @@ from typing import Any
 from lmt_tf.data.splits import Splits
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.invocation import RunOptions
+from lmt_tf.process import JOB_FILE_ENV
 from lmt_tf.rundir import RunDir, check_name, find_run_dir, new_run_dir
-from lmt_tf.runtime.launcher import JOB_FILE_ENV
 from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo, variable_placement
-from lmt_tf.tracking import NullRun, TrackedRun, TrackingConfig, host_tags, redact_credentials
+from lmt_tf.tracking.config import TrackingConfig
+from lmt_tf.tracking.credentials import redact_credentials
+from lmt_tf.tracking.run import NullRun, Run, TrackedRun, host_tags
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Session:
     directory it writes checkpoints and exports to, and the one a resume restores from
     (the chief's run; None for a fresh task that is not chief)."""
 
-    run: TrackedRun | NullRun
+    run: Run
     own: RunDir
     source: RunDir | None
 

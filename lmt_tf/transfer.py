@@ -37,7 +37,7 @@ def build_transfer(input_shape: Sequence[int], num_classes: int, source: str = "
         name that matches no layer.
       LmtError: if nothing loadable is found under ``source``.
     """
-    from lmt_tf.tracking import load_model
+    from lmt_tf.tracking.read import load_model
 
     if not source:
         raise ConfigError("build_transfer.source is not set: an earlier run's id or name, "

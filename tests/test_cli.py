@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lmt_tf.cli import EXIT_USER_ERROR, main
+from lmt_tf.cli import main
+from lmt_tf.process import EXIT_USER_ERROR
 from tests.conftest import PROJECT_ROOT, TINY, all_runs
 
 

@@ -19,9 +19,9 @@ from lmt_tf.liveness import (
     OWNER_HOST,
     OWNER_PID,
     STALE_SECONDS,
+    end_orphans,
     owner_gone,
     owner_tags,
-    sweep_orphans,
 )
 from tests.conftest import TINY, all_runs, mlflow_client
 
@@ -50,7 +50,7 @@ def test_owners_on_other_hosts_are_judged_by_their_heartbeat() -> None:
     assert owner_gone({"mlflow.user": "someone"}) is None  # not an lmt run: never touched
 
 
-def test_sweep_ends_only_runs_whose_owner_is_gone(in_tmp: Path) -> None:
+def test_ending_orphans_ends_only_runs_whose_owner_is_gone(in_tmp: Path) -> None:
     client = mlflow_client(in_tmp)
     experiment = client.create_experiment("e")
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -58,7 +58,7 @@ def test_sweep_ends_only_runs_whose_owner_is_gone(in_tmp: Path) -> None:
     orphan = client.create_run(experiment, tags={**owner_tags(), OWNER_PID: str(child.pid)})
     alive = client.create_run(experiment, tags=owner_tags())
     foreign = client.create_run(experiment)  # no owner tags: made by another tool
-    assert sweep_orphans(client, "a test") == [orphan.info.run_id]
+    assert end_orphans(client, "a test") == [orphan.info.run_id]
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert "found by a test" in client.get_run(orphan.info.run_id).data.tags[ENDED_BY]
     for run in (alive, foreign):

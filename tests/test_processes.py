@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmt_tf.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from lmt_tf.process import EXIT_INTERRUPTED, EXIT_USER_ERROR
 from tests.conftest import TINY, all_runs, mlflow_client
 
 LMT = str(Path(sys.executable).parent / "lmt")

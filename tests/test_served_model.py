@@ -83,7 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The runs in one store (the quickstart-like MNIST model, then compressed by QAT,
     federated, transferred; the CSV and breast-cancer models): for each, its model URI,
     raw test examples and the run's own predictions on them."""
-    from lmt_tf.tracking import find_run
+    from lmt_tf.tracking.read import find_run
 
     root = tmp_path_factory.mktemp("served")
     _write_table(root / "table.csv")

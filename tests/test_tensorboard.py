@@ -12,7 +12,7 @@ import pytest
 
 from lmt_tf.cli import main
 from lmt_tf.errors import ConfigError
-from lmt_tf.tracking import TrackingConfig
+from lmt_tf.tracking.config import TrackingConfig
 from tests.conftest import TINY, all_runs, mlflow_client
 from tests.test_processes import LMT, _free_port, _reap, _wait_for
 

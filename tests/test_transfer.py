@@ -77,7 +77,7 @@ def test_transfer_replaces_the_head_and_keeps_frozen_layers_as_trained(
     assert run.info.status == "FINISHED" and run.data.params["derived.train_examples"] == "50"
     assert 0.3 < run.data.metrics["prototypes/test_accuracy"] <= 1
 
-    from lmt_tf.tracking import load_model
+    from lmt_tf.tracking.read import load_model
 
     before, after = load_model(source.info.run_id), load_model(run.info.run_id)
     # Frozen: exactly as the source trained it. Fine-tuned: moved. The head: new.

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmt_tf.cli import EXIT_USER_ERROR, main
+from lmt_tf.cli import main
+from lmt_tf.process import EXIT_USER_ERROR
 from tests.conftest import TINY, all_runs
 
 

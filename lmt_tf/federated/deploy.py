@@ -9,16 +9,12 @@ of the data). The same two commands run the clients on other machines.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmt_tf.errors import LmtError
-from lmt_tf.runtime.launcher import (
-    ProcessGroup,
-    Task,
-    free_ports,
-)
+from lmt_tf.process import lmt_command
+from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
 
 
 @dataclass(frozen=True)
@@ -31,6 +27,26 @@ class Deployment:
     run_name: str | None = None  # the server's run (directory) name
     resume: bool = False  # continue the run at its last round
     allow_changes: bool = False  # with resume: accept changed bindings
+
+
+def _gin(job: Deployment) -> list[str]:
+    return [*job.gin_args, "--gin_param", f"PartitionConfig.clients = {job.clients}"]
+
+
+def server_command(job: Deployment, address: str) -> list[str]:
+    """The server's process: ``lmt run FILE --flower-server ADDRESS``, which logs the
+    MLflow run."""
+    return lmt_command("run", *_gin(job), "--flower-server", address,
+                       *(["--run-name", job.run_name] if job.run_name else []),
+                       *(["--resume"] if job.resume else []),
+                       *(["--allow-changes"] if job.allow_changes else []))
+
+
+def client_command(job: Deployment, address: str, client: int) -> list[str]:
+    """Client ``client``'s process: ``lmt flower-client FILE --server ADDRESS
+    --client K``."""
+    return lmt_command("flower-client", *_gin(job), "--server", address,
+                       "--client", str(client))
 
 
 def deploy(job: Deployment, echo: Callable[[str], None] = print,
@@ -48,18 +64,12 @@ def deploy(job: Deployment, echo: Callable[[str], None] = print,
     if job.timeout < 0:
         raise LmtError(f"--timeout must not be negative, got {job.timeout:g}")
     address = f"127.0.0.1:{free_ports(1)[0]}"
-    lmt = [sys.executable, "-m", "lmt_tf.cli"]
-    gin = [*job.gin_args, "--gin_param", f"PartitionConfig.clients = {job.clients}"]
-    server = [*lmt, "run", *gin, "--flower-server", address,
-              *(["--run-name", job.run_name] if job.run_name else []),
-              *(["--resume"] if job.resume else []),
-              *(["--allow-changes"] if job.allow_changes else [])]
     group = ProcessGroup(echo, echo_error or echo)
     say = group.echo
-    group.start(Task("server", 0), server, {}, address)
+    group.start(Task("server", 0), server_command(job, address), {}, address)
     for k in range(job.clients):
-        group.start(Task("client", k), [*lmt, "flower-client", *gin, "--server", address,
-                                        "--client", str(k)], {}, f"-> {address}")
+        group.start(Task("client", k), client_command(job, address, k), {},
+                    f"-> {address}")
     reported: set[Task] = set()
 
     def outcome() -> int | None:

@@ -16,31 +16,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmt_tf.errors import LmtError
+from lmt_tf.process import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    JOB_FILE_ENV,
+    JOB_NETWORK_ENV,
+    lmt_command,
+)
 from lmt_tf.runtime.netns import JobNamespace
+from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
+from lmt_tf.tracking.credentials import redact_uri
+from lmt_tf.tracking.store import end_orphaned_runs
 
-POLL_SECONDS = 0.2
-GRACE_SECONDS = 10.0
-EXIT_USER_ERROR = 2  # a task's configuration or input error: restarting cannot help
-EXIT_INTERRUPTED = 130
-EXIT_TIMEOUT = 124
 NETWORKS = ("isolated", "host")
-# Set in every task's environment: a file where the chief names the MLflow run it made
-# (read back to end that run if the job is stopped, and to resume it by name), and the
-# job's network mode (an unreachable tracking server's error then says why).
-JOB_FILE_ENV = "LMT_JOB_FILE"
-JOB_NETWORK_ENV = "LMT_JOB_NETWORK"
 
 
 @dataclass(frozen=True)
@@ -60,30 +55,6 @@ class Job:
     network: str = "isolated"
 
 
-@dataclass(frozen=True)
-class Task:
-    task_type: str
-    task_id: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.task_type}:{self.task_id}"
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (held together while chosen)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def cluster_spec(workers: int, ps: int, ports: Sequence[int],
                  evaluator: bool = False) -> dict[str, list[str]]:
     """The cluster: ``worker`` only for mirrored training, ``chief``/``worker``/``ps``
@@ -97,74 +68,6 @@ def cluster_spec(workers: int, ps: int, ports: Sequence[int],
     if evaluator:
         spec["evaluator"] = addresses[-1:]
     return spec
-
-
-class ProcessGroup:
-    """Named processes, each in a process group of its own, their output prefixed with
-    their names; ``stop`` leaves none running."""
-
-    def __init__(self, echo: Callable[[str], None], echo_error: Callable[[str], None]):
-        self.processes: dict[Task, subprocess.Popen] = {}
-        lock = threading.Lock()
-
-        def locked(sink: Callable[[str], None]) -> Callable[[str], None]:
-            def write(line: str) -> None:
-                with lock:  # whole lines, from the pumps' threads and the caller's
-                    sink(line)
-            return write
-
-        self.echo, self._echo_error = locked(echo), locked(echo_error)
-        self._pumps: list[threading.Thread] = []
-
-    def start(self, task: Task, command: Sequence[str], environment: dict[str, str],
-              where: str) -> subprocess.Popen:
-        env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(
-            list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-        self.processes[task] = process
-        self.echo(f"lmt launch: started {task.name} at {where} (pid {process.pid})")
-        for stream, sink in ((process.stdout, self.echo), (process.stderr, self._echo_error)):
-            pump = threading.Thread(target=self._pump, args=(task, stream, sink), daemon=True)
-            pump.start()
-            self._pumps.append(pump)
-        return process
-
-    @staticmethod
-    def _pump(task: Task, stream: Iterable[str], echo: Callable[[str], None]) -> None:
-        for line in stream:
-            echo(f"[{task.name}] {line.rstrip()}")
-
-    def supervise(self, outcome: Callable[[], int | None], timeout: float,
-                  on_timeout: str) -> int:
-        """Polls ``outcome`` (the job's exit status once decided, else None) until it
-        decides, ``timeout`` seconds pass (0: none; says ``on_timeout``, returns 124) or
-        Ctrl-C/SIGTERM (130); then stops every process still running."""
-        deadline = time.monotonic() + timeout if timeout else None
-        try:
-            while True:
-                status = outcome()
-                if status is not None:
-                    return status
-                if deadline and time.monotonic() > deadline:
-                    self.echo(on_timeout)
-                    return EXIT_TIMEOUT
-                time.sleep(POLL_SECONDS)
-        except KeyboardInterrupt:
-            # Stopping the processes sends them SIGTERM, on which a training task saves a
-            # checkpoint at a step they agree on and ends the run KILLED.
-            return EXIT_INTERRUPTED
-        finally:
-            self.stop()
-
-    def signal_all(self, signum: int) -> None:
-        signal_groups(self.processes.values(), signum)
-
-    def stop(self) -> None:
-        """Stops every task still running (see ``stop_process_groups``) and its output."""
-        stop_process_groups(list(self.processes.values()))
-        for pump in self._pumps:
-            pump.join(timeout=5)
 
 
 def _start_cluster(spec: dict[str, list[str]], command: Sequence[str],
@@ -182,27 +85,6 @@ def _start_cluster(spec: dict[str, list[str]], command: Sequence[str],
                 "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
                     "type": task_type, "index": task_id}})}, addresses[task_id])
     return group
-
-
-def signal_groups(processes: Iterable[subprocess.Popen], signum: int) -> None:
-    """Sends ``signum`` to the process group of each process still running."""
-    for process in processes:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signum)
-
-
-def stop_process_groups(processes: Sequence[subprocess.Popen],
-                        grace: float = GRACE_SECONDS) -> None:
-    """SIGTERM to the process group of each process still running, SIGKILL after
-    ``grace`` seconds; reaps them all."""
-    signal_groups(processes, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(p.poll() is None for p in processes):
-        time.sleep(POLL_SECONDS)
-    signal_groups(processes, signal.SIGKILL)
-    for process in processes:
-        process.wait()
 
 
 def _outcome(cluster: ProcessGroup, parameter_server: bool,
@@ -225,6 +107,16 @@ def _outcome(cluster: ProcessGroup, parameter_server: bool,
     if all(codes[t] == 0 for t in deciders):
         return 0
     return None
+
+
+def task_command(job: Job, run_name: str | None, resume: bool) -> list[str]:
+    """Every task's process: ``lmt run`` of the job's arguments under the job's strategy,
+    making (or with ``resume``, continuing) the run ``run_name``."""
+    strategy = "parameter_server_strategy" if job.ps else "multi_worker_mirrored_strategy"
+    return lmt_command("run", *job.run_args,
+                       "--gin_param", f"run_experiment.strategy = @{strategy}",
+                       *(["--run-name", run_name] if run_name else []),
+                       *(["--resume"] if resume else []))
 
 
 def launch(job: Job, echo: Callable[[str], None] = print,
@@ -251,15 +143,10 @@ def launch(job: Job, echo: Callable[[str], None] = print,
         raise LmtError(f"--network must be one of {NETWORKS}, got {job.network!r}")
     server = os.environ.get("MLFLOW_TRACKING_URI", "")
     if job.network == "isolated" and server.startswith(("http://", "https://")):
-        from lmt_tf.tracking import redact_uri
-
         raise LmtError(f"the job's tasks run in a network namespace of their own, where the "
                        f"tracking server {redact_uri(server)} cannot be reached; add "
                        f"--network host (the tasks' servers are then reachable from "
                        f"other hosts: see the README's security section)")
-    strategy = "parameter_server_strategy" if job.ps else "multi_worker_mirrored_strategy"
-    base = [sys.executable, "-m", "lmt_tf.cli", "run", *job.run_args,
-            "--gin_param", f"run_experiment.strategy = @{strategy}"]
     run_name = job.run_name
     if run_name is None and not job.resume:
         run_name = f"{Path(job.run_args[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -268,8 +155,7 @@ def launch(job: Job, echo: Callable[[str], None] = print,
     with tempfile.TemporaryDirectory(prefix="lmt-launch-") as scratch:
         report = Path(scratch) / "run.json"
         for attempt in range(job.restarts + 1):
-            command = [*base, *(["--run-name", run_name] if run_name else []),
-                       *(["--resume"] if resume else [])]
+            command = task_command(job, run_name, resume)
             environment = {JOB_FILE_ENV: str(report), JOB_NETWORK_ENV: job.network}
             if job.network == "isolated":
                 with JobNamespace() as namespace:
@@ -296,11 +182,9 @@ def launch(job: Job, echo: Callable[[str], None] = print,
 
 def _end_orphaned_run(made: dict[str, str], echo: Callable[[str], None]) -> None:
     """After a stopped attempt every task is gone; the run its chief reported (``made``),
-    if still RUNNING, has lost its owner and is ended KILLED (``liveness.sweep_orphans``)."""
-    from lmt_tf.tracking import sweep_store
-
+    if still RUNNING, has lost its owner and is ended KILLED (``liveness.end_orphans``)."""
     with contextlib.suppress(LmtError):
-        sweep_store(made["tracking_uri"], f"lmt launch (pid {os.getpid()})", echo)
+        end_orphaned_runs(made["tracking_uri"], f"lmt launch (pid {os.getpid()})", echo)
 
 
 def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],

@@ -21,6 +21,7 @@ from lmt_tf.rundir import RunDir
 from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
 from lmt_tf.session import Session
+from lmt_tf.tracking.run import Run
 from lmt_tf.training.trainer import Trainer
 
 
@@ -65,7 +66,7 @@ class RunContext:
         return self.options.echo
 
     @property
-    def run(self) -> Any:
+    def run(self) -> Run:
         """This task's MLflow run (a null run on tasks other than the chief)."""
         return self.session.run
 

@@ -14,7 +14,7 @@ from lmt_tf.errors import ConfigError
 from lmt_tf.optim.technique import Technique
 from lmt_tf.stages.context import RunContext
 from lmt_tf.stages.fine_tune import FineTune
-from lmt_tf.tracking import load_model
+from lmt_tf.tracking.read import load_model
 
 
 class Distill(FineTune):

@@ -71,7 +71,7 @@ class Evaluate(Stage):
                     "confusion": results["confusion"].tolist()}
         run.log_text(json.dumps(document, indent=1, default=str), "evaluate/evaluation.json")
         if self.model is not None:
-            from lmt_tf.tracking import source_run_id
+            from lmt_tf.tracking.read import source_run_id
 
             source = source_run_id(self.model, context.setup.configs.tracking.tracking_uri)
             run.set_tags({"lmt.evaluated_model": self.model,
@@ -87,7 +87,7 @@ class Evaluate(Stage):
             copy = keras.models.clone_model(context.model)
             copy.set_weights(context.model.get_weights())
             return copy
-        from lmt_tf.tracking import load_model
+        from lmt_tf.tracking.read import load_model
 
         loaded = load_model(self.model, context.setup.configs.tracking.tracking_uri)
         takes = tuple(loaded.input_shape[1:])

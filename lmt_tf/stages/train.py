@@ -9,7 +9,6 @@ from typing import Any
 import tf_keras as keras
 
 from lmt_tf.stages.context import RunContext, Stage
-from lmt_tf.sweep import trial_reporter
 from lmt_tf.training.callbacks import (
     EpochCheckpoint,
     EpochMetrics,
@@ -18,6 +17,7 @@ from lmt_tf.training.callbacks import (
     TrainingDiverged,
     batch_hooks_allowed,
     divergence_guard,
+    trial_reporter,
 )
 from lmt_tf.training.preemption import PREEMPTED_DIR, PreemptionCheckpoint, StartAt
 from lmt_tf.training.trainer import latest_checkpoint

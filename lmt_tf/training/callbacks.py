@@ -1,4 +1,5 @@
-"""Keras callbacks that report metrics and save per-epoch checkpoints.
+"""Keras callbacks that report metrics (to the run, and to a sweep's trial) and save
+per-epoch checkpoints.
 
 Both act at epoch boundaries (or every N steps, buffered), never inside the step: a
 metric logged per step would force a device-to-host copy each step.
@@ -6,7 +7,9 @@ metric logged per step would force a device-to-host copy each step.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,6 +18,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.errors import LmtError
+from lmt_tf.process import TRIAL_ENV, Pruned
 
 MetricsSink = Callable[[Mapping[str, float], int], None]
 
@@ -179,3 +183,34 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self._manager.save(checkpoint_number=epoch + 1)
         if self._on_saved:
             self._on_saved(epoch + 1)
+
+
+class TrialReporter(keras.callbacks.Callback):
+    """Reports each epoch's ``metric`` to a sweep's Optuna ``trial``, and stops the run
+    (``Pruned``) when the sweep's pruner says so."""
+
+    def __init__(self, trial: Any, metric: str):
+        super().__init__()
+        self._trial, self._metric = trial, metric
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        value = (logs or {}).get(self._metric)
+        if value is None:
+            return
+        self._trial.report(float(value), epoch + 1)
+        if self._trial.should_prune():
+            raise Pruned(f"pruned by the sweep after epoch {epoch + 1} "
+                         f"({self._metric} {value:.4f})")
+
+
+def trial_reporter() -> TrialReporter | None:
+    """The reporter to the trial that ``lmt sweep --prune`` names in this process's
+    environment (``process.TRIAL_ENV``); None outside a pruned sweep."""
+    spec = os.environ.get(TRIAL_ENV)
+    if not spec:
+        return None
+    import optuna
+
+    spec = json.loads(spec)
+    study = optuna.load_study(study_name=spec["study"], storage=spec["storage"])
+    return TrialReporter(optuna.trial.Trial(study, spec["trial_id"]), spec["metric"])

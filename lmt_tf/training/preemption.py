@@ -27,6 +27,8 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
+from lmt_tf.process import Preempted
+
 PREEMPTED_DIR = "preempted"  # under a run's checkpoint directory
 
 
@@ -39,11 +41,6 @@ class _HandlerInternals(logging.Filter):
 
 
 logging.getLogger("tensorflow").addFilter(_HandlerInternals())
-
-
-class Preempted(KeyboardInterrupt):
-    """Training stopped on a preemption signal, after every worker saved a checkpoint.
-    A KeyboardInterrupt, so the run ends KILLED like on Ctrl-C."""
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,10 @@ import pytest
 import tf_keras as keras
 
 from lmt_tf import config
-from lmt_tf.cli import EXIT_USER_ERROR, main
+from lmt_tf.cli import main
 from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
+from lmt_tf.process import EXIT_USER_ERROR
 from tests.conftest import TINY, all_runs, mlflow_client
 
 LMT = str(Path(sys.executable).parent / "lmt")

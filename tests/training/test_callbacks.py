@@ -1,4 +1,5 @@
-"""The divergence guard: a non-finite loss stops training before it is checkpointed."""
+"""The divergence guard: a non-finite loss stops training before it is checkpointed. The
+sweep's trial reporter: a trial below the median is pruned, its run ends KILLED."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from lmt_tf import config
-from lmt_tf.cli import EXIT_USER_ERROR, main
+from lmt_tf.cli import main
 from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
+from lmt_tf.process import EXIT_USER_ERROR, TRIAL_ENV
 from lmt_tf.training.callbacks import TrainingDiverged
 from tests.conftest import TINY, all_runs
 
@@ -76,3 +78,30 @@ def test_rollbacks_that_do_not_help_end_failed(gin_file, in_tmp: Path) -> None:
     assert run.info.status == "FAILED"
     assert {"lmt.rollback.1", "lmt.rollback.2"} <= set(run.data.tags)
     assert "lmt.rollback.3" not in run.data.tags
+
+
+def test_a_trial_below_the_median_is_pruned_and_its_run_ends_killed(
+        gin_file, in_tmp: Path, monkeypatch, capsys) -> None:
+    import json
+
+    import optuna
+
+    storage = f"sqlite:///{in_tmp / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_warmup_steps=1))
+    for _ in range(5):  # MedianPruner waits for 5 trials; these reached 0.99 at once
+        trial = study.ask()
+        for epoch in (1, 2):
+            trial.report(0.99, epoch)
+        study.tell(trial, 0.99)
+    trial = study.ask()
+    monkeypatch.setenv(TRIAL_ENV, json.dumps({"storage": storage, "study": "s",
+                                              "trial_id": trial._trial_id,
+                                              "metric": "val_accuracy"}))
+    gin_file(TINY + "TrainConfig.epochs = 3\n")
+    assert main(["run", "exp.gin"]) == 3
+    assert "lmt: pruned by the sweep after epoch 1 (val_accuracy" in capsys.readouterr().err
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED"
+    reported = study.trials[-1].intermediate_values
+    assert sorted(reported) == [1]  # reported, then stopped before the second epoch

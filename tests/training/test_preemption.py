@@ -14,7 +14,7 @@ import tf_keras as keras
 from lmt_tf import config
 from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
-from lmt_tf.training.preemption import Preempted
+from lmt_tf.process import Preempted
 from tests.conftest import TINY, all_runs, mlflow_client
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lmt_tf.runtime.launcher import free_ports, stop_process_groups
+from lmt_tf.runtime.processes import free_ports, stop_process_groups
 from tests.conftest import TINY
 from tests.test_processes import wait_for_health
 

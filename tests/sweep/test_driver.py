@@ -1,18 +1,20 @@
 """lmt sweep on Optuna: a 2x2 grid is one parent run and four nested trial runs whose
 params carry their bindings; the same command again runs only what failed; bad input is
-refused before any trial starts."""
+refused before any trial starts; a sweep's experiment keeps its artifacts where `lmt run`'s
+does."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lmt_tf.cli import main
-from lmt_tf.errors import ConfigError
-from lmt_tf.sweep import parse_dimension
-from tests.conftest import TINY, all_runs
+from lmt_tf.sweep.driver import Sweep, trial_command
+from lmt_tf.sweep.space import parse_dimension
+from tests.conftest import TINY, all_runs, mlflow_client
 
 NPZ = TINY.replace("include 'gin/data/digits.gin'", "run_experiment.data = @load_npz")
 
@@ -59,19 +61,6 @@ def test_a_grid_sweep_nests_its_trials_and_reruns_only_what_failed(gin_file, in_
     assert best.data.metrics["val_accuracy"] == pytest.approx(top)  # (a.npz = b.npz: ties)
 
 
-@pytest.mark.parametrize(("flag", "text", "message"), [
-    ("--grid", "Adam.learning_rate=[0.1", "the values must be a list"),
-    ("--grid", "Adam.learning_rate", "expected KEY=VALUES"),
-    ("--grid", "Adam.learning_rate=[0.1,]", "the list has an empty value"),
-    ("--search", "Adam.learning_rate=loguniform(0,1)", "needs low < high and low > 0"),
-    ("--search", "Adam.learning_rate=normal(0,1)", "expected uniform(a,b), loguniform"),
-    ("--search", "Adam.learning_rate=uniform(a,1)", "uniform needs two numbers"),
-])
-def test_spaces_that_do_not_parse(flag: str, text: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        parse_dimension(text, grid=flag == "--grid")
-
-
 def test_bad_sweeps_fail_before_any_trial(gin_file, in_tmp: Path, capsys, monkeypatch) -> None:
     gin_file(TINY)
     assert main(["sweep", "exp.gin", "--grid", "TrainConfig.nonsense=[1,2]"]) == 2
@@ -84,30 +73,27 @@ def test_bad_sweeps_fail_before_any_trial(gin_file, in_tmp: Path, capsys, monkey
     assert not (in_tmp / "lmt_sweeps.db").exists() and not all_runs(in_tmp)
 
 
-def test_a_trial_below_the_median_is_pruned_and_its_run_ends_killed(
-        gin_file, in_tmp: Path, monkeypatch, capsys) -> None:
-    import json
+def test_a_trial_is_an_lmt_run_of_this_interpreter_with_its_bindings() -> None:
+    sweep = Sweep(["exp.gin", "--gin_param", "TrainConfig.epochs = 1"], "exp",
+                  [parse_dimension("SGD.learning_rate=[0.1,0.2]", grid=True)])
+    command = trial_command(sweep, ["SGD.learning_rate = 0.2"], 1)
+    assert command == [sys.executable, "-m", "lmt_tf.cli", "run", "exp.gin",
+                       "--gin_param", "TrainConfig.epochs = 1",
+                       "--gin_param", "SGD.learning_rate = 0.2",
+                       "--run-name", f"{sweep.study_name}-trial-1"]
 
-    import optuna
 
-    from lmt_tf.sweep import TRIAL_ENV
-
-    storage = f"sqlite:///{in_tmp / 'study.db'}"
-    study = optuna.create_study(storage=storage, study_name="s", direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_warmup_steps=1))
-    for _ in range(5):  # MedianPruner waits for 5 trials; these reached 0.99 at once
-        trial = study.ask()
-        for epoch in (1, 2):
-            trial.report(0.99, epoch)
-        study.tell(trial, 0.99)
-    trial = study.ask()
-    monkeypatch.setenv(TRIAL_ENV, json.dumps({"storage": storage, "study": "s",
-                                              "trial_id": trial._trial_id,
-                                              "metric": "val_accuracy"}))
-    gin_file(TINY + "TrainConfig.epochs = 3\n")
-    assert main(["run", "exp.gin"]) == 3
-    assert "lmt: pruned by the sweep after epoch 1 (val_accuracy" in capsys.readouterr().err
-    (run,) = all_runs(in_tmp)
-    assert run.info.status == "KILLED"
-    reported = study.trials[-1].intermediate_values
-    assert sorted(reported) == [1]  # reported, then stopped before the second epoch
+@pytest.mark.slow
+def test_a_sweep_in_a_fresh_directory_keeps_its_artifacts_in_mlartifacts(gin_file,
+                                                                        in_tmp: Path) -> None:
+    """The experiment a sweep creates is made as `lmt run` makes it: its artifacts under
+    ./mlartifacts (TrackingConfig.artifact_root), not MLflow's default ./mlruns."""
+    gin_file(TINY + "TrainConfig.epochs = 1\nExportConfig.mlflow_model = False\n")
+    assert main(["sweep", "exp.gin", "--quiet",
+                 "--grid", "keras.optimizers.SGD.learning_rate=[0.1]"]) == 0
+    experiment = mlflow_client(in_tmp).get_experiment_by_name("exp")
+    assert experiment.artifact_location == (in_tmp / "mlartifacts").resolve().as_uri()
+    (trial,) = [r for r in all_runs(in_tmp) if not r.info.run_name.startswith("sweep-")]
+    assert trial.info.artifact_uri.startswith(experiment.artifact_location + "/")
+    assert list((in_tmp / "mlartifacts").rglob("operative_config.gin"))
+    assert not (in_tmp / "mlruns").exists()

@@ -11,7 +11,7 @@ from lmt_tf import config
 from lmt_tf.config import run_parsed
 from lmt_tf.errors import LmtError
 from lmt_tf.invocation import RunOptions
-from lmt_tf.tracking import find_run, load_model
+from lmt_tf.tracking.read import find_run, load_model
 from tests.conftest import TINY
 
 

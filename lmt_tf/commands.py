@@ -1,0 +1,246 @@
+"""What each ``lmt`` sub-command does with its parsed arguments. Heavy imports
+(TensorFlow, MLflow, Optuna) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lmt_tf.errors import LmtError
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lmt run``: one experiment in this process."""
+    if args.allow_changes and not args.resume:
+        raise LmtError("--allow-changes only applies to --resume")
+    return _run_parsed(
+        args, args.bindings, flower=(args.flower_server, None) if args.flower_server else None,
+        resume=args.resume, dry_run=args.dry_run, run_name=args.run_name,
+        allow_changes=args.allow_changes)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``lmt evaluate``: a logged model on an experiment's data, as a new run."""
+    if "'" in args.model or "\\" in args.model:
+        raise LmtError(f"a model reference cannot hold quotes or backslashes: {args.model!r}")
+    return _run_parsed(args, [*args.bindings, "run_experiment.stages = [@evaluate()]",
+                                  f"evaluate.model = '{args.model}'"])
+
+
+def flower_client(args: argparse.Namespace) -> int:
+    """``lmt flower-client``: one client of a Flower federation."""
+    return _run_parsed(args, args.bindings, flower=(args.server, args.client))
+
+
+def _run_parsed(args: argparse.Namespace, bindings: Sequence[str],
+                    flower: tuple[str, int | None] | None = None, **options: Any) -> int:
+    """Parses the experiment's gin files with ``bindings`` and runs it with ``options``
+    (``RunOptions`` fields) and a Flower role (address, client or None for the server):
+    ``lmt run``, ``lmt evaluate`` and ``lmt flower-client``."""
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()  # quiet, before anything imports TensorFlow
+    _quiet_mlflow()
+    from lmt_tf import config
+    from lmt_tf.invocation import FlowerRole, RunOptions
+
+    files = [args.gin_file, *args.more_files]
+    config.parse(files, bindings)
+    config.run_parsed(options=RunOptions(
+        config_files=files, bindings=list(bindings),
+        # Line by line, also into a pipe (`| tee log`, a scheduler's log).
+        echo=lambda line: print(line, flush=True),
+        flower=FlowerRole(*flower) if flower else None, **options))
+    return 0
+
+
+def federate(args: argparse.Namespace) -> int:
+    """``lmt federate``: a Flower server and its client processes."""
+    from lmt_tf.federated.deploy import Deployment, deploy
+    from lmt_tf.runtime.launcher import project_file
+
+    for file in [args.gin_file, *args.more_files]:
+        project_file(file)
+    job = Deployment(_gin_args(args), args.clients, args.timeout, args.run_name, args.resume,
+                     args.allow_changes)
+    return deploy(job, echo=lambda line: print(line, flush=True),
+                  echo_error=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _gin_args(args: argparse.Namespace) -> list[str]:
+    """The gin file and the --gin_file/--gin_param arguments, to pass on to a process."""
+    gin_args = [args.gin_file]
+    for file in args.more_files:
+        gin_args += ["--gin_file", file]
+    for binding in args.bindings:
+        gin_args += ["--gin_param", binding]
+    return gin_args
+
+
+def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (database migrations on first use) are not the user's concern;
+    MLFLOW_LOGGING_LEVEL set by the user wins."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+
+
+def shard(args: argparse.Namespace) -> int:
+    """``lmt shard``: a data source written into sharded TFRecord files."""
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    from lmt_tf import config
+    from lmt_tf.data.tfrecord import write_shards
+
+    config.parse(args.more_files, args.bindings)
+    source = config.configurable(args.source)
+    manifest = write_shards(source(), args.output, args.shards,
+                            echo=lambda line: print(line, flush=True))
+    print(f"lmt shard: wrote {manifest}; read it with run_experiment.data = @load_tfrecords "
+          f"and load_tfrecords.directory = '{args.output}'")
+    return 0
+
+
+def launch(args: argparse.Namespace) -> int:
+    """``lmt launch``: an experiment on a local multi-process cluster."""
+    from lmt_tf.runtime import launcher
+
+    for file in [args.gin_file, *args.more_files]:
+        launcher.project_file(file)
+    run_args = _gin_args(args)
+    if args.allow_changes:
+        run_args.append("--allow-changes")
+    job = launcher.Job(run_args, args.workers, args.ps, args.restarts, args.timeout,
+                       args.evaluator, resume=args.resume, run_name=args.run_name,
+                       network=args.network)
+    return launcher.launch(job, echo=lambda line: print(line, flush=True),
+                           echo_error=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def ui(args: argparse.Namespace) -> int:
+    """``lmt ui``: the MLflow UI on 127.0.0.1 for the run store."""
+    from lmt_tf.tracking.credentials import redact_uri
+    from lmt_tf.tracking.store import DEFAULT_ARTIFACTS, end_orphaned_runs, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"lmt: {redact_uri(uri)} is an MLflow server already; open "
+              f"{redact_uri(uri)}/#/experiments")
+        return 0
+    _check_port_free(args.port)
+    _quiet_mlflow()
+    end_orphaned_runs(uri, "lmt ui", echo=lambda line: print(line, flush=True))
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+               "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
+               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
+          f"  (Ctrl-C stops it)", flush=True)
+    return _serve(command)
+
+
+def _serve(command: list[str]) -> int:
+    """Runs a server until it exits or lmt is stopped (Ctrl-C, SIGTERM), which stops it."""
+    from lmt_tf.runtime.processes import stop_process_groups
+
+    # Its own session, so that stopping lmt stops the whole server, children included.
+    server = subprocess.Popen(command, start_new_session=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_process_groups([server])
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """``lmt sweep``: a grid or a search over bindings, on Optuna."""
+    from lmt_tf.runtime.env import import_tensorflow
+
+    import_tensorflow()
+    _quiet_mlflow()
+    from lmt_tf import config
+    from lmt_tf.runtime.launcher import project_file
+    from lmt_tf.sweep.driver import Sweep, run_sweep
+    from lmt_tf.sweep.space import parse_dimension
+    from lmt_tf.tracking.config import TrackingConfig
+    from lmt_tf.tracking.store import check_reachable, resolve_tracking_uri
+
+    files = [args.gin_file, *args.more_files]
+    for file in files:
+        project_file(file)
+    dimensions = ([parse_dimension(text, grid=True) for text in args.grid]
+                  + [parse_dimension(text, grid=False) for text in args.search])
+    # Every binding parses, with a value of each dimension, before any trial starts.
+    example = [f"{d.key} = {d.values[0] if d.values else d.example()}" for d in dimensions]
+    config.parse(files, [*args.bindings, *example])
+    tracking = config.configured(TrackingConfig)
+    check_reachable(resolve_tracking_uri(tracking.tracking_uri))
+    job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
+                args.sampler, args.metric, args.direction, args.parallel, args.prune,
+                tracking, args.quiet)
+    return run_sweep(job, echo=lambda line: print(line, flush=True))
+
+
+def compare(args: argparse.Namespace) -> int:
+    """``lmt compare``: runs side by side, as a report."""
+    from pathlib import Path
+
+    from lmt_tf.compare import select_runs, write_report
+    from lmt_tf.tracking.read import store_client
+    from lmt_tf.tracking.store import resolve_tracking_uri
+
+    _quiet_mlflow()
+    uri = resolve_tracking_uri(args.tracking_uri)
+    client = store_client(uri)
+    runs = select_runs(client, uri, args.experiment, args.parent, args.run_ids)
+    name = args.parent or args.experiment or "runs"
+    directory = Path(args.output or Path("lmt_compare") / name)
+    report = write_report(client, runs, directory, args.metrics)
+    if args.parent:
+        client.log_artifacts(args.parent, str(directory), "compare")
+    differ = (f"{len(report.params)} param differs" if len(report.params) == 1
+              else f"{len(report.params)} params differ")
+    print(f"lmt compare: {len(runs)} runs; {differ}; "
+          f"{len(report.plots)} plot(s)\n  {report.markdown}\n  {report.html}"
+          + (f"\n  logged to run {args.parent} under compare/" if args.parent else ""))
+    return 0
+
+
+def tensorboard(args: argparse.Namespace) -> int:
+    """``lmt tensorboard``: a run's TensorBoard logs, served on 127.0.0.1."""
+    import tempfile
+
+    from lmt_tf.tracking.read import download_artifacts, find_run, has_artifacts
+    from lmt_tf.tracking.store import resolve_tracking_uri
+
+    _check_port_free(args.port)
+    _quiet_mlflow()
+    uri = resolve_tracking_uri(args.tracking_uri)
+    run = find_run(args.run, uri)
+    if not has_artifacts(uri, run.info.run_id, "tensorboard"):
+        raise LmtError(f"run {run.info.run_id} has no TensorBoard logs (run it with "
+                       f"TrackingConfig.tensorboard = True)")
+    with tempfile.TemporaryDirectory(prefix="lmt-tensorboard-") as scratch:
+        logs = download_artifacts(uri, run.info.run_id, "tensorboard", scratch)
+        command = [sys.executable, "-m", "tensorboard.main", "--logdir", logs,
+                   "--host", "127.0.0.1", "--port", str(args.port)]
+        print(f"lmt: TensorBoard for run {run.info.run_id} ({run.info.run_name})\n"
+              f"  http://127.0.0.1:{args.port}/\n  (Ctrl-C stops it)", flush=True)
+        return _serve(command)
+
+
+def _check_port_free(port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise LmtError(f"port {port} on 127.0.0.1 is in use ({e.strerror}); "
+                           f"choose another with --port") from e

@@ -1,0 +1,66 @@
+"""The contract between an ``lmt`` process and the ``lmt`` processes it starts (cluster
+tasks, Flower clients, sweep trials): how a child is built, the environment variables
+that tell it its part, the exceptions it stops with and the exit statuses they become."""
+
+from __future__ import annotations
+
+import sys
+
+from lmt_tf.errors import LmtError
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # an unexpected error (a traceback)
+EXIT_USER_ERROR = 2  # a configuration or input error: running it again cannot help
+EXIT_PRUNED = 3  # a sweep's trial stopped early by the sweep's pruner
+EXIT_TIMEOUT = 124  # a job stopped after its --timeout (as timeout(1) exits)
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT)
+
+# Set by `lmt launch` in every task's environment: a file where the chief names the
+# MLflow run it made (read back to end that run if the job is stopped, and to resume it
+# by name), and the job's network mode (an unreachable tracking server's error then
+# says why).
+JOB_FILE_ENV = "LMT_JOB_FILE"
+JOB_NETWORK_ENV = "LMT_JOB_NETWORK"
+# Set by `lmt sweep` for its trials: the MLflow run they are nested under, and (JSON)
+# the Optuna trial a pruned sweep's child reports each epoch to.
+PARENT_RUN_ENV = "LMT_PARENT_RUN_ID"
+TRIAL_ENV = "LMT_SWEEP_TRIAL"
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped on purpose, saying why. A KeyboardInterrupt, so the run ends KILLED
+    like on Ctrl-C; ``lmt`` prints its message instead of ``interrupted``."""
+
+
+class Pruned(Stopped):
+    """A trial stopped by the sweep's pruner: its run ends KILLED, ``lmt run`` exits 3."""
+
+
+class Preempted(Stopped):
+    """Training stopped on a preemption signal, after every worker saved a checkpoint:
+    the run ends KILLED, ``lmt run`` exits 130."""
+
+
+def lmt_command(command: str, *args: str) -> list[str]:
+    """The command line of a child ``lmt`` process: ``lmt COMMAND ARGS`` run by this
+    interpreter, so that the child runs the same lmt_tf as its parent.
+
+    Args:
+      command: the sub-command (``run``, ``flower-client``, ...).
+      *args: its arguments.
+    """
+    return [sys.executable, "-m", "lmt_tf.cli", command, *args]
+
+
+def exit_status(error: BaseException) -> int:
+    """The exit status of an ``lmt`` process that stops with ``error``, by its type: 3
+    for ``Pruned``; 130 for any other interruption (Ctrl-C, SIGTERM, ``Preempted``); 2
+    for a user error (``LmtError``, or the file system refusing a path the user chose);
+    1 for anything else."""
+    if isinstance(error, Pruned):
+        return EXIT_PRUNED
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, (LmtError, OSError)):
+        return EXIT_USER_ERROR
+    return EXIT_FAILED
