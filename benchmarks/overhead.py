@@ -1,10 +1,10 @@
 """Overhead of lmt over a hand-written tf-keras ``model.fit``, and input pipeline headroom.
 
 The same model (the quickstart CNN), data (MNIST) and global batch are trained for the
-same steps by ``run_experiment`` (MLflow logging and per-epoch checkpoints included) and
-by plain ``model.fit`` on a ``tf.data`` pipeline, both validating on the same 5,000
-images after each epoch, alternating, in one process. Then the
-lmt input pipeline alone is drained to show it outpaces training.
+same steps by lmt's own path, ``config.run_parsed`` (MLflow logging and per-epoch
+checkpoints included), and by plain ``model.fit`` on a ``tf.data`` pipeline, both
+validating on the same 5,000 images after each epoch, alternating, in one process. Then
+the lmt input pipeline alone is drained to show it outpaces training.
 
     python benchmarks/overhead.py [--steps 200] [--rounds 3]
 
