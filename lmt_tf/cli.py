@@ -10,6 +10,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lmt_tf
 from lmt_tf import commands
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     run_options.add_argument("--traceback", action="store_true",
                              help="print the full traceback of a configuration or input error")
 
+    _experiment_commands(commands, gin_options, run_options)
+    _store_commands(commands, gin_options)
+    return parser
+
+
+def _experiment_commands(commands: Any, gin_options: argparse.ArgumentParser,
+                         run_options: argparse.ArgumentParser) -> None:
+    """The commands that run an experiment: run, evaluate, federate, flower-client,
+    launch."""
     run = commands.add_parser("run", parents=[run_options],
                               help="run an experiment from gin files",
                               description="Train, evaluate and export one experiment; "
@@ -119,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
                              "the job's own, unreachable from other hosts; host: this "
                              "machine's network (needed to reach a tracking server)")
 
+
+
+def _store_commands(commands: Any, gin_options: argparse.ArgumentParser) -> None:
+    """The commands around runs and data: shard, ui, sweep, compare, tensorboard."""
     shard = commands.add_parser(
         "shard", parents=[gin_options], help="write a data source into sharded TFRecord files",
         description="Write the train/validation/test splits of a data source into N TFRecord "
@@ -177,7 +191,6 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--port", type=_port, default=6006)
     board.add_argument("--tracking-uri", default=None,
                        help="store of the run (default: $MLFLOW_TRACKING_URI or ./mlruns.db)")
-    return parser
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
