@@ -107,6 +107,7 @@ def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Ca
     retries = trainer.config.divergence_retries
     if retries and latest_checkpoint(own.checkpoints)[0] is None:
         trainer.checkpoint_manager(model, own.checkpoints).save(checkpoint_number=0)
+    initial = trainer.learning_rate(model) if retries else 0.0
     for rollback in range(retries + 1):
         try:
             return trainer.fit(model, context.splits, context.setup.seed, start, callbacks)
@@ -114,7 +115,7 @@ def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Ca
             if rollback == retries:
                 raise
             start = trainer.restore(model, own.checkpoints, context.setup.plan.steps_per_epoch)
-            before, after = trainer.lower_learning_rate(model)
+            before, after = trainer.lower_learning_rate(model, initial, rollback + 1)
             event = (f"step {e.step} (epoch {e.epoch}): loss {e.value}; rolled back to epoch "
                      f"{start.epoch + 1}, step {start.step + 1}; learning rate {before:g} -> "
                      f"{after:g}")

@@ -174,12 +174,19 @@ class Trainer:
             model._training_state = None  # noqa: SLF001
         return TrainResult(model, dict(history.history), start.epoch)
 
-    def lower_learning_rate(self, model: keras.Model) -> tuple[float, float]:
-        """Multiplies the optimizer's (constant) learning rate by
-        ``config.divergence_lr_factor``; returns it before and after."""
+    def learning_rate(self, model: keras.Model) -> float:
+        """The optimizer's (constant) learning rate now."""
+        return float(_learning_rate(model.optimizer).numpy())
+
+    def lower_learning_rate(self, model: keras.Model, initial: float, rollbacks: int
+                            ) -> tuple[float, float]:
+        """Sets the optimizer's (constant) learning rate to ``initial`` times
+        ``config.divergence_lr_factor`` to the power ``rollbacks``: each rollback lowers
+        it by the factor again, whatever rate the restored checkpoint holds. Returns the
+        rate before and after."""
         rate = _learning_rate(model.optimizer)
         before = float(rate.numpy())
-        rate.assign(before * self.config.divergence_lr_factor)
+        rate.assign(initial * self.config.divergence_lr_factor ** rollbacks)
         return before, float(rate.numpy())
 
     def evaluate(self, model: keras.Model, split: Split) -> dict[str, float]:

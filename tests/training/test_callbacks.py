@@ -78,6 +78,9 @@ def test_rollbacks_that_do_not_help_end_failed(gin_file, in_tmp: Path) -> None:
     assert run.info.status == "FAILED"
     assert {"lmt.rollback.1", "lmt.rollback.2"} <= set(run.data.tags)
     assert "lmt.rollback.3" not in run.data.tags
+    # The factor compounds: each rollback lowers the first rate by it once more.
+    assert "learning rate 1e+30 -> 5e+29" in run.data.tags["lmt.rollback.1"]
+    assert "learning rate 1e+30 -> 2.5e+29" in run.data.tags["lmt.rollback.2"]
 
 
 def test_a_trial_below_the_median_is_pruned_and_its_run_ends_killed(
