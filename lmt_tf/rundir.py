@@ -8,11 +8,15 @@ that failed before its first checkpoint never becomes the one ``--resume`` picks
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 from lmt_tf.errors import ConfigError, LmtError
 
 LATEST = "LATEST"
+OWNER_LOCK = "owner.lock"  # held by the process that writes the run (RunDir.owned)
 # Experiment and run names become directory names: one path component, no tricks.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,127}")
 
@@ -65,6 +70,37 @@ class RunDir:
     def mark_latest(self) -> None:
         """Makes this the run that a plain ``--resume`` of its experiment continues."""
         _write_atomically(self.path.parent / LATEST, self.name + "\n")
+
+    @contextlib.contextmanager
+    def owned(self) -> Iterator[None]:
+        """This process owns the run while inside: one writer at a time, so that two
+        ``--resume`` of one run cannot both continue it. The lock is the kernel's
+        (``flock`` on ``owner.lock``), released whenever the process ends, even on
+        SIGKILL; where the file system offers no locks, nothing is checked.
+
+        Raises:
+          LmtError: if another process owns the run, naming it.
+        """
+        file = self.path / OWNER_LOCK
+        with open(file, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise LmtError(f"run {self.name} is in use by {owner}; wait for it to "
+                               f"end (or stop it) before continuing this run") from None
+            except OSError:  # no locks on this file system
+                yield
+                return
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_atomically(file: Path, text: str) -> None:

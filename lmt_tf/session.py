@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -60,24 +61,31 @@ def open_session(role: Role, tracking: TrackingConfig, work_dir: str, name: str,
             yield Session(NullRun(), RunDir(Path(own)), restore_from)
         return
     run_dir = _resumed_dir(work_dir, name, options) if options.resume else None
-    if run_dir is None:
+    fresh = run_dir is None
+    if fresh:
         run_dir = new_run_dir(work_dir, name, options.run_name)
-    state = run_dir.read_state()
-    previous = state.get("run_id") if options.resume else None
-    changes = _check_resume(state, options, epochs) if previous else {}
-    run = TrackedRun(tracking, name)
-    run.start(run_dir.name, run_id=previous, echo=options.echo)
-    with run.active():
-        run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
-                             tracking_uri=run.shown_uri, finished=False)
-        if not previous:
-            run_dir.update_state(params=_params(options))
-        else:
-            _record_changes(run, run_dir, changes, options)
-        _report_to_launcher(run, run_dir)
-        options.echo(f"lmt: MLflow run {run.run_id} ({'resumed' if previous else 'new'}) "
-                     f"in {run.shown_uri}")
-        yield Session(run, run_dir, run_dir)
+    try:
+        with run_dir.owned():
+            state = run_dir.read_state()
+            previous = state.get("run_id") if options.resume else None
+            changes = _check_resume(state, options, epochs) if previous else {}
+            run = TrackedRun(tracking, name)
+            run.start(run_dir.name, run_id=previous, echo=options.echo)
+            fresh = False  # the run exists: its directory stays, whatever comes
+            with run.active():
+                run_dir.update_state(run_id=run.run_id, experiment_id=run.experiment_id,
+                                     tracking_uri=run.shown_uri, finished=False)
+                if not previous:
+                    run_dir.update_state(params=_params(options))
+                else:
+                    _record_changes(run, run_dir, changes, options)
+                _report_to_launcher(run, run_dir)
+                options.echo(f"lmt: MLflow run {run.run_id} "
+                             f"({'resumed' if previous else 'new'}) in {run.shown_uri}")
+                yield Session(run, run_dir, run_dir)
+    finally:
+        if fresh:  # made for a run that never started: nothing to keep or resume
+            shutil.rmtree(run_dir.path, ignore_errors=True)
 
 
 def _resumed_dir(work_dir: str, name: str, options: RunOptions) -> RunDir | None:

@@ -107,6 +107,8 @@ def test_interrupted_run_is_killed_and_resume_matches_uninterrupted(
     assert len(all_runs(in_tmp)) == 2
     run = mlflow_client(in_tmp).get_run(resumed.run_id)
     assert run.info.status == "FINISHED"
+    # Its tags describe how it ended: finished, not the interruption before.
+    assert "lmt.error" not in run.data.tags and "lmt.ended_by" not in run.data.tags
     history = mlflow_client(in_tmp).get_metric_history(resumed.run_id, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
     for a, b in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
@@ -212,3 +214,63 @@ def test_a_run_name_cannot_leave_the_work_dir(gin_file, in_tmp: Path, binding: s
     with pytest.raises(ConfigError, match="run_experiment.name must be"):
         _run([exp], [binding])
     assert all_runs(in_tmp) == [] and not (in_tmp / "outside").exists()
+
+
+def test_a_run_has_one_owner_at_a_time(gin_file, in_tmp: Path) -> None:
+    """A second --resume of a run that another process is continuing is refused in one
+    line, and leaves the run as it was; once that process is gone, the resume goes on."""
+    import subprocess
+    import sys
+
+    from lmt_tf.errors import LmtError
+
+    exp = gin_file(TINY + "TrainConfig.epochs = 2\n")
+    with pytest.raises(KeyboardInterrupt):
+        _run([exp], run_name="shared", callbacks=[_StopAtEpoch(1)])
+    lock = in_tmp / "lmt_work" / "exp" / "shared" / "owner.lock"
+    holder = subprocess.Popen(  # another process owning the run, as a resume would
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a');"
+         " fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush();"
+         " print('held', flush=True); time.sleep(120)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LmtError, match="run shared is in use by pid 4242 on elsewhere"):
+            _run([exp], run_name="shared", resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED"
+    resumed = _run([exp], run_name="shared", resume=True)
+    assert resumed.run_id == run.info.run_id
+    assert mlflow_client(in_tmp).get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_running_run_with_a_live_owner_is_not_reopened(gin_file, in_tmp: Path) -> None:
+    """The store says who owns a run too: a resume from another working copy (no shared
+    lock) of a run RUNNING under a live process is refused."""
+    import mlflow
+
+    from lmt_tf.errors import LmtError
+    from lmt_tf.liveness import owner_tags
+    from lmt_tf.tracking.config import TrackingConfig
+    from lmt_tf.tracking.run import TrackedRun
+
+    client = mlflow_client(in_tmp)
+    experiment = client.create_experiment("owned")
+    other = client.create_run(experiment, tags=owner_tags())  # this live process owns it
+    run = TrackedRun(TrackingConfig(), "owned")
+    with pytest.raises(LmtError, match=f"run {other.info.run_id} is RUNNING, owned by pid"):
+        run.start("again", run_id=other.info.run_id)
+    assert mlflow.active_run() is None
+
+
+def test_a_run_that_never_started_leaves_no_run_directory(gin_file, in_tmp: Path) -> None:
+    from lmt_tf.errors import LmtError
+
+    exp = gin_file(TINY + "TrackingConfig.artifact_root = 'taken'\n")
+    (in_tmp / "taken").write_text("a file where the artifacts would go")
+    with pytest.raises(LmtError, match="is a file, not a directory"):
+        _run([exp])
+    assert list((in_tmp / "lmt_work" / "exp").iterdir()) == []

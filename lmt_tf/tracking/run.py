@@ -19,11 +19,24 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lmt_tf.errors import LmtError
-from lmt_tf.liveness import HEARTBEAT, Heartbeat, end_orphans, owner_tags
+from lmt_tf.liveness import (
+    ENDED_BY,
+    HEARTBEAT,
+    OWNER_HOST,
+    OWNER_PID,
+    Heartbeat,
+    end_orphans,
+    owner_gone,
+    owner_tags,
+)
 from lmt_tf.process import PARENT_RUN_ENV
 from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.tracking.credentials import error_line, redact, redact_credentials, redact_uri
 from lmt_tf.tracking.store import check_reachable, get_or_create_experiment, resolve_tracking_uri
+
+ERROR = "lmt.error"  # why a run ended FAILED or KILLED
+# Tags that say how a run ended, removed when a resume re-opens it.
+ENDS = frozenset({ERROR, ENDED_BY})
 
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value, in characters
 DATASET_ATTEMPTS = 3  # logging a dataset input that a parallel run creates at once
@@ -141,7 +154,12 @@ class TrackedRun:
         try:
             end_orphans(mlflow.MlflowClient(self.uri), f"lmt (pid {os.getpid()})", echo)
             if run_id is not None:
+                client = mlflow.MlflowClient(self.uri)
+                _check_not_owned(client.get_run(run_id))
                 run = mlflow.start_run(run_id=run_id)
+                # The tags of how it ended before describe no longer: it goes on.
+                for key in set(run.data.tags) & ENDS:
+                    client.delete_tag(run_id, key)
             else:
                 # A sweep's trial is nested under the sweep's run (the UI groups them).
                 parent = {"mlflow.parentRunId": os.environ[PARENT_RUN_ENV]} \
@@ -258,7 +276,7 @@ class TrackedRun:
             if error is not None:
                 message = redact_credentials(
                     redact(f"{type(error).__name__}: {error}", self.uri))
-                self._mlflow.set_tag("lmt.error", message[:5000])
+                self._mlflow.set_tag(ERROR, message[:5000])
         self._mlflow.end_run(status=status)
 
     @contextlib.contextmanager
@@ -354,3 +372,13 @@ def _duplicate_key(error: BaseException) -> bool:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def _check_not_owned(run: Any) -> None:
+    """Raises LmtError if ``run`` is RUNNING under an owner that is still alive: a run
+    has one writer at a time."""
+    if run.info.status == "RUNNING" and owner_gone(run.data.tags) is None:
+        tags = run.data.tags
+        owner = f"pid {tags.get(OWNER_PID, '?')} on {tags.get(OWNER_HOST, '?')}"
+        raise LmtError(f"run {run.info.run_id} is RUNNING, owned by {owner}; wait for it to "
+                       f"end (or stop it) before continuing it")
