@@ -6,33 +6,76 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@'\"]+):[^@\s/'\"]+@")
+from lmt_tf.errors import LmtError
+
+# scheme://user:password@ and scheme://token@ (user info without a colon: a token).
+_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@'\"]+):[^@\s/'\"]+@")
+_TOKEN = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@'\"*]+@")
+
+
+def secret(uri: str) -> str | None:
+    """The secret of ``uri``'s user info: its password, or the whole user info where it
+    has no password (``http://TOKEN@host``); None without user info."""
+    netloc = urllib.parse.urlsplit(uri).netloc
+    if "@" not in netloc:
+        return None
+    userinfo = netloc.rpartition("@")[0]
+    user, colon, password = userinfo.partition(":")
+    return password if colon else user
 
 
 def redact_uri(uri: str) -> str:
-    """``uri`` with any password replaced by ``***`` (``http://user:***@host``)."""
+    """``uri`` with any password (or token) replaced by ``***``: ``http://user:***@host``,
+    ``http://***@host``."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return uri
-    user = parts.netloc.rpartition("@")[0].split(":", 1)[0]
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return parts._replace(netloc=f"{shown}@{host}").geturl()
 
 
 def redact_credentials(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` in it
-    replaced by ``***``: for params, tags and config files logged with a run."""
-    return _CREDENTIALS.sub(r"\1:***@", text)
+    """``text`` with the password of every ``scheme://user:password@host`` in it, and
+    every token of a ``scheme://token@host``, replaced by ``***``: for params, tags and
+    config files logged with a run."""
+    return _TOKEN.sub(r"\1***@", _PASSWORD.sub(r"\1:***@", text))
 
 
 def redact(text: str, uri: str) -> str:
-    """``text`` with the password of ``uri`` (if any) replaced by ``***``."""
-    password = urllib.parse.urlsplit(uri).password
-    if not password:
+    """``text`` with the secret of ``uri`` (if any: see ``secret``) replaced by ``***``."""
+    hidden = secret(uri)
+    if not hidden:
         return text
-    for secret in {password, urllib.parse.unquote(password)}:
-        text = text.replace(secret, "***")
+    for value in {hidden, urllib.parse.unquote(hidden)}:
+        text = text.replace(value, "***")
     return text
+
+
+def check_uri(uri: str) -> str:
+    """Returns ``uri`` if its user info can be read as it was meant.
+
+    Raises:
+      LmtError: where a password or token holds a character that ends the user info
+        unencoded ('/', '#', '?'): the URI would be read as another host or port.
+        The message shows the host, never the secret.
+    """
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    rest = uri.split("://", 1)[1][len(parts.netloc):]
+    try:
+        parts.port  # noqa: B018 (parsing it is the check)
+        readable = "@" not in rest
+    except ValueError:
+        readable = False
+    if readable:
+        return uri
+    host = uri.rpartition("@")[2].split("/", 1)[0] if "@" in uri else "?"
+    raise LmtError(f"the tracking URI {parts.scheme}://***@{host} has a '/', '#' or '?' in "
+                   f"its password or token that must be percent-encoded (e.g. "
+                   f"urllib.parse.quote(password, safe=''))")
 
 
 def error_line(error: BaseException, uri: str) -> str:

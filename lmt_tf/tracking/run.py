@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import time
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,7 +30,13 @@ from lmt_tf.liveness import (
 )
 from lmt_tf.process import PARENT_RUN_ENV
 from lmt_tf.tracking.config import TrackingConfig
-from lmt_tf.tracking.credentials import error_line, redact, redact_credentials, redact_uri
+from lmt_tf.tracking.credentials import (
+    error_line,
+    redact,
+    redact_credentials,
+    redact_uri,
+    secret,
+)
 from lmt_tf.tracking.store import check_reachable, get_or_create_experiment, resolve_tracking_uri
 
 ERROR = "lmt.error"  # why a run ended FAILED or KILLED
@@ -117,7 +122,7 @@ class TrackedRun:
         self.uri = resolve_tracking_uri(config.tracking_uri)
         # MLflow prints "View run ... at: <uri>" when a run ends, password included;
         # lmt prints its own links, without it.
-        if urllib.parse.urlsplit(self.uri).password:
+        if secret(self.uri):
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         else:
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -19,7 +19,7 @@ from pathlib import Path
 from lmt_tf.errors import LmtError
 from lmt_tf.liveness import end_orphans
 from lmt_tf.process import JOB_NETWORK_ENV
-from lmt_tf.tracking.credentials import error_line, redact, redact_uri
+from lmt_tf.tracking.credentials import check_uri, error_line, redact, redact_uri
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -30,7 +30,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     file in the working directory (as an absolute URI, so it survives a ``chdir``)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return check_uri(uri)
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
@@ -41,7 +41,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     Raises:
       LmtError: naming the URI if the server's health endpoint does not answer.
     """
-    if not uri.startswith(("http://", "https://")):
+    if not check_uri(uri).startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
     bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lmt_tf.tracking.credentials import redact_credentials, redact_uri
+from lmt_tf.tracking.credentials import redact, redact_credentials, redact_uri
 from tests.conftest import TINY
 
 LMT = str(Path(sys.executable).parent / "lmt")
@@ -28,7 +28,41 @@ def test_redaction() -> None:
     text = f"TrackingConfig.tracking_uri = 'https://alice:{SECRET}@mlflow:5000'"
     assert redact_credentials(text) == "TrackingConfig.tracking_uri = 'https://alice:***@mlflow:5000'"
     assert redact_credentials("postgresql://u:p@db/x, http://u@h, s3://b/k") == \
-        "postgresql://u:***@db/x, http://u@h, s3://b/k"
+        "postgresql://u:***@db/x, http://***@h, s3://b/k"
+
+
+def test_a_token_alone_is_a_secret_too() -> None:
+    """User info without a colon is a token (http://TOKEN@host): hidden everywhere a
+    password is."""
+    uri = f"https://{SECRET}@mlflow.example:5000/"
+    assert redact_uri(uri) == "https://***@mlflow.example:5000/"
+    assert redact(f"401 for {SECRET}", uri) == "401 for ***"
+    assert SECRET not in redact_credentials(f"uri = '{uri}'")
+
+
+@pytest.mark.parametrize("character", ["/", "#", "?"])
+def test_an_unencoded_character_in_a_password_is_one_line_without_it(
+        character: str, in_tmp: Path, gin_file) -> None:
+    """A password holding a character that ends the user info unencoded would be read as
+    another host or port: refused in one line that shows the host, never the password."""
+    password = f"pa{character}ss{SECRET}"
+    exp = gin_file(TINY)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://alice:{password}@127.0.0.1:9/"}
+    done = subprocess.run([LMT, "run", exp], env=env, capture_output=True, text=True,
+                          cwd=in_tmp, timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert "must be percent-encoded" in err[0] and "127.0.0.1:9" in err[0]
+    assert "pa" + character not in done.stdout + done.stderr and SECRET not in err[0]
+
+
+def test_an_unreachable_server_error_shows_no_token(in_tmp: Path, gin_file) -> None:
+    exp = gin_file(TINY)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://{SECRET}@127.0.0.1:{_free_port()}"}
+    done = subprocess.run([LMT, "run", exp], env=env, capture_output=True, text=True,
+                          cwd=in_tmp, timeout=300)
+    assert done.returncode == 2 and "unreachable" in done.stderr, done.stderr
+    assert SECRET not in done.stdout + done.stderr
 
 
 def _free_port() -> int:
