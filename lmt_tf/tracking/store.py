@@ -9,6 +9,7 @@ any MLflow server instead.
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import urllib.error
 import urllib.parse
@@ -35,13 +36,18 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fails fast on an MLflow server that does not answer, instead of MLflow's minutes
-    of retries. Local stores (sqlite, file) are not checked.
+    """Fails fast on a store that cannot be used: an MLflow server that does not answer
+    (instead of MLflow's minutes of retries), a SQLite store that cannot be opened. A new
+    SQLite store gets its tables here, under a lock (see ``_open_sqlite``).
 
     Raises:
-      LmtError: naming the URI if the server's health endpoint does not answer.
+      LmtError: naming the URI if the server's health endpoint does not answer or the
+        SQLite store cannot be opened.
     """
-    if not check_uri(uri).startswith(("http://", "https://")):
+    if check_uri(uri).startswith("sqlite:"):
+        _open_sqlite(uri)
+        return
+    if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
     bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
@@ -151,3 +157,32 @@ def run_links(uri: str, experiment_id: str, run_id: str) -> tuple[str, str]:
         base = "http://127.0.0.1:5000"
     return (f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
             f"{base}/#/experiments/{experiment_id}/runs")
+
+
+_OPENED: set[str] = set()  # SQLite stores this process has opened
+
+
+def _open_sqlite(uri: str) -> None:
+    """Opens the SQLite store at ``uri`` once per process, holding a lock beside its file
+    (``mlruns.db.lock``) while MLflow makes its tables: two first runs on a fresh store
+    would otherwise both migrate the new file's schema, and the loser fail ("duplicate
+    column name"). MLflow keeps the opened store for the process.
+
+    Raises:
+      LmtError: if the store cannot be opened (not a database, no permission).
+    """
+    if uri in _OPENED:
+        return
+    import mlflow
+
+    name = urllib.parse.unquote(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or name in ("", ":memory:"):
+        return  # in memory: one process's own
+    path = Path(name) if Path(name).is_absolute() else Path.cwd() / name
+    try:
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # sqlalchemy's, alembic's, OSError
+        raise LmtError(f"cannot use the MLflow store {uri}: {error_line(e, uri)}") from e
+    _OPENED.add(uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,22 @@ def test_runs_that_create_their_experiment_at_once_share_it(in_tmp: Path, monkey
     (experiment,) = [e for e in mlflow.MlflowClient(uri).search_experiments()
                      if e.name == "raced"]
     assert raced == ["raced"] and run.experiment_id == experiment.experiment_id
+
+
+def test_first_runs_on_a_fresh_store_do_not_race_its_schema(tmp_path: Path) -> None:
+    """Four processes opening a new SQLite store at once all succeed: one makes its
+    tables under the lock, the others find them (MLflow alone: "duplicate column name",
+    or alembic's "expected to match one row")."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    script = ("import sys, time; from lmt_tf.tracking.store import check_reachable; "
+              "import mlflow; time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+              "check_reachable(sys.argv[1]); "
+              "mlflow.MlflowClient(sys.argv[1]).create_experiment(f'e{sys.argv[3]}')")
+    start = str(time.time() + 8)  # every process imports first, then all open at once
+    processes = [subprocess.Popen([sys.executable, "-c", script, uri, start, str(i)],
+                                  stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], errors
