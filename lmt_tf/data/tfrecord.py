@@ -43,10 +43,17 @@ def write_shards(splits: Splits, directory: str | Path, shards: int,
       The path of the manifest.
 
     Raises:
-      ConfigError: if ``shards`` < 1 or the directory already holds a manifest.
+      ConfigError: if ``shards`` < 1, or more than a split has examples (a file per
+        example or empty files: reading them costs more than the data), or the directory
+        already holds a manifest.
     """
     if shards < 1:
         raise ConfigError(f"--shards must be at least 1, got {shards}")
+    sizes = {name: len(getattr(splits, name)) for name in SPLITS}
+    smallest = min((n, name) for name, n in sizes.items() if n)
+    if shards > smallest[0]:
+        raise ConfigError(f"--shards {shards} is more than the {smallest[0]:,} examples of "
+                          f"the {smallest[1]} split; use at most {smallest[0]:,}")
     root = Path(directory)
     if (root / MANIFEST).exists():
         raise ConfigError(f"{root} already holds shards ({MANIFEST}); choose a new directory")

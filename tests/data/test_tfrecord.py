@@ -111,6 +111,16 @@ def test_shard_command(in_tmp: Path, capsys) -> None:
     assert "did you mean load_digits" in capsys.readouterr().err
 
 
+def test_more_shards_than_examples_are_refused_before_writing(in_tmp: Path, capsys) -> None:
+    """digits' smallest split (validation) has 270 examples: 5,000 shards
+    would be thousands of files of at most one example."""
+    assert main(["shard", "load_digits", "--shards", "5000", "--output", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lmt: error: --shards 5000 is more than the 270 examples of the "
+                   "validation split; use at most 270"], err
+    assert not (in_tmp / "many").exists()
+
+
 def _copy(shards: Path, tmp_path: Path) -> Path:
     import shutil
 
