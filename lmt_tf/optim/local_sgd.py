@@ -130,6 +130,12 @@ class LocalSGD(Technique):
                   f"must be >= 1, got {self.local_steps}")
             check(config.steps_per_execution == 1, "TrainConfig.local_steps",
                   "needs TrainConfig.steps_per_execution = 1 (averaging runs between steps)")
+            # The loss-scale optimizer decides "finite?" on replica 0 alone: other replicas
+            # would apply their overflowed local steps, and averaging would spread them.
+            check(config.precision != "mixed_float16", "TrainConfig.local_steps",
+                  "cannot be combined with TrainConfig.precision = 'mixed_float16' (loss "
+                  "scaling skips overflowed steps by replica 0's gradients only); use "
+                  "'mixed_bfloat16', which needs no loss scaling")
         check(self.sync_steps >= 0, "TrainConfig.sync_steps",
               f"must be >= 0, got {self.sync_steps}")
 

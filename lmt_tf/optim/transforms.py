@@ -185,10 +185,14 @@ class _Clip:
 
 
 class ClipByValue(_Clip):
-    """Clips every gradient element into [-limit, limit]."""
+    """Clips every finite gradient element into [-limit, limit]. Non-finite elements stay
+    as they are, as the norm-based transforms keep them: under loss scaling an
+    overflowed step must look overflowed, so that the optimizer skips it and lowers the
+    scale (clipped to +-limit it would be applied, and the scale would never drop)."""
 
     def __call__(self, gradients: Gradients, variables: Sequence[tf.Variable]) -> Gradients:
-        return [tf.clip_by_value(g, -self.limit, self.limit) for g in _dense(gradients)]
+        return [tf.where(tf.math.is_finite(g), tf.clip_by_value(g, -self.limit, self.limit), g)
+                for g in _dense(gradients)]
 
 
 class ClipByNorm(_Clip, Rescaling):

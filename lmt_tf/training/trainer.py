@@ -52,8 +52,13 @@ class Trainer:
         """The batch plan for ``train_split`` under this strategy's replicas.
 
         Raises:
-          ConfigError: if a technique cannot split the per-replica batch.
+          ConfigError: if a technique cannot split the per-replica batch, or the precision
+            cannot run under the strategy.
         """
+        check(not (self.config.precision == "mixed_float16"
+                   and isinstance(self.strategy, tf.distribute.ParameterServerStrategy)),
+              "TrainConfig.precision", "'mixed_float16' cannot train under parameter servers "
+              "(tf-keras has no loss scaling there); use 'mixed_bfloat16' or 'float32'")
         plan = plan_batches(len(train_split), self.config.global_batch_size,
                             self.strategy.num_replicas_in_sync, self.config.steps_per_epoch)
         for used in self.config.techniques():
