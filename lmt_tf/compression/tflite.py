@@ -35,7 +35,7 @@ def convert(model: keras.Model, mode: str, representative: np.ndarray | None = N
     """
     if mode not in MODES:
         raise ConfigError(f"tflite.modes: {mode!r} is not one of {MODES}")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(float32_model(model))
     if mode != "float":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
@@ -65,6 +65,22 @@ def convert(model: keras.Model, mode: str, representative: np.ndarray | None = N
                 return debugger.get_nondebug_quantized_model()
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """``model`` with every layer computing in float32: a model trained under a mixed
+    precision policy (float16 compute, float32 variables) cloned under float32, with its
+    weights. The converter would otherwise carry the float16 casts into the flatbuffer;
+    the ``float16`` mode is the way to ask for float16 weights."""
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+
+    def in_float32(layer: keras.layers.Layer) -> keras.layers.Layer:
+        return type(layer).from_config({**layer.get_config(), "dtype": "float32"})
+
+    clone = keras.models.clone_model(model, clone_function=in_float32)
+    clone.set_weights(model.get_weights())
+    return clone
 
 
 def float_front(model: keras.Model) -> list[str]:

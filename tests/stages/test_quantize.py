@@ -134,3 +134,26 @@ def test_int8_keeps_a_tabular_preprocessing_front_float() -> None:
     agreement = np.mean(np.argmax(predict(int8, x), -1)
                         == np.argmax(model.predict(x, verbose=0), -1))
     assert agreement >= AGREEMENT, agreement
+
+
+def test_a_mixed_float16_model_converts_as_float32() -> None:
+    """A model trained under mixed_float16 converts through a float32 clone: no float16
+    tensor inside the float flatbuffer, and its predictions are the Keras model's."""
+    from lmt_tf.optim.model_transforms import inference_model
+    from lmt_tf.runtime.strategy import default_strategy
+    from lmt_tf.training.train_config import TrainConfig
+    from lmt_tf.training.trainer import Trainer
+
+    splits = load_digits()
+    config = TrainConfig(epochs=1, global_batch_size=64, verbose=0,
+                         precision="mixed_float16",
+                         optimizer=lambda: keras.optimizers.Adam(0.01))
+    trainer = Trainer(config, default_strategy())
+    model = trainer.build_model(build_mlp, splits)
+    trainer.fit(model, splits, seed=0)
+    model = inference_model(model)
+    assert model.get_layer("dense_0").compute_dtype == "float16"
+    flat = convert(model, "float")
+    assert "float16" not in set(inner_dtypes(flat).values())
+    x = splits.test.x[:64].astype(np.float32)
+    np.testing.assert_allclose(predict(flat, x), model.predict(x, verbose=0), atol=2e-3)
