@@ -22,6 +22,7 @@ from lmt_tf.errors import ConfigError
 from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.optim.model_transforms import inference_model
 from lmt_tf.rundir import check_name
+from lmt_tf.runtime.devices import unseen_gpus
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, describe, role_of
 from lmt_tf.session import config_path, log_setup, open_session
@@ -81,6 +82,9 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
     configs, echo = experiment.configs, options.echo
     strategy = experiment.strategy()
     info = describe(strategy)
+    warning = unseen_gpus(len(tf.config.list_physical_devices("GPU")))
+    if warning:
+        echo(warning)
     name = check_name(experiment.name or (Path(options.config_files[0]).stem
                                           if options.config_files else "experiment"),
                       "run_experiment.name")
@@ -96,7 +100,8 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
     preprocessing = configs.preprocess.fit(splits)
     trainer = Trainer(configs.train, strategy, configs.input)
     plan = trainer.plan(splits.train)
-    echo(f"lmt: {info.name}, {info.replicas} replica(s); global batch "
+    echo(f"lmt: {info.name}, {info.replicas} replica(s) on {', '.join(info.devices)}; "
+         f"global batch "
          f"{plan.global_batch_size} = {plan.per_replica_batch_size} per replica; "
          f"{plan.steps_per_epoch} steps per epoch")
     echo(f"lmt: data {splits.name}: "
@@ -194,6 +199,7 @@ def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
     plan, splits, preprocessing = setup.plan, setup.splits, setup.preprocessing
     return {
         "derived.replicas": setup.info.replicas,
+        "derived.devices": ", ".join(setup.info.devices),
         "derived.global_batch_size": plan.global_batch_size,
         "derived.per_replica_batch_size": plan.per_replica_batch_size,
         "derived.steps_per_epoch": plan.steps_per_epoch,

@@ -92,7 +92,8 @@ def test_dry_run_describes_without_training(gin_file, in_tmp: Path, capsys) -> N
     assert main(["run", "exp.gin", "--dry-run", "--gin_param",
                  "run_experiment.strategy = @mirrored_strategy"]) == 0
     out = capsys.readouterr().out
-    assert "MirroredStrategy, 2 replica(s); global batch 64 = 32 per replica" in out
+    assert ("MirroredStrategy, 2 replica(s) on CPU:0, CPU:1; global batch 64 = 32 per "
+            "replica") in out
     assert "train 1,168, validation 270, test 359" in out
     assert "2,410 parameters" in out  # 64*32+32 + 32*10+10
     assert "TrainConfig.epochs = 2" in out

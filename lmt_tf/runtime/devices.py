@@ -183,3 +183,17 @@ def collective(requested: str, gpus: int) -> str:
     if requested != "auto":
         return requested
     return "nccl" if gpus else "ring"
+
+
+def unseen_gpus(tensorflow_gpus: int, environ: Mapping[str, str] | None = None,
+                device_nodes: Sequence[str] | None = None) -> str | None:
+    """A one-line warning when this host has NVIDIA GPUs meant for this process but
+    TensorFlow sees none (no CUDA libraries: the plain ``tensorflow`` wheel without its
+    ``and-cuda`` extra), which would train on the CPU without a word; None otherwise
+    (also where ``CUDA_VISIBLE_DEVICES`` hides the GPUs on purpose)."""
+    meant = visible_gpus(environ, device_nodes)
+    if not meant or tensorflow_gpus:
+        return None
+    return (f"lmt: warning: this host has {len(meant)} NVIDIA GPU(s) but TensorFlow sees "
+            f"none, so this runs on the CPU; install the CUDA libraries with "
+            f"pip install 'lmt_tf[gpu]' (tensorflow[and-cuda])")

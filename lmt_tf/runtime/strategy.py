@@ -7,6 +7,7 @@ since splitting the CPU into logical devices is only possible then.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import weakref
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 
 from lmt_tf.errors import ConfigError, LmtError
+from lmt_tf.runtime.devices import collective
 from lmt_tf.runtime.env import configure_cpu_devices
 from lmt_tf.runtime.roles import SINGLE_PROCESS, Role, check_own_port, current_role
 
@@ -27,7 +29,14 @@ _CROSS_DEVICE_OPS = {
 
 
 def default_strategy() -> tf.distribute.Strategy:
-    """TensorFlow's default strategy: no distribution, TensorFlow places ops itself."""
+    """TensorFlow's default strategy: no distribution. On a host with several GPUs this
+    process is pinned to the first (``devices.plan_single``): TensorFlow would compute on
+    GPU:0 alone while reserving the memory of every GPU. ``@mirrored_strategy`` uses
+    them all."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        with contextlib.suppress(RuntimeError):  # the runtime is up: its devices stand
+            tf.config.set_visible_devices(gpus[:1], "GPU")
     return tf.distribute.get_strategy()
 
 
@@ -104,7 +113,8 @@ def multi_worker_mirrored_strategy(communication: str = "auto",
     ``TF_CONFIG`` or from the SLURM allocation. Without ``TF_CONFIG`` it is one worker.
 
     Args:
-      communication: all-reduce implementation: ``auto``, ``ring`` (gRPC) or ``nccl``.
+      communication: all-reduce implementation: ``auto`` (NCCL on GPUs, RING on CPUs),
+        ``ring`` (gRPC) or ``nccl``.
       cluster: where the cluster is described: ``tf_config`` or ``slurm``.
 
     Raises:
@@ -113,8 +123,11 @@ def multi_worker_mirrored_strategy(communication: str = "auto",
     if communication not in _COMMUNICATION:
         raise ConfigError(f"multi_worker_mirrored_strategy.communication must be one of "
                           f"{sorted(_COMMUNICATION)}, got {communication!r}")
+    # 'auto' is NCCL on GPUs, RING on CPUs: TensorFlow's own AUTO picks NCCL only in graph
+    # mode, so eager Keras steps would all-reduce through gRPC even between GPUs.
+    chosen = collective(communication, len(tf.config.list_physical_devices("GPU")))
     options = tf.distribute.experimental.CommunicationOptions(
-        implementation=_COMMUNICATION[communication])
+        implementation=_COMMUNICATION[chosen])
     resolver = _cluster_resolver(cluster)
     if resolver.task_type == "evaluator":
         return _evaluator_strategy()
@@ -181,11 +194,13 @@ class StrategyInfo:
 
 
 def describe(strategy: tf.distribute.Strategy) -> StrategyInfo:
-    """Summarises ``strategy`` for logs, tags and the dry run."""
+    """Summarises ``strategy`` for logs, tags and the dry run: its devices as
+    ``GPU:0``, ``CPU:1`` (the default strategy: the device TensorFlow places ops on)."""
     try:
-        devices = tuple(strategy.extended.worker_devices)
+        devices = tuple(d.rpartition("device:")[2] for d in strategy.extended.worker_devices)
     except RuntimeError:  # the default strategy has no device list
-        devices = ()
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = (gpus[0].name.rpartition("device:")[2],) if gpus else ("CPU:0",)
     name = type(strategy).__name__.lstrip("_").replace("DistributionStrategy", "Strategy")
     name = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
             "ParameterServerStrategyV2": "ParameterServerStrategy"}.get(name, name)

@@ -12,6 +12,7 @@ from lmt_tf.runtime.devices import (
     plan_federation,
     plan_single,
     plan_trials,
+    unseen_gpus,
     visible_gpus,
 )
 
@@ -105,3 +106,13 @@ def test_flower_clients_share_the_gpus() -> None:
 def test_the_collective_is_nccl_on_gpus_and_ring_on_cpus() -> None:
     assert collective("auto", gpus=2) == "nccl" and collective("auto", gpus=0) == "ring"
     assert collective("ring", gpus=8) == "ring"  # an explicit choice wins
+
+
+def test_gpus_tensorflow_cannot_see_are_said_once_not_skipped() -> None:
+    nodes = ["/dev/nvidia0", "/dev/nvidia1"]
+    warning = unseen_gpus(0, {}, nodes)
+    assert warning.startswith("lmt: warning: this host has 2 NVIDIA GPU(s) but TensorFlow "
+                              "sees none") and "lmt_tf[gpu]" in warning
+    assert unseen_gpus(2, {}, nodes) is None  # TensorFlow uses them
+    assert unseen_gpus(0, {"CUDA_VISIBLE_DEVICES": "-1"}, nodes) is None  # hidden on purpose
+    assert unseen_gpus(0, {}, []) is None  # no GPU here
