@@ -122,6 +122,12 @@ def _experiment_commands(commands: Any, gin_options: argparse.ArgumentParser,
                         help="restart a failed cluster up to K times, resuming the run")
     launch.add_argument("--timeout", type=float, default=0,
                         help="seconds before an attempt is stopped (default: none)")
+    launch.add_argument("--gpus-per-worker", type=int, default=None, metavar="N",
+                        help="GPUs each worker takes (default: the visible GPUs split "
+                             "evenly; 0: train on the CPU); ps tasks and a ps chief take "
+                             "none")
+    launch.add_argument("--share-gpus", action="store_true",
+                        help="let more workers than GPUs share them (memory growth on)")
     launch.add_argument("--evaluator", action="store_true",
                         help="add a side-car evaluator task that validates each checkpoint")
     launch.add_argument("--network", choices=("isolated", "host"), default="isolated",

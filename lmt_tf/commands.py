@@ -118,7 +118,8 @@ def launch(args: argparse.Namespace) -> int:
         run_args.append("--allow-changes")
     job = launcher.Job(run_args, args.workers, args.ps, args.restarts, args.timeout,
                        args.evaluator, resume=args.resume, run_name=args.run_name,
-                       network=args.network)
+                       network=args.network, gpus_per_worker=args.gpus_per_worker,
+                       share_gpus=args.share_gpus)
     return launcher.launch(job, echo=lambda line: print(line, flush=True),
                            echo_error=lambda line: print(line, file=sys.stderr, flush=True))
 

@@ -30,6 +30,7 @@ from lmt_tf.process import (
     JOB_NETWORK_ENV,
     lmt_command,
 )
+from lmt_tf.runtime.devices import DevicePlan, plan_cluster, visible_gpus
 from lmt_tf.runtime.netns import JobNamespace
 from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
 from lmt_tf.tracking.credentials import redact_uri
@@ -53,6 +54,17 @@ class Job:
     # "isolated": the tasks run in a network namespace of their own with only loopback,
     # unreachable from other hosts (and unable to reach them); "host": this machine's.
     network: str = "isolated"
+    gpus_per_worker: int | None = None  # None: the visible GPUs split evenly (devices.py)
+    share_gpus: bool = False  # let more workers than GPUs share them
+
+    def devices(self) -> DevicePlan:
+        """Each task's GPUs on this host (see ``devices.plan_cluster``).
+
+        Raises:
+          ConfigError: for more workers than GPUs without a sharing choice.
+        """
+        return plan_cluster(visible_gpus(), self.workers, self.ps, self.evaluator,
+                            self.gpus_per_worker, self.share_gpus)
 
 
 def cluster_spec(workers: int, ps: int, ports: Sequence[int],
@@ -70,10 +82,11 @@ def cluster_spec(workers: int, ps: int, ports: Sequence[int],
     return spec
 
 
-def _start_cluster(spec: dict[str, list[str]], command: Sequence[str],
+def start_cluster(spec: dict[str, list[str]], command: Sequence[str],
                    echo: Callable[[str], None], echo_error: Callable[[str], None],
-                   environment: dict[str, str]) -> ProcessGroup:
-    """One ``command`` per task of ``spec``, each with its ``TF_CONFIG``."""
+                   environment: dict[str, str], devices: DevicePlan) -> ProcessGroup:
+    """One ``command`` per task of ``spec``, each with its ``TF_CONFIG`` and its part of
+    the host's GPUs (``devices``)."""
     group = ProcessGroup(echo, echo_error)
     # The training tasks' TF_CONFIG does not list the evaluator; its own does.
     training = {job: addresses for job, addresses in spec.items() if job != "evaluator"}
@@ -81,7 +94,8 @@ def _start_cluster(spec: dict[str, list[str]], command: Sequence[str],
         for task_id in range(len(addresses)):
             cluster = spec if task_type == "evaluator" else training
             group.start(Task(task_type, task_id), command, {
-                **environment, "GRPC_FAIL_FAST": "use_caller",
+                **environment, **devices.task(f"{task_type}:{task_id}").environment(),
+                "GRPC_FAIL_FAST": "use_caller",
                 "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
                     "type": task_type, "index": task_id}})}, addresses[task_id])
     return group
@@ -147,6 +161,8 @@ def launch(job: Job, echo: Callable[[str], None] = print,
                        f"tracking server {redact_uri(server)} cannot be reached; add "
                        f"--network host (the tasks' servers are then reachable from "
                        f"other hosts: see the README's security section)")
+    devices = job.devices()
+    echo(f"lmt launch: devices: {devices.describe()}")
     run_name = job.run_name
     if run_name is None and not job.resume:
         run_name = f"{Path(job.run_args[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -160,9 +176,10 @@ def launch(job: Job, echo: Callable[[str], None] = print,
             if job.network == "isolated":
                 with JobNamespace() as namespace:
                     status = _attempt(namespace.command(command), job, echo,
-                                      echo_error or echo, environment)
+                                      echo_error or echo, environment, devices)
             else:
-                status = _attempt(command, job, echo, echo_error or echo, environment)
+                status = _attempt(command, job, echo, echo_error or echo, environment,
+                                  devices)
             made = json.loads(report.read_text()) if report.is_file() else None
             if status != 0 and made:
                 _end_orphaned_run(made, echo)
@@ -188,11 +205,12 @@ def _end_orphaned_run(made: dict[str, str], echo: Callable[[str], None]) -> None
 
 
 def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
-             echo_error: Callable[[str], None], environment: dict[str, str]) -> int:
+             echo_error: Callable[[str], None], environment: dict[str, str],
+             devices: DevicePlan) -> int:
     tasks = job.workers + (1 + job.ps if job.ps else 0) + (1 if job.evaluator else 0)
     spec = cluster_spec(job.workers, job.ps, free_ports(tasks), job.evaluator)
     echo(f"lmt launch: cluster {json.dumps(spec)}")
-    cluster = _start_cluster(spec, command, echo, echo_error, environment)
+    cluster = start_cluster(spec, command, echo, echo_error, environment, devices)
     lost: set[Task] = set()
     return cluster.supervise(lambda: _outcome(cluster, job.ps > 0, cluster.echo, lost),
                              job.timeout, f"lmt launch: no result after {job.timeout:g} s; "

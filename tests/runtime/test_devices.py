@@ -116,3 +116,34 @@ def test_gpus_tensorflow_cannot_see_are_said_once_not_skipped() -> None:
     assert unseen_gpus(2, {}, nodes) is None  # TensorFlow uses them
     assert unseen_gpus(0, {"CUDA_VISIBLE_DEVICES": "-1"}, nodes) is None  # hidden on purpose
     assert unseen_gpus(0, {}, []) is None  # no GPU here
+
+
+def test_every_launched_task_gets_its_part_of_the_gpus() -> None:
+    import sys
+
+    from lmt_tf.runtime.launcher import cluster_spec, start_cluster
+
+    plan = plan_cluster(GPUS[8], workers=2, ps=1, evaluator=False)
+    spec = cluster_spec(2, 1, [1, 2, 3, 4])
+    lines: list[str] = []
+    group = start_cluster(spec, [sys.executable, "-c", "import os; print('sees', os.environ["
+                                 "'CUDA_VISIBLE_DEVICES'])"], lines.append, lines.append,
+                          {}, plan)
+    for process in group.processes.values():
+        process.wait(60)
+    group.stop()
+    seen = sorted(line.split("] ", 1) for line in lines if "] sees" in line)
+    assert seen == [["[chief:0", "sees -1"], ["[ps:0", "sees -1"],
+                    ["[worker:0", "sees 0,1,2,3"], ["[worker:1", "sees 4,5,6,7"]]
+
+
+def test_more_workers_than_gpus_stops_lmt_launch_before_any_task(in_tmp, gin_file,
+                                                                 monkeypatch, capsys) -> None:
+    from lmt_tf.cli import main
+    from tests.conftest import TINY
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    exp = gin_file(TINY)
+    assert main(["launch", "--workers", "3", exp]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 worker(s) need 3 GPU(s) but this host shows 2" in err[0]
