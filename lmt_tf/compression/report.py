@@ -28,6 +28,9 @@ class Row:
     gzip_bytes: int  # the same, gzip-compressed
     test_accuracy: float  # the interpreter's for TFLite
     latency_ms: float  # mean per example at batch 1
+    # Where the latency was measured: Keras on the device TensorFlow places the model on
+    # (a GPU's includes copying the example there), LiteRT on one CPU thread.
+    measured_on: str = ""
 
 
 def weight_counts(weights: Sequence[np.ndarray]) -> tuple[int, int]:
@@ -57,14 +60,23 @@ def keras_row(stage: str, model: keras.Model, test_accuracy: float, x: np.ndarra
     weights = model.get_weights()
     latency = float(np.mean(latency_per_example(model, x, 1, latency_runs)))
     return Row(stage, *weight_counts(weights), *saved_bytes(weights), test_accuracy,
-               latency)
+               latency, f"Keras, {keras_device()}")
 
 
 def tflite_row(stage: str, flat: bytes, test_accuracy: float, latency_ms: float,
                weights: Sequence[np.ndarray]) -> Row:
     """The row of a ``.tflite`` file measured in LiteRT, converted from ``weights``."""
     return Row(stage, *weight_counts(weights), len(flat),
-               len(gzip.compress(flat, compresslevel=9)), test_accuracy, latency_ms)
+               len(gzip.compress(flat, compresslevel=9)), test_accuracy, latency_ms,
+               "LiteRT, CPU, 1 thread")
+
+
+def keras_device() -> str:
+    """The device a Keras model computes on in this process: its first GPU, else CPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name.rpartition("device:")[2] if gpus else "CPU"
 
 
 def as_json(rows: list[Row]) -> str:
@@ -75,12 +87,12 @@ def as_markdown(rows: list[Row]) -> str:
     """The report as a Markdown table, sizes relative to the first row."""
     base = rows[0]
     lines = ["| stage | parameters | non-zero | bytes | gzip bytes | gzip vs first | "
-             "test accuracy | latency ms (batch 1) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "test accuracy | latency ms (batch 1) | measured on |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(f"| {r.stage} | {r.parameters:,} | {r.nonzero_parameters:,} | "
                      f"{r.bytes:,} | {r.gzip_bytes:,} | {base.gzip_bytes / r.gzip_bytes:.2f}x | "
-                     f"{r.test_accuracy:.4f} | {r.latency_ms:.3f} |")
+                     f"{r.test_accuracy:.4f} | {r.latency_ms:.3f} | {r.measured_on} |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,6 +107,9 @@ def test_the_compression_report_has_a_row_per_stage_output(in_tmp: Path) -> None
     assert by_stage["prune"]["test_accuracy"] == pytest.approx(
         run.data.metrics["prune/test_accuracy"])
     assert all(row["latency_ms"] > 0 for row in rows)
+    # Every latency says where it was measured (here, without a GPU: the CPU).
+    assert by_stage["train"]["measured_on"] == "Keras, CPU"
+    assert by_stage["tflite:int8"]["measured_on"] == "LiteRT, CPU, 1 thread"
     table = Path(client.download_artifacts(run.info.run_id, "compression/report.md",
                                            str(in_tmp))).read_text()
     assert table.count("\n") == 2 + len(rows) and "| tflite:int8 |" in table
