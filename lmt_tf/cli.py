@@ -80,6 +80,7 @@ def _experiment_commands(commands: Any, gin_options: argparse.ArgumentParser,
     run.add_argument("--flower-server", default=None, metavar="HOST:PORT",
                      help="run the federate stage as a Flower server listening on HOST:PORT, "
                           "for clients started with `lmt flower-client`")
+    _tls_options(run, server=True)
     evaluate = commands.add_parser(
         "evaluate", parents=[gin_options], help="evaluate a logged model on an experiment's data",
         description="Evaluate a model on the test split of an experiment's data (per-class "
@@ -110,6 +111,7 @@ def _experiment_commands(commands: Any, gin_options: argparse.ArgumentParser,
                         help="the Flower server's address")
     client.add_argument("--client", type=int, required=True, metavar="K",
                         help="which client this is, 0 <= K < PartitionConfig.clients")
+    _tls_options(client, server=False)
 
     launch = commands.add_parser(
         "launch", parents=[run_options], help="run an experiment on a local multi-process cluster",
@@ -135,6 +137,22 @@ def _experiment_commands(commands: Any, gin_options: argparse.ArgumentParser,
                              "the job's own, unreachable from other hosts; host: this "
                              "machine's network (needed to reach a tracking server)")
 
+
+
+def _tls_options(parser: argparse.ArgumentParser, server: bool) -> None:
+    """TLS of a Flower server (``lmt run --flower-server``) or client; PEM files."""
+    parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="TLS: the CA certificate that signed the Flower server's "
+                             "certificate (FlowerTLS.ca_certificate)")
+    if server:
+        parser.add_argument("--tls-cert", default=None, metavar="FILE",
+                            help="TLS: the Flower server's certificate "
+                                 "(FlowerTLS.server_certificate)")
+        parser.add_argument("--tls-key", default=None, metavar="FILE",
+                            help="TLS: its private key (FlowerTLS.server_key)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="accept plaintext to or from another machine (without TLS, "
+                             "only 127.0.0.1 and localhost are allowed)")
 
 
 def _store_commands(commands: Any, gin_options: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ def _run_parsed(args: argparse.Namespace, bindings: Sequence[str],
     import_tensorflow()  # quiet, before anything imports TensorFlow
     _quiet_mlflow()
     from lmt_tf import config
-    from lmt_tf.invocation import FlowerRole, RunOptions
+    from lmt_tf.invocation import RunOptions
 
     files = [args.gin_file, *args.more_files]
     config.parse(files, bindings)
@@ -54,8 +54,25 @@ def _run_parsed(args: argparse.Namespace, bindings: Sequence[str],
         config_files=files, bindings=list(bindings),
         # Line by line, also into a pipe (`| tee log`, a scheduler's log).
         echo=lambda line: print(line, flush=True),
-        flower=FlowerRole(*flower) if flower else None, **options))
+        flower=_flower_role(args, *flower) if flower else None, **options))
     return 0
+
+
+def _flower_role(args: argparse.Namespace, address: str, client: int | None) -> Any:
+    """This process's part in a Flower deployment, checked before the run starts: its
+    TLS (the --tls-* flags over FlowerTLS in gin) and, for the server, that it can
+    listen on ``address``."""
+    from lmt_tf import config
+    from lmt_tf.federated.transport import FlowerTLS, check_listen, secured
+    from lmt_tf.invocation import FlowerRole
+
+    flags = FlowerTLS(getattr(args, "tls_ca", None), getattr(args, "tls_cert", None),
+                      getattr(args, "tls_key", None))
+    tls = secured(address, config.configured(FlowerTLS).overridden_by(flags),
+                  getattr(args, "insecure", False), server=client is None)
+    if client is None:
+        check_listen(address)
+    return FlowerRole(address, client, tls)
 
 
 def federate(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from lmt_tf.experiment import Experiment, RunResult, describe_run, prepare, run
 from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import PartitionConfig
 from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, ServerMomentum
+from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models import cnn, mlp, recommender
 from lmt_tf.optim import transforms
@@ -54,7 +55,7 @@ _PROJECT = {
                  Preprocessing],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
-    "lmt.federated": [FederatedConfig, PartitionConfig],
+    "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,

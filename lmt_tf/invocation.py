@@ -12,6 +12,7 @@ import tf_keras as keras
 from lmt_tf.checks import check_types
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
+from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.training.train_config import TrainConfig
 
@@ -45,6 +46,7 @@ class FlowerRole:
 
     address: str  # host:port the server listens on (server) or connects to (client)
     client: int | None = None  # the client id this process serves; None: the server
+    tls: FlowerTLS | None = None  # its TLS files, checked; None: plaintext
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.federated.deploy import Deployment, client_command, server_command
+from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.process import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -82,3 +83,10 @@ def test_cluster_tasks_and_flower_processes_are_built_by_the_contract() -> None:
         "run", "fed.gin", *clients, "--flower-server", "127.0.0.1:5", "--run-name", "fed-1")
     assert client_command(deployment, "127.0.0.1:5", 2) == lmt_command(
         "flower-client", "fed.gin", *clients, "--server", "127.0.0.1:5", "--client", "2")
+    tls = FlowerTLS("ca.pem", "server.pem", "server.key")
+    assert server_command(deployment, "127.0.0.1:5", tls) == lmt_command(
+        "run", "fed.gin", *clients, "--flower-server", "127.0.0.1:5", "--tls-ca", "ca.pem",
+        "--tls-cert", "server.pem", "--tls-key", "server.key", "--run-name", "fed-1")
+    assert client_command(deployment, "127.0.0.1:5", 2, tls) == lmt_command(
+        "flower-client", "fed.gin", *clients, "--server", "127.0.0.1:5", "--client", "2",
+        "--tls-ca", "ca.pem")

@@ -89,6 +89,10 @@ class ClientModel:
         example = tf.zeros([1, *input_shape], tf.as_dtype(feature_dtype))
         prediction = inner(to_model_input(example))
         self.step.compiled_metrics.build(prediction, tf.zeros([1], tf.int64))
+        self.step.compiled_loss.build(prediction)
+        # Keras' mean of the compiled loss (the model's loss without FedProx's term): reset
+        # before each local step, it holds that step's loss afterwards.
+        self._step_loss = self.step.compiled_loss.metrics[0]
         self.model = inner
         self.weights = inner.weights
         self.traces = 0  # how many times the local loop was traced (1 in a healthy run)
@@ -109,7 +113,9 @@ class ClientModel:
     def fit(self, weights: Weights, split: Split, seed: int, round_: int,
             client: int) -> ClientResult:
         """Trains a copy of ``weights`` on ``split`` (this client's examples) for the
-        round, as ``local_batches`` orders them; returns the new weights."""
+        round, as ``local_batches`` orders them; returns the new weights and the mean of
+        its steps' losses (each a batch's mean; without FedProx's term), whatever this
+        model trained before: the same in a simulation and in a Flower client."""
         order, bounds = local_batches(self.config, len(split), seed, round_, client)
         x = np.asarray(split.x, self.feature_dtype)
         new, loss = self._train(x, label_array(split.y).astype(np.int64), order, bounds,
@@ -128,11 +134,15 @@ class ClientModel:
             variable.assign(tf.zeros_like(variable))
         for metric in self.step.metrics:
             metric.reset_state()
-        loss = tf.constant(0.0)  # the loss tracker's mean over this client's steps
-        for b in tf.range(tf.shape(bounds)[0]):
+        steps = tf.shape(bounds)[0]
+        total = tf.constant(0.0)  # of this client's per-step losses in this round
+        for b in tf.range(steps):
             ids = order[bounds[b, 0]:bounds[b, 1]]
             features = to_model_input(tf.gather(x, ids))
-            loss = self.step.train_step((features, tf.gather(y, ids)))["loss"]
+            self._step_loss.reset_state()
+            self.step.train_step((features, tf.gather(y, ids)))
+            total += self._step_loss.result()
+        loss = total / tf.cast(tf.maximum(steps, 1), tf.float32)  # the mean over its steps
         return [tf.identity(v) for v in self.weights], loss
 
     def evaluate(self, weights: Weights, split: Split, batch_size: int = 1000

@@ -5,14 +5,20 @@ on Ctrl-C (as ``lmt launch`` does for a tf.distribute cluster).
 The server is ``lmt run FILE --flower-server ADDRESS`` (it logs the MLflow run); client
 k is ``lmt flower-client FILE --server ADDRESS --client k`` (it loads only its own part
 of the data). The same two commands run the clients on other machines.
+
+They talk TLS: the job makes a throw-away CA and a certificate for 127.0.0.1 in a
+scratch directory of its own, removed when it ends; the CA's key is never written.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lmt_tf.errors import LmtError
+from lmt_tf.federated.transport import FlowerTLS, throwaway_tls
 from lmt_tf.process import lmt_command
 from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
 
@@ -33,20 +39,25 @@ def _gin(job: Deployment) -> list[str]:
     return [*job.gin_args, "--gin_param", f"PartitionConfig.clients = {job.clients}"]
 
 
-def server_command(job: Deployment, address: str) -> list[str]:
-    """The server's process: ``lmt run FILE --flower-server ADDRESS``, which logs the
-    MLflow run."""
+def server_command(job: Deployment, address: str, tls: FlowerTLS | None = None
+                   ) -> list[str]:
+    """The server's process: ``lmt run FILE --flower-server ADDRESS`` (with ``tls``'s
+    files), which logs the MLflow run."""
     return lmt_command("run", *_gin(job), "--flower-server", address,
+                       *(["--tls-ca", tls.ca_certificate, "--tls-cert", tls.server_certificate,
+                          "--tls-key", tls.server_key] if tls else []),
                        *(["--run-name", job.run_name] if job.run_name else []),
                        *(["--resume"] if job.resume else []),
                        *(["--allow-changes"] if job.allow_changes else []))
 
 
-def client_command(job: Deployment, address: str, client: int) -> list[str]:
+def client_command(job: Deployment, address: str, client: int,
+                   tls: FlowerTLS | None = None) -> list[str]:
     """Client ``client``'s process: ``lmt flower-client FILE --server ADDRESS
-    --client K``."""
+    --client K`` (trusting ``tls``'s CA)."""
     return lmt_command("flower-client", *_gin(job), "--server", address,
-                       "--client", str(client))
+                       "--client", str(client),
+                       *(["--tls-ca", tls.ca_certificate] if tls else []))
 
 
 def deploy(job: Deployment, echo: Callable[[str], None] = print,
@@ -63,12 +74,18 @@ def deploy(job: Deployment, echo: Callable[[str], None] = print,
         raise LmtError(f"--clients must be at least 1, got {job.clients}")
     if job.timeout < 0:
         raise LmtError(f"--timeout must not be negative, got {job.timeout:g}")
+    with tempfile.TemporaryDirectory(prefix="lmt-federate-") as scratch:
+        return _supervise(job, throwaway_tls(Path(scratch)), echo, echo_error or echo)
+
+
+def _supervise(job: Deployment, tls: FlowerTLS, echo: Callable[[str], None],
+               echo_error: Callable[[str], None]) -> int:
     address = f"127.0.0.1:{free_ports(1)[0]}"
-    group = ProcessGroup(echo, echo_error or echo)
+    group = ProcessGroup(echo, echo_error)
     say = group.echo
-    group.start(Task("server", 0), server_command(job, address), {}, address)
+    group.start(Task("server", 0), server_command(job, address, tls), {}, address)
     for k in range(job.clients):
-        group.start(Task("client", k), client_command(job, address, k), {},
+        group.start(Task("client", k), client_command(job, address, k, tls), {},
                     f"-> {address}")
     reported: set[Task] = set()
 

@@ -10,12 +10,14 @@ Given the seed, a deployed run computes what the simulation computes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flwr
@@ -26,6 +28,7 @@ from lmt_tf.errors import LmtError
 from lmt_tf.federated.aggregation import ClientResult
 from lmt_tf.federated.client import ClientModel
 from lmt_tf.federated.rounds import Federation, RoundRecord, RoundState
+from lmt_tf.federated.transport import FlowerTLS, check_listen, split_address
 
 # Flower sends usage telemetry unless told not to.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -38,42 +41,100 @@ CONNECT_SECONDS = 120.0  # how long the server waits for every client to connect
 
 def serve(federation: Federation, model: ClientModel, state: RoundState, test: Split,
           on_round: Callable[[RoundRecord, RoundState], None], address: str,
-          echo: Callable[[str], None]) -> RoundState:
+          echo: Callable[[str], None], tls: FlowerTLS | None = None) -> RoundState:
     """Runs rounds ``state.round + 1 ...`` as a Flower server on ``address``
-    (``host:port``); returns the last state. ``model`` evaluates the global weights.
+    (``host:port``), with ``tls`` (None: plaintext); returns the last state. ``model``
+    evaluates the global weights.
 
     Raises:
-      LmtError: if the clients do not all connect in time, or a client fails (or is
-        missing) and ``FederatedConfig.on_client_failure`` is ``fail``.
+      LmtError: if the server cannot listen on ``address``, the clients do not all
+        connect in time, or a client fails (or is missing) and
+        ``FederatedConfig.on_client_failure`` is ``fail``.
+      KeyboardInterrupt: if a signal stopped the server.
     """
     config = federation.config
     if state.reached_target is not None or state.round >= config.rounds:
         return state
+    check_listen(address)  # checked before the run too; a process may have taken it since
+    certificates = tls.server_credentials() if tls is not None else None
     strategy = _Strategy(federation, model, state, test, on_round, echo)
-    echo(f"lmt: Flower server on {address}, waiting for {federation.clients} client(s)")
-    # start_server installs SIGINT/SIGTERM handlers that exit the process (SystemExit,
-    # then os._exit after 5 s). lmt's own handling is restored after it, and its exit on
-    # a signal becomes the KeyboardInterrupt lmt ends a run KILLED on.
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        flwr.server.start_server(
-            server_address=address, strategy=strategy,
-            config=flwr.server.ServerConfig(num_rounds=config.rounds - state.round,
-                                            round_timeout=config.round_timeout))
-    except SystemExit as e:
-        raise KeyboardInterrupt("the Flower server was stopped by a signal") from e
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    echo(f"lmt: Flower server on {address} ({'TLS' if tls else 'plaintext'}), waiting for "
+         f"{federation.clients} client(s)")
+    start_server(address, strategy, flwr.server.ServerConfig(
+        num_rounds=config.rounds - state.round, round_timeout=config.round_timeout),
+        certificates)
     if strategy.error is not None:
         raise strategy.error
     return strategy.state
 
 
+def start_server(address: str, strategy: flwr.server.strategy.Strategy,
+                 config: flwr.server.ServerConfig,
+                 certificates: tuple[bytes, bytes, bytes] | None) -> None:
+    """``flwr.server.start_server``, its exits told apart. It installs SIGINT, SIGTERM
+    and SIGQUIT handlers that exit the process (SystemExit, then os._exit after 5 s);
+    and it exits the same way when it cannot start (an address it cannot parse or
+    bind). lmt's own handling is restored after it. Only an exit on a signal becomes the
+    KeyboardInterrupt lmt ends a run KILLED on; any other is an error.
+
+    Raises:
+      KeyboardInterrupt: if a signal stopped the server.
+      LmtError: if Flower exited for another reason.
+    """
+    stops = [signal.SIGINT, signal.SIGTERM, *([signal.SIGQUIT] if hasattr(signal, "SIGQUIT")
+                                              else [])]
+    handlers = {s: signal.getsignal(s) for s in stops}
+    try:
+        with _signals_received() as received:
+            try:
+                flwr.server.start_server(server_address=address, strategy=strategy,
+                                         config=config, certificates=certificates)
+            except SystemExit as e:
+                if set(received()) & set(stops):
+                    raise KeyboardInterrupt("the Flower server was stopped by a "
+                                            "signal") from e
+                reason = e.code if isinstance(e.code, str) else f"exit status {e.code}"
+                raise LmtError(f"the Flower server on {address} stopped: "
+                               f"{str(reason).strip()}") from e
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _signals_received() -> Iterator[Callable[[], list[int]]]:
+    """Inside the block, the signals this process has received so far (the numbers
+    Python writes to its wakeup file descriptor for each signal it handles), whoever
+    installed the handlers."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def received() -> list[int]:
+        try:
+            return list(reader.recv(4096))
+        except BlockingIOError:
+            return []
+
+    try:
+        yield received
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
+
+
 def run_client(model: ClientModel, split: Split, client: int, seed: int, address: str,
-               echo: Callable[[str], None]) -> None:
+               echo: Callable[[str], None], tls: FlowerTLS | None = None) -> None:
     """Serves client ``client`` (its examples ``split``) to the Flower server at
-    ``address`` until the server ends the federation."""
+    ``address`` until the server ends the federation; with ``tls``, only to a server
+    whose certificate its CA certificate verifies (None: plaintext).
+
+    Raises:
+      LmtError: if the server does not accept a connection in time, or its TLS (or
+        the lack of it) does not match ``tls``.
+    """
     class LmtClient(flwr.client.NumPyClient):
         def get_properties(self, config: dict) -> dict:
             return {"client": client}
@@ -91,10 +152,14 @@ def run_client(model: ClientModel, split: Split, client: int, seed: int, address
         def evaluate(self, parameters: list[np.ndarray], config: dict) -> tuple:
             return 0.0, 0, {}  # the server evaluates the global model itself
 
-    echo(f"lmt: client {client} ({len(split)} examples) connecting to {address}")
+    root = tls.root_certificate() if tls is not None else None
+    echo(f"lmt: client {client} ({len(split)} examples) connecting to {address} "
+         f"({'TLS' if root else 'plaintext'})")
     _wait_for_server(address, CONNECT_SECONDS)
+    _check_handshake(address, root)
     flwr.client.start_client(server_address=address, client=LmtClient().to_client(),
-                             insecure=True, max_wait_time=CONNECT_SECONDS)
+                             root_certificates=root, insecure=root is None,
+                             max_wait_time=CONNECT_SECONDS)
 
 
 def _wait_for_server(address: str, timeout: float) -> None:
@@ -104,17 +169,50 @@ def _wait_for_server(address: str, timeout: float) -> None:
     Raises:
       LmtError: if it does not within ``timeout`` seconds.
     """
-    host, _, port = address.rpartition(":")
+    host, port = split_address(address, "--server")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            with socket.create_connection((host, port), timeout=5):
                 return
         except OSError as e:
             if time.monotonic() > deadline:
                 raise LmtError(f"the Flower server at {address} did not accept a connection "
                                f"within {timeout:g} s ({e.strerror or e})") from e
             time.sleep(0.5)
+
+
+def _check_handshake(address: str, root: bytes | None) -> None:
+    """Says at once, in one line, what Flower's client would only retry until it gives
+    up on: a server whose certificate ``root`` does not verify, one that does not speak
+    TLS although ``root`` is given, or one that does although it is not.
+
+    Raises:
+      LmtError: if the server's TLS does not match ``root``.
+    """
+    host, port = split_address(address, "--server")
+    if root:
+        context = ssl.create_default_context(cadata=root.decode())
+    else:  # only to learn whether it speaks TLS
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])  # as gRPC does
+    try:
+        with socket.create_connection((host, port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as e:
+        raise LmtError(f"the Flower server at {address} presented a certificate that "
+                       f"--tls-ca does not verify ({e.verify_message})") from e
+    except (ssl.SSLError, OSError) as e:
+        if root:
+            raise LmtError(f"the Flower server at {address} did not complete a TLS "
+                           f"handshake ({e.__class__.__name__}); does it run without "
+                           f"TLS?") from e
+        return  # plaintext, as expected
+    if not root:
+        raise LmtError(f"the Flower server at {address} speaks TLS: give the CA "
+                       f"certificate that signed its certificate (--tls-ca)")
 
 
 class _Strategy(flwr.server.strategy.Strategy):

@@ -5,6 +5,7 @@ the server's state after a round (``RoundState``, its checkpoint) and a round's 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from lmt_tf.federated.partition import Partition
 from lmt_tf.federated.privacy import privacy_spent
 from lmt_tf.federated.sampling import sample_clients
 from lmt_tf.federated.server_optimizers import Weights
+from lmt_tf.training.callbacks import TrainingDiverged, check_finite
 
 
 @dataclass
@@ -122,13 +124,25 @@ class Federation:
                     ) -> tuple[RoundState, RoundRecord]:
         """Round ``round_`` from its clients' ``results``: the new global model (server
         optimizer after aggregation) and the round's record, evaluated by ``evaluate``
-        when the round is one to evaluate (``started``: its ``time.perf_counter()``)."""
+        when the round is one to evaluate (``started``: its ``time.perf_counter()``).
+
+        Raises:
+          TrainingDiverged: if the clients' loss or the new global weights are NaN or
+            infinite.
+        """
         delta, facts = aggregate(self.config, state.weights, results, self.clients,
                                  self.seed, round_)
         weights, server = self.config.server_optimizer.apply(state.weights, delta,
                                                              state.server_state)
         examples = sum(r.examples for r in results)
         loss = (sum(r.loss * r.examples for r in results) / examples) if examples else 0.0
+        # A diverged round ends the run as a diverged epoch does: before it is
+        # checkpointed, logged or evaluated.
+        if not math.isfinite(loss):
+            raise TrainingDiverged(loss, round_, round_, f"loss is {loss} in round {round_} "
+                                   f"of federate (FederatedConfig.client_learning_rate "
+                                   f"{self.config.client_learning_rate:g})")
+        check_finite(weights, f"the global model of federate round {round_}")
         sent = wire_bytes(weights) * len(results)  # each way: a model to and from each
         epsilon = (privacy_spent(self.config, self.clients, round_)
                    if self.config.private and self.config.dp_noise_multiplier else None)

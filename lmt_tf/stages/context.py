@@ -22,6 +22,7 @@ from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
 from lmt_tf.session import Session
 from lmt_tf.tracking.run import Run
+from lmt_tf.training.callbacks import check_finite
 from lmt_tf.training.trainer import Trainer
 
 
@@ -132,7 +133,8 @@ class Stage:
     leaves its result in it. It logs metrics under ``<name>/`` and artifacts under
     ``<name>/`` (``train`` keeps the plain names of a training run). ``run`` makes every
     stage resumable the same way: a stage done in an earlier attempt of the run only
-    ``restore``s what the stages after it need.
+    ``restore``s what the stages after it need; and every stage fails the run
+    (``TrainingDiverged``) if it leaves a model with NaN or infinite weights.
     """
 
     name = "stage"
@@ -146,10 +148,16 @@ class Stage:
         earlier attempt; then it is recorded as done."""
         if self.chief_only and not context.setup.role.is_chief:
             return
-        if context.done(self.name):
+        done = context.done(self.name)
+        if done:
             self.restore(context)
         else:
             self.work(context)
+        # Whatever the stage (train, fine-tuning, federate, one to come): a model that
+        # diverged ends the run FAILED here, before any later stage exports it.
+        if context.model is not None:
+            check_finite(context.model.get_weights(), f"the model the {self.name} stage left")
+        if not done:
             context.mark_done(self.name)
         if context.report is not None:
             context.report.stage_done(self.name)

@@ -113,7 +113,7 @@ class Federate(Stage):
             from lmt_tf.federated.flower import serve
 
             state = serve(federation, client, state, splits.test, on_round, flower.address,
-                          context.echo)
+                          context.echo, flower.tls)
         else:
             state = simulate(federation, client, state, splits.test, on_round)
         context.model.set_weights(state.weights)
@@ -148,7 +148,7 @@ class Federate(Stage):
         parts = partition(splits.train.y, self.partition, seed)
         mine = Federation(self.config, parts, splits.train, seed).client_split(flower.client)
         run_client(self._client_model(model_fn, splits, train), mine, flower.client, seed,
-                   flower.address, echo)
+                   flower.address, echo, flower.tls)
 
 
 def _progress(record: RoundRecord, rounds: int) -> str:

@@ -11,9 +11,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -102,13 +103,32 @@ def divergence_guard(strategy: tf.distribute.Strategy,
 
 
 class TrainingDiverged(LmtError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights training left, became NaN or infinite.
 
-    def __init__(self, value: float, step: int, epoch: int):
-        super().__init__(f"training diverged: loss is {value} at step {step} (epoch "
-                         f"{epoch}); no checkpoint or model of it was saved (lower the "
-                         f"learning rate, clip gradients, or check the data)")
+    Args:
+      value: the non-finite loss (or weight).
+      step, epoch: where (a stage's round or 0 outside a fit).
+      where: what diverged, if not the loss at ``step`` of a fit.
+    """
+
+    def __init__(self, value: float, step: int, epoch: int, where: str | None = None):
+        where = where or f"loss is {value} at step {step} (epoch {epoch})"
+        super().__init__(f"training diverged: {where}; no checkpoint or model of it was "
+                         f"saved (lower the learning rate, clip gradients, or check the data)")
         self.value, self.step, self.epoch = value, step, epoch
+
+
+def check_finite(weights: Sequence[Any], what: str) -> None:
+    """Raises ``TrainingDiverged`` if any of the float ``weights`` (of ``what``: "the
+    model the prune stage left") is NaN or infinite."""
+    arrays = [np.asarray(w) for w in weights]
+    arrays = [w for w in arrays if np.issubdtype(w.dtype, np.floating)]
+    bad = [w[~np.isfinite(w)] for w in arrays]
+    count = sum(b.size for b in bad)
+    if count:
+        first = next(float(b.flat[0]) for b in bad if b.size)
+        raise TrainingDiverged(first, 0, 0, f"{count:,} of {sum(w.size for w in arrays):,} "
+                                            f"weights of {what} are NaN or infinite")
 
 
 class DivergenceGuard(keras.callbacks.Callback):

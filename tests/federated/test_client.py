@@ -61,6 +61,44 @@ def test_one_client_one_full_batch_is_a_step_of_central_gradient_descent() -> No
     assert result.examples == 200 and result.loss > 0
 
 
+def _local_run_by_hand(weights, split: Split, config: FederatedConfig, round_: int,
+                       client: int) -> tuple[list[np.ndarray], float]:
+    """A client's round by hand: SGD over ``local_batches``; the mean of its steps' losses
+    (each the batch's mean loss before that step's update)."""
+    from lmt_tf.federated.sampling import local_batches
+
+    model = _model(input_shape=DIGITS.input_shape, num_classes=DIGITS.num_classes)
+    model.set_weights(weights)
+    order, bounds = local_batches(config, len(split), 0, round_, client)
+    losses = []
+    for start, end in bounds:
+        ids = order[start:end]
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                split.y[ids].astype(np.int64),
+                model(tf.convert_to_tensor(split.x[ids], tf.float32), training=True)))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        for v, g in zip(model.trainable_variables, gradients, strict=True):
+            v.assign_sub(config.client_learning_rate * g)
+        losses.append(float(loss))
+    return model.get_weights(), float(np.mean(losses))
+
+
+def test_a_clients_loss_is_the_mean_of_its_own_steps_losses() -> None:
+    """Two clients in turn on one model: each reports the mean of its own steps' losses
+    in the round (a running mean over clients would give the second one another)."""
+    config = FederatedConfig(local_epochs=2, local_batch_size=32, client_learning_rate=LR)
+    client = _client(config)
+    start = client.get_weights()
+    for k, ids in enumerate([range(0, 150), range(150, 250)]):  # 150: a partial batch
+        split = Split(DIGITS.train.x[list(ids)], DIGITS.train.y[list(ids)])
+        result = client.fit(start, split, seed=0, round_=3, client=k)
+        weights, loss = _local_run_by_hand(start, split, config, 3, k)
+        assert result.loss == pytest.approx(loss, rel=1e-5)
+        for got, want in zip(result.weights, weights, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _rounds(config: FederatedConfig, rounds: int = 2, clients: int = 8):
     client = _client(config)
     parts = partition(DIGITS.train.y, PartitionConfig(clients=clients), seed=0)

@@ -5,12 +5,14 @@ and DP without noise averages clipped updates over the expected number of client
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lmt_tf.federated.aggregation import ClientResult, clip_update
 from lmt_tf.federated.config import FederatedConfig
 from lmt_tf.federated.partition import Partition
 from lmt_tf.federated.rounds import Federation
 from lmt_tf.federated.server_optimizers import ServerMomentum
+from lmt_tf.training.callbacks import TrainingDiverged
 
 RNG = np.random.default_rng(0)
 GLOBAL = [RNG.normal(size=(3, 4)).astype(np.float32), RNG.normal(size=4).astype(np.float32)]
@@ -63,3 +65,16 @@ def test_dp_without_noise_is_clipped_averaging_over_the_expected_clients() -> No
         by_hand = GLOBAL[i] + sum(d[i] for d in deltas) / (0.3 * 10)  # fixed denominator
         np.testing.assert_allclose(w, by_hand, rtol=1e-6, atol=1e-6)
     assert facts["clipped_clients"] == 3  # every update of norm ~4 was clipped
+
+
+@pytest.mark.parametrize("broken", ["loss", "weights"])
+def test_a_round_that_diverged_is_refused_before_it_counts(broken: str) -> None:
+    """Shared by the simulation and a Flower server: a non-finite loss or global weight
+    stops the run at that round, before any state or record of it exists."""
+    results = _results()
+    if broken == "loss":
+        results[1].loss = float("nan")
+    else:
+        results[2].weights[0][0, 0] = np.inf
+    with pytest.raises(TrainingDiverged, match="federate round 1|round 1 of federate"):
+        _server_round(FederatedConfig(), results)

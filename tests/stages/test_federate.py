@@ -88,6 +88,25 @@ def test_more_clients_than_examples_is_refused(in_tmp: Path) -> None:
         run_stages([Federate(_config(), PartitionConfig(clients=5000))])
 
 
+def test_a_diverging_federated_run_fails_and_exports_nothing(gin_file, in_tmp: Path,
+                                                            capsys) -> None:
+    gin_file(FEDERATED + "FederatedConfig.rounds = 3\n")
+    status = main(["run", "exp.gin", "--gin_param",
+                   "FederatedConfig.client_learning_rate = 1e30"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith("lmt: error: training diverged: loss is nan in round 1 of "
+                             "federate (FederatedConfig.client_learning_rate 1e+30)")
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["lmt.error"].startswith("TrainingDiverged: training diverged")
+    assert not any(k.startswith("federate/") for k in run.data.metrics)  # no round logged
+    client = mlflow_client(in_tmp)
+    assert client.list_artifacts(run.info.run_id, "saved_model") == []
+    assert not list(in_tmp.glob("lmt_work/*/*/export"))
+    assert not list(in_tmp.glob("lmt_work/*/*/stages/federate/checkpoints/round-*"))
+
+
 def test_bad_bindings_are_one_line_errors(gin_file, capsys) -> None:
     gin_file(FEDERATED + "FederatedConfig.client_fraction = 1.5\n")
     assert main(["run", "exp.gin"]) == 2
