@@ -20,6 +20,7 @@ from pathlib import Path
 from lmt_tf.errors import LmtError
 from lmt_tf.federated.transport import FlowerTLS, throwaway_tls
 from lmt_tf.process import lmt_command
+from lmt_tf.runtime.devices import plan_federation, visible_gpus
 from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
 
 
@@ -83,10 +84,13 @@ def _supervise(job: Deployment, tls: FlowerTLS, echo: Callable[[str], None],
     address = f"127.0.0.1:{free_ports(1)[0]}"
     group = ProcessGroup(echo, echo_error)
     say = group.echo
-    group.start(Task("server", 0), server_command(job, address, tls), {}, address)
+    devices = plan_federation(visible_gpus(), job.clients)
+    say(f"lmt federate: devices: {devices.describe()}")
+    group.start(Task("server", 0), server_command(job, address, tls),
+                devices.task("server:0").environment(), address)
     for k in range(job.clients):
-        group.start(Task("client", k), client_command(job, address, k, tls), {},
-                    f"-> {address}")
+        group.start(Task("client", k), client_command(job, address, k, tls),
+                    devices.task(f"client:{k}").environment(), f"-> {address}")
     reported: set[Task] = set()
 
     def outcome() -> int | None:

@@ -96,6 +96,9 @@ def test_deployed_rounds_equal_the_simulation(tmp_path: Path, monkeypatch) -> No
                  *bindings], deployed)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     assert "[server:0] lmt: 3 Flower client(s) connected" in done.stdout
+    # The device plan gave each process its part (here: no GPU, so none sees one).
+    assert ("lmt federate: devices: 0 GPU(s); server:0: CPU, client:0: CPU, client:1: CPU, "
+            "client:2: CPU; all-reduce ring") in done.stdout
     assert "lmt: Flower server on 127.0.0.1:" in done.stdout and "(TLS)" in done.stdout
     for k in range(CLIENTS):  # each client process loaded its own part
         assert f"[client:{k}] lmt: client {k} (" in done.stdout
