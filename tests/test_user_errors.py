@@ -107,6 +107,23 @@ CASES = {
         _run(*CSV_DATA), "no column 'label'", _csv("a,b,class\n1,2,0\n")),
     "CSV with a header only": Case(_run(*CSV_DATA), "no rows below the header",
                                    _csv("a,b,label\n")),
+    "CSV with fractional labels": Case(
+        _run(*CSV_DATA), "data.csv, line 3, column 'label': '0.5' is not a class id",
+        _csv("a,b,label\n1,2,0\n3,4,0.5\n5,6,1.7\n" + "7,8,1\n" * 20)),
+    "CSV with an infinite cell": Case(
+        _run(*CSV_DATA), "data.csv, line 4, column 'b': 'inf' is not a finite number",
+        _csv("a,b,label\n1,2,0\n3,4,1\n5,inf,1\n" + "7,8,1\n" * 20)),
+    "npz with fractional labels": Case(
+        _run(*NPZ_DATA), "data.npz: y[1] = 0.2 is not a class id",
+        _npz(x=np.zeros((100, 2), np.float32), y=np.r_[0, 0.2, np.ones(98)])),
+    "npz with an infinite feature": Case(
+        _run(*NPZ_DATA), "is not a finite number",
+        _npz(x=np.r_[[[np.inf, 0]], np.zeros((99, 2))].astype(np.float32),
+             y=np.arange(100) % 2)),
+    "npz with missing features and no imputation": Case(
+        _run(*NPZ_DATA), "missing values (NaN), e.g. example",
+        _npz(x=np.r_[np.full((50, 2), np.nan), np.zeros((50, 2))].astype(np.float32),
+             y=np.arange(100) % 2)),
     "CSV with a negative label": Case(
         _run(*CSV_DATA), "labels outside [0, 2)",
         _csv("a,b,label\n" + "".join(f"{i},{i},{i % 3 - 1}\n" for i in range(60)))),

