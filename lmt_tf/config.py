@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import os
 import re
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -114,7 +115,9 @@ def run_parsed(options: RunOptions | None = None) -> RunResult | None:
     Returns:
       The run's result; None for a dry run, a Flower client or an evaluator.
     """
-    options = dataclasses.replace(options or RunOptions(), params=bound_params(),
+    options = options or RunOptions()
+    check_complete(options.config_files)
+    options = dataclasses.replace(options, params=bound_params(),
                                   config_text=gin.config_str(),
                                   operative_config=gin.operative_config_str,
                                   operative_params=operative_params)
@@ -131,6 +134,34 @@ def run_parsed(options: RunOptions | None = None) -> RunResult | None:
                         setup.name, options.run_name, options.resume, options.echo)
         return None
     return run(setup, options)
+
+
+# What an experiment must set, and where a user finds one to include.
+_REQUIRED = {"data": "'gin/data/digits.gin'", "model": "'gin/models/mlp.gin'"}
+
+
+def check_complete(config_files: Sequence[str]) -> None:
+    """Raises ConfigError unless the parsed config is a whole experiment: one that sets
+    ``run_experiment.data`` and ``run_experiment.model`` (a fragment such as
+    'gin/models/mlp.gin' parses, but does not run).
+
+    Raises:
+      ConfigError: naming the files and what they leave unset.
+    """
+    missing = []
+    for parameter, example in _REQUIRED.items():
+        try:
+            gin.query_parameter(f"run_experiment.{parameter}")
+        except ValueError:
+            missing.append(f"run_experiment.{parameter} (e.g. include {example})")
+    if not missing:
+        return
+    files = ", ".join(config_files) or "the bindings"
+    if not gin.config_str().strip():
+        raise ConfigError(f"{files} binds nothing: an experiment sets at least "
+                          f"{' and '.join(missing)}")
+    raise ConfigError(f"{files} is not a complete experiment: it does not set "
+                      f"{' or '.join(missing)}")
 
 
 def register() -> None:
@@ -274,10 +305,15 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.add_config_file_search_path(str(PROJECT_ROOT))
     quiet = _NotFoundFilter()
     logging.getLogger().addFilter(quiet)
+    reading = _Includes()
     try:
-        with _plain_files_only():
+        with _plain_files_only(reading):
             gin.parse_config_files_and_bindings(list(config_files), list(bindings),
                                                 finalize_config=True)
+    except _IncludeCycle:
+        raise ConfigError(reading.cycle) from None
+    except RecursionError:  # nesting beyond Python's stack without a cycle
+        raise ConfigError(f"{', '.join(config_files)}: includes nested too deeply") from None
     except SyntaxError as e:  # gin's parse errors: say which file or binding
         where = f"{e.filename}, line {e.lineno}" if e.filename else \
             f"binding {bindings[e.lineno - 1]!r}" if e.lineno and e.lineno <= len(bindings) \
@@ -291,18 +327,54 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _plain_files_only() -> Iterator[None]:
-    """Parses with gin's plain file reader only. gin 0.5's other reader takes an include
-    such as 'experiments/x.gin' for a Python package path and crashes (TypeError) when
-    `experiments` is importable as a namespace package, i.e. whenever the project root
-    is on sys.path; lmt_tf's includes are files, never package resources."""
+def _plain_files_only(reading: _Includes) -> Iterator[None]:
+    """Parses with gin's plain file reader only, through ``reading``. gin 0.5's other
+    reader takes an include such as 'experiments/x.gin' for a Python package path and
+    crashes (TypeError) when `experiments` is importable as a namespace package, i.e.
+    whenever the project root is on sys.path; lmt_tf's includes are files, never package
+    resources."""
     readers = gin.config._FILE_READERS  # noqa: SLF001 (no public way to choose readers)
     saved = list(readers)
-    readers[:] = [r for r in saved if r[0].__module__ != "gin.resource_reader"]
+    readers[:] = [(reading.open if r[0] is open else r[0], r[1]) for r in saved
+                  if r[0].__module__ != "gin.resource_reader"]
     try:
         yield
     finally:
         readers[:] = saved
+
+
+class _IncludeCycle(RecursionError):
+    """A gin file that includes itself, directly or through others."""
+
+
+class _Includes:
+    """The gin files being read, each inside the ones that include it: a file that
+    includes itself is refused when it is opened the second time, not after gin has
+    recursed a thousand times."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []  # as shown in messages
+        self._paths: list[str] = []  # as opened
+        self.cycle = ""
+
+    @contextlib.contextmanager
+    def open(self, path: str) -> Iterator[Any]:
+        relative = os.path.relpath(path)
+        shown = path if relative.startswith("..") else relative
+        start = next((i for i, other in enumerate(self._paths)
+                      if os.path.samefile(path, other)), None)
+        if start is not None:
+            chain = " -> ".join([*self.stack[start:], shown])
+            self.cycle = f"gin file {self.stack[start]} includes itself ({chain})"
+            raise _IncludeCycle(self.cycle)
+        self.stack.append(shown)
+        self._paths.append(path)
+        try:
+            with open(path) as file:
+                yield file
+        finally:
+            self.stack.pop()
+            self._paths.pop()
 
 
 class _NotFoundFilter(logging.Filter):

@@ -200,3 +200,52 @@ def test_bindings_of_the_right_type_and_range_pass() -> None:
         "distill.alpha = %S", "keras.optimizers.Adam.learning_rate = "
         "@keras.optimizers.schedules.ExponentialDecay()", "TrainConfig.optimizer = @build_mlp",
         "distill.teacher = None"])
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"exp.gin": ""}, "exp.gin binds nothing: an experiment sets at least "
+                      "run_experiment.data"),
+    ({"exp.gin": "include 'gin/models/mlp.gin'\n"},
+     "exp.gin is not a complete experiment: it does not set run_experiment.data"),
+    ({"exp.gin": "include 'gin/data/digits.gin'\n"},
+     "exp.gin is not a complete experiment: it does not set run_experiment.model"),
+])
+def test_a_gin_file_that_is_not_an_experiment_is_named_with_what_it_lacks(
+        tmp_path: Path, monkeypatch, files: dict[str, str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        Path(name).write_text(text)
+    config.parse(["exp.gin"], [])  # a fragment parses ...
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.check_complete(["exp.gin"])  # ... but is no experiment
+
+
+def test_the_bindings_may_complete_an_experiment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("exp.gin").write_text("include 'gin/data/digits.gin'\n")
+    config.parse(["exp.gin"], ["run_experiment.model = @build_mlp"])
+    config.check_complete(["exp.gin"])
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.gin": "include 'a.gin'\n"}, "gin file a.gin includes itself (a.gin -> a.gin)"),
+    ({"a.gin": "include 'b.gin'\n", "b.gin": "TrainConfig.epochs = 2  # passes\n"
+                                              "include 'c.gin'\n",
+      "c.gin": "include 'b.gin'\n"},
+     "gin file b.gin includes itself (b.gin -> c.gin -> b.gin)"),
+])
+def test_a_gin_file_that_includes_itself_is_one_line_at_once(
+        tmp_path: Path, monkeypatch, files: dict[str, str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        Path(name).write_text(text)
+    with pytest.raises(ConfigError) as error:
+        config.parse(["a.gin"], [])
+    assert str(error.value) == message
+
+
+def test_a_file_included_twice_side_by_side_is_no_cycle(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("common.gin").write_text("TrainConfig.epochs = 2  # passes\n")
+    Path("a.gin").write_text("include 'common.gin'\ninclude 'common.gin'\n")
+    config.parse(["a.gin"], [])

@@ -35,6 +35,13 @@ def _file(name: str, text: str = "not what it should be\n") -> Callable[[Path], 
     return write
 
 
+def _files(texts: dict[str, str]) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        for name, text in texts.items():
+            (directory / name).write_text(text)
+    return write
+
+
 def _bad_manifest(directory: Path) -> None:
     (directory / "shards").mkdir()
     (directory / "shards" / "manifest.json").write_text("{not json")
@@ -133,6 +140,21 @@ CASES = {
         _run("run_experiment.stages = [@train(), @tflite(), @export()]",
              "tflite.representative_examples = 5000"),
         "tflite.representative_examples must be at most the 1168 training examples"),
+    # gin files that are not complete experiments
+    "an empty gin file": Case(["run", "empty.gin"], "empty.gin binds nothing",
+                              _file("empty.gin", "")),
+    "a gin file that includes itself": Case(
+        ["run", "self.gin"], "gin file self.gin includes itself (self.gin -> self.gin)",
+        _file("self.gin", "include 'self.gin'\n")),
+    "gin files that include each other": Case(
+        ["run", "a.gin"], "gin file a.gin includes itself (a.gin -> b.gin -> a.gin)",
+        _files({"a.gin": "include 'b.gin'\n", "b.gin": "include 'a.gin'\n"})),
+    "a gin file without a model": Case(
+        ["run", "data.gin"], "data.gin is not a complete experiment: it does not set "
+        "run_experiment.model", _file("data.gin", "include 'gin/data/digits.gin'\n")),
+    "a gin file without data": Case(
+        ["run", "model.gin"], "it does not set run_experiment.data",
+        _file("model.gin", "include 'gin/models/mlp.gin'\n")),
     "optimizer bound to something that is not one": Case(
         _run("TrainConfig.optimizer = @build_mlp"), "TrainConfig.optimizer:"),
     "batch larger than the data": Case(
