@@ -140,6 +140,23 @@ CASES = {
         _run("run_experiment.stages = [@train(), @tflite(), @export()]",
              "tflite.representative_examples = 5000"),
         "tflite.representative_examples must be at most the 1168 training examples"),
+    # the order of the stages
+    "tflite before anything trains": Case(
+        _run("run_experiment.stages = [@tflite(), @train(), @export()]"),
+        "tflite needs a trained model, and no stage before it trains one"),
+    "export of an untrained model": Case(
+        _run("run_experiment.stages = [@export()]"),
+        "or set export.allow_untrained = True"),
+    "distill without a teacher or a trained model": Case(
+        _run("run_experiment.stages = [@distill(), @export()]"), "or set distill.teacher"),
+    "evaluate of this run's model before training": Case(
+        _run("run_experiment.stages = [@evaluate(), @train()]"), "or set evaluate.model"),
+    "prune before train": Case(
+        _run("run_experiment.stages = [@prune(), @train(), @export()]"),
+        "prune needs a trained model"),
+    "a Flower server without a federate stage": Case(
+        ["run", "exp.gin", "--flower-server", "127.0.0.1:1"],
+        "a Flower deployment needs a federate stage"),
     # gin files that are not complete experiments
     "an empty gin file": Case(["run", "empty.gin"], "empty.gin binds nothing",
                               _file("empty.gin", "")),

@@ -32,6 +32,8 @@ class Distill(FineTune):
 
     name = "distill"
 
+    untrained_remedy = "set distill.teacher"
+
     def __init__(self, teacher: str | None = None,
                  alpha: Annotated[float, Range(ge=0, le=1)] = 0.1,
                  temperature: Annotated[float, Range(gt=0)] = 4.0, epochs: Epochs = 2,
@@ -40,6 +42,11 @@ class Distill(FineTune):
         super().__init__(epochs)
         self.student = student
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    @property
+    def needs_trained_model(self) -> bool:
+        """Without a teacher of its own, the teacher is the model the stages before made."""
+        return self.teacher is None
 
     def describe(self) -> str:
         source = self.teacher or "this experiment's model"

@@ -30,6 +30,7 @@ class Evaluate(Stage):
 
     name = "evaluate"
     chief_only = True
+    untrained_remedy = "set evaluate.model to judge a model of an earlier run"
 
     def __init__(self, model: str | None = None,
                  calibration_bins: Annotated[int, Range(ge=1)] = 15,
@@ -44,6 +45,11 @@ class Evaluate(Stage):
         self.config = evaluation.EvaluationConfig(
             calibration_bins, tuple(noise_levels), tuple(shifts), latency_runs, max_examples,
             seed)
+
+    @property
+    def needs_trained_model(self) -> bool:
+        """This run's model is judged as the stages before trained it."""
+        return self.model is None
 
     def describe(self) -> str:
         return f"evaluate ({self.model or 'this run'}'s model on the test split)"

@@ -32,6 +32,8 @@ class Federate(Stage):
     """
 
     name = "federate"
+    trains = True
+    federates = True
 
     def __init__(self, config: FederatedConfig | None = None,
                  partition: PartitionConfig | None = None):

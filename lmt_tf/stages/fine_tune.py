@@ -30,6 +30,8 @@ class FineTune(Stage):
 
     epochs = 1
     compresses = True  # prune, cluster, qat, distill: each a row of the report
+    needs_trained_model = True  # fine-tuning: distill, which trains a fresh model, may not
+    trains = True
     # Log the gzipped weights before and after (``weights_gzip_bytes``, ...): for stages
     # whose zeros or shared values make the model smaller.
     measures_size = False

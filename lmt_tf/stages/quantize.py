@@ -51,6 +51,7 @@ class TFLite(Stage):
 
     name = "tflite"
     compresses = True
+    needs_trained_model = True  # it measures the model it converts
 
     def __init__(self, modes: Sequence[Annotated[str, OneOf(*MODES)]] = ("float", "int8"),
                  representative_examples: Annotated[int, Range(ge=1)] = 200,
