@@ -223,6 +223,8 @@ def check_value(value: Any, hint: Any, setting: str, shown: str | None = None) -
         kind = f" (a string, not a list: write [{shown}])"
     elif isinstance(value, type) and _fits(Returned(value), hint):
         kind = f" (a class: call it, {shown}())"
+    elif isinstance(value, Returned) and shown.endswith("()") and _fits(print, hint):
+        kind = f" (what a call returns: bind it uncalled, {shown[:-2]})"
     raise ConfigError(f"{setting} must be {describe(hint)}, got {shown}{kind}")
 
 

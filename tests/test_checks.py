@@ -81,9 +81,12 @@ def test_what_a_configured_call_returns_is_judged_by_its_type() -> None:
     check_value([Returned(_Transform)], tuple[Callable[..., Any], ...], "s")
     with pytest.raises(ConfigError, match="s must be a function or class"):
         check_value(Returned(_Config), Callable[..., Any], "s")
-    # a class where its instance belongs: call it
+    # a class where its instance belongs: call it; a call where a callable belongs: not
     with pytest.raises(ConfigError, match=r"got @_Config \(a class: call it, @_Config\(\)\)"):
         check_value(_Config, _Config | None, "s", "@_Config")
+    with pytest.raises(ConfigError, match=r"got @f\(\) \(what a call returns: bind it "
+                                          r"uncalled, @f\)$"):
+        check_value(Returned(_Config), Callable[..., Any], "s", "@f()")
 
 
 @dataclass
