@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import inspect
 import logging
+import os
 import re
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import gin
 import tf_keras as keras
 
 from lmt_tf import transfer
+from lmt_tf.checks import Annotated, Range, Returned, check_value, parameter_hints
 from lmt_tf.data import sources, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
@@ -78,6 +82,9 @@ _STAGES = {"train": Train, "prune": Prune, "cluster": Cluster, "qat": QAT, "tfli
 # classes' names, which leave those to Flower's strategies.
 _SERVER_OPTIMIZERS = [ServerAveraging, ServerMomentum, ServerAdam]
 _registered: list[str] = []  # every registered name, for "did you mean" hints
+# Every registered configurable by its gin selector: the name messages call it by and the
+# type hints (with their declared ranges) of its parameters, which each binding must fit.
+_TYPED: dict[str, tuple[str, dict[str, Any]]] = {}
 
 # The project root of a source checkout: experiments include fragments as 'gin/...'.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +95,7 @@ def experiment(name: str | None = None,
                data: Callable[[], Any] = gin.REQUIRED,
                model: Callable[..., keras.Model] = gin.REQUIRED,
                strategy: Callable[[], Any] = strategy.default_strategy,
-               seed: int = 0,
+               seed: Annotated[int, Range(ge=0)] = 0,
                work_dir: str = "lmt_work",
                stages: Sequence[Any] | None = None) -> Experiment:
     """The gin root, bound as ``run_experiment.*``: the experiment the parsed bindings
@@ -109,7 +116,9 @@ def run_parsed(options: RunOptions | None = None) -> RunResult | None:
     Returns:
       The run's result; None for a dry run, a Flower client or an evaluator.
     """
-    options = dataclasses.replace(options or RunOptions(), params=bound_params(),
+    options = options or RunOptions()
+    check_complete(options.config_files)
+    options = dataclasses.replace(options, params=bound_params(),
                                   config_text=gin.config_str(),
                                   operative_config=gin.operative_config_str,
                                   operative_params=operative_params)
@@ -128,22 +137,132 @@ def run_parsed(options: RunOptions | None = None) -> RunResult | None:
     return run(setup, options)
 
 
+# What an experiment must set, and where a user finds one to include.
+_REQUIRED = {"data": "'gin/data/digits.gin'", "model": "'gin/models/mlp.gin'"}
+
+
+def check_complete(config_files: Sequence[str]) -> None:
+    """Raises ConfigError unless the parsed config is a whole experiment: one that sets
+    ``run_experiment.data`` and ``run_experiment.model`` (a fragment such as
+    'gin/models/mlp.gin' parses, but does not run).
+
+    Raises:
+      ConfigError: naming the files and what they leave unset.
+    """
+    missing = []
+    for parameter, example in _REQUIRED.items():
+        try:
+            gin.query_parameter(f"run_experiment.{parameter}")
+        except ValueError:
+            missing.append(f"run_experiment.{parameter} (e.g. include {example})")
+    if not missing:
+        return
+    files = ", ".join(config_files) or "the bindings"
+    if not gin.config_str().strip():
+        raise ConfigError(f"{files} binds nothing: an experiment sets at least "
+                          f"{' and '.join(missing)}")
+    raise ConfigError(f"{files} is not a complete experiment: it does not set "
+                      f"{' or '.join(missing)}")
+
+
 def register() -> None:
     """Registers lmt_tf's and Keras's configurables with gin (idempotent)."""
     if _registered:
         return
     _registered.append("run_experiment")  # the gin root, registered where it is defined
-    for stage_name, stage in _STAGES.items():
-        gin.external_configurable(stage, name=stage_name, module="lmt.stages")
-        _registered.extend([stage_name, f"lmt.stages.{stage_name}"])
-    for optimizer in _SERVER_OPTIMIZERS:
-        gin.external_configurable(optimizer, name=optimizer.name, module="lmt.federated")
-        _registered.extend([optimizer.name, f"lmt.federated.{optimizer.name}"])
-    for module, items in {**_PROJECT, **_KERAS}.items():
+    _TYPED[f"{__name__}.run_experiment"] = ("run_experiment",
+                                            parameter_hints(experiment.__wrapped__))
+    named = [(stage, name, "lmt.stages") for name, stage in _STAGES.items()]
+    named += [(optimizer, optimizer.name, "lmt.federated") for optimizer in _SERVER_OPTIMIZERS]
+    named += [(item, item.__name__, module) for module, items in _PROJECT.items()
+              for item in items]
+    for item, name, module in named:
+        gin.external_configurable(item, name=name, module=module)
+        _registered.extend([name, f"{module}.{name}"])
+        _TYPED[f"{module}.{name}"] = (name, parameter_hints(item))
+    for module, items in _KERAS.items():
         for item in items:
             gin.external_configurable(item, module=module)
-            _registered.append(item.__name__)
-            _registered.append(f"{module}.{item.__name__}")
+            _registered.extend([item.__name__, f"{module}.{item.__name__}"])
+            _TYPED[f"{module}.{item.__name__}"] = (f"{module}.{item.__name__}",
+                                                   _keras_hints(item))
+
+
+def _keras_hints(cls: type) -> dict[str, Any]:
+    """Keras' classes have no type hints: a parameter whose default is a bool, a number
+    or a string takes one of the same kind (a learning rate also a schedule)."""
+    hints: dict[str, Any] = {}
+    for parameter in inspect.signature(cls).parameters.values():
+        default = parameter.default
+        kind = next((k for k in (bool, float, str) if isinstance(default, k)
+                     or (k is float and isinstance(default, int))), None)
+        if kind is not None:
+            hints[parameter.name] = kind
+    if "learning_rate" in hints:
+        hints["learning_rate"] = (float | keras.optimizers.schedules.LearningRateSchedule
+                                  | Callable[..., Any])
+    return hints
+
+
+def configurables() -> dict[str, dict[str, Any]]:
+    """Every registered configurable, by the name messages call it by, with the type
+    hints of its parameters that its bindings are checked against."""
+    register()
+    return dict(_TYPED.values())
+
+
+def _check_bindings() -> None:
+    """Checks every binding of a registered configurable against its parameter's type
+    hint and declared range (``checks.check_value``): one mechanism for every stage,
+    config dataclass, data source, model builder, strategy and transform, before any
+    of them is called.
+
+    Raises:
+      ConfigError: naming ``configurable.parameter``, the value and what is allowed.
+    """
+    # gin has no public way to list every binding (get_bindings takes one configurable
+    # in the current scope), and a scoped binding is a binding too.
+    for (scope, selector), arguments in gin.config._CONFIG.items():  # noqa: SLF001
+        if selector not in _TYPED:
+            continue
+        name, hints = _TYPED[selector]
+        for parameter, value in arguments.items():
+            judged = _judged(value)
+            if parameter in hints and judged is not gin.REQUIRED:
+                check_value(judged, hints[parameter],
+                            f"{scope + '/' if scope else ''}{name}.{parameter}",
+                            _shown(value, judged))
+
+
+def _judged(value: Any) -> Any:
+    """A bound value as it will reach its configurable, as far as the parse knows it: a
+    macro's value, a reference to a configurable (@build_mlp) that configurable, a call
+    of one (@FederatedConfig()) what it returns, known by its type."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        target = value.configurable.wrapped
+        if target is gin.config.macro:
+            return _judged(gin.query_parameter("%" + value.scoped_selector.rsplit("/", 1)[0]))
+        if not value.evaluate:
+            return target
+        if isinstance(target, type):
+            return Returned(target)
+        with contextlib.suppress(Exception):  # a hint that does not resolve: unknown
+            returns = typing.get_type_hints(target).get("return")
+            return Returned(returns if isinstance(returns, type) else None)
+        return Returned(None)
+    if isinstance(value, list | tuple):
+        return type(value)(_judged(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _judged(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value: Any, judged: Any) -> str:
+    """A bound value as the user wrote it (a macro with its value)."""
+    if isinstance(value, gin.config.ConfigurableReference) and not isinstance(
+            judged, Returned) and value.configurable.wrapped is gin.config.macro:
+        return f"{value!r} = {judged!r}"
+    return repr(value)
 
 
 def configured(cls: type) -> object:
@@ -187,10 +306,15 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.add_config_file_search_path(str(PROJECT_ROOT))
     quiet = _NotFoundFilter()
     logging.getLogger().addFilter(quiet)
+    reading = _Includes()
     try:
-        with _plain_files_only():
+        with _plain_files_only(reading):
             gin.parse_config_files_and_bindings(list(config_files), list(bindings),
                                                 finalize_config=True)
+    except _IncludeCycle:
+        raise ConfigError(reading.cycle) from None
+    except RecursionError:  # nesting beyond Python's stack without a cycle
+        raise ConfigError(f"{', '.join(config_files)}: includes nested too deeply") from None
     except SyntaxError as e:  # gin's parse errors: say which file or binding
         where = f"{e.filename}, line {e.lineno}" if e.filename else \
             f"binding {bindings[e.lineno - 1]!r}" if e.lineno and e.lineno <= len(bindings) \
@@ -200,21 +324,58 @@ def parse(config_files: Sequence[str], bindings: Sequence[str]) -> None:
         raise ConfigError(_one_line(e)) from e
     finally:
         logging.getLogger().removeFilter(quiet)
+    _check_bindings()
 
 
 @contextlib.contextmanager
-def _plain_files_only() -> Iterator[None]:
-    """Parses with gin's plain file reader only. gin 0.5's other reader takes an include
-    such as 'experiments/x.gin' for a Python package path and crashes (TypeError) when
-    `experiments` is importable as a namespace package, i.e. whenever the project root
-    is on sys.path; lmt_tf's includes are files, never package resources."""
+def _plain_files_only(reading: _Includes) -> Iterator[None]:
+    """Parses with gin's plain file reader only, through ``reading``. gin 0.5's other
+    reader takes an include such as 'experiments/x.gin' for a Python package path and
+    crashes (TypeError) when `experiments` is importable as a namespace package, i.e.
+    whenever the project root is on sys.path; lmt_tf's includes are files, never package
+    resources."""
     readers = gin.config._FILE_READERS  # noqa: SLF001 (no public way to choose readers)
     saved = list(readers)
-    readers[:] = [r for r in saved if r[0].__module__ != "gin.resource_reader"]
+    readers[:] = [(reading.open if r[0] is open else r[0], r[1]) for r in saved
+                  if r[0].__module__ != "gin.resource_reader"]
     try:
         yield
     finally:
         readers[:] = saved
+
+
+class _IncludeCycle(RecursionError):
+    """A gin file that includes itself, directly or through others."""
+
+
+class _Includes:
+    """The gin files being read, each inside the ones that include it: a file that
+    includes itself is refused when it is opened the second time, not after gin has
+    recursed a thousand times."""
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []  # as shown in messages
+        self._paths: list[str] = []  # as opened
+        self.cycle = ""
+
+    @contextlib.contextmanager
+    def open(self, path: str) -> Iterator[Any]:
+        relative = os.path.relpath(path)
+        shown = path if relative.startswith("..") else relative
+        start = next((i for i, other in enumerate(self._paths)
+                      if os.path.samefile(path, other)), None)
+        if start is not None:
+            chain = " -> ".join([*self.stack[start:], shown])
+            self.cycle = f"gin file {self.stack[start]} includes itself ({chain})"
+            raise _IncludeCycle(self.cycle)
+        self.stack.append(shown)
+        self._paths.append(path)
+        try:
+            with open(path) as file:
+                yield file
+        finally:
+            self.stack.pop()
+            self._paths.pop()
 
 
 class _NotFoundFilter(logging.Filter):

@@ -27,6 +27,7 @@ from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, describe, role_of
 from lmt_tf.session import config_path, log_setup, open_session
 from lmt_tf.stages import RunContext, Setup, Stage, default_stages
+from lmt_tf.stages.context import check_order
 from lmt_tf.tracking.credentials import redact_credentials
 from lmt_tf.tracking.store import run_links
 from lmt_tf.training.trainer import Trainer
@@ -71,14 +72,16 @@ def run_experiment(data: Callable[[], Splits], model: Callable[..., keras.Model]
 
 
 def prepare(experiment: Experiment, options: RunOptions) -> Setup:
-    """Sets ``experiment`` up in this process: the strategy first (splitting the CPU into
-    logical devices must precede any op), the seed, the data (validated), the
-    preprocessing fitted on its training split, the trainer and its batch plan.
+    """Sets ``experiment`` up in this process: the stages checked in order (each has
+    what it needs of those before it), the strategy (splitting the CPU into logical
+    devices must precede any op), the seed, the data (validated), the preprocessing
+    fitted on its training split, the trainer and its batch plan.
 
     Raises:
       ConfigError, DataError: for bad configuration or data.
     """
     stages = _checked(experiment.stages)
+    check_order(stages, federated=options.flower is not None)
     configs, echo = experiment.configs, options.echo
     strategy = experiment.strategy()
     info = describe(strategy)

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 import numpy as np
 import tf_keras as keras
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX
 from lmt_tf.errors import ConfigError
 
 
 def build_transfer(input_shape: Sequence[int], num_classes: int, source: str = "",
-                   head: int = 1, freeze: Sequence[str] = (),
+                   head: Annotated[int, Range(ge=1)] = 1, freeze: Sequence[str] = (),
                    tracking_uri: str | None = None) -> keras.Model:
     """The source model's layers, its trained weights included, without its last ``head``
     layers and without its preprocessing (this run fits its own), and a new softmax head

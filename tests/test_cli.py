@@ -29,7 +29,7 @@ BAD_INPUT = {
                              "No configurable matching 'Trainer'"),
     "misspelt parameter": (["exp.gin", "--gin_param", "TrainConfig.epocs = 3"], "epocs"),
     "wrong type": (["exp.gin", "--gin_param", "TrainConfig.epochs = 'three'"],
-                   "TrainConfig.epochs must be int, got 'three'"),
+                   "TrainConfig.epochs must be an integer, got 'three'"),
     "unknown dataset": (["exp.gin", "--gin_param", "run_experiment.data = @load_mnsit"],
                         "load_mnsit"),
     "missing data directory": (["exp.gin", "--gin_param",

@@ -35,6 +35,13 @@ def _file(name: str, text: str = "not what it should be\n") -> Callable[[Path], 
     return write
 
 
+def _files(texts: dict[str, str]) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        for name, text in texts.items():
+            (directory / name).write_text(text)
+    return write
+
+
 def _bad_manifest(directory: Path) -> None:
     (directory / "shards").mkdir()
     (directory / "shards" / "manifest.json").write_text("{not json")
@@ -63,18 +70,108 @@ TWO_WORKERS = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
 CASES = {
     # gin values
     "optimizer argument of the wrong kind": Case(
-        _run("keras.optimizers.SGD.learning_rate = 'fast'"), "TrainConfig.optimizer:"),
+        _run("keras.optimizers.SGD.learning_rate = 'fast'"),
+        "keras.optimizers.SGD.learning_rate must be a number or a LearningRateSchedule"),
     "unknown Keras loss": Case(
         _run("TrainConfig.loss = 'sparse_categorical_crossentropyy'"), "TrainConfig.loss:"),
     "unknown Keras metric": Case(
         _run("TrainConfig.metrics = ['acuracy']"),
         "unknown metric 'acuracy' (did you mean accuracy"),
     "data source argument of the wrong type": Case(
-        _run("load_digits.validation_fraction = 'a tenth'"), "run_experiment.data:"),
+        _run("load_digits.validation_fraction = 'a tenth'"),
+        "load_digits.validation_fraction must be a number in [0, 1), got 'a tenth' (str)"),
     "data source argument out of range": Case(
         _run("load_digits.test_fraction = 1.5"), "test_fraction must be in [0, 1)"),
     "model argument of the wrong type": Case(
-        _run("build_mlp.hidden_units = 'wide'"), "run_experiment.model:"),
+        _run("build_mlp.hidden_units = 'wide'"),
+        "build_mlp.hidden_units must be a list of integers >= 1, got 'wide' (str)"),
+    # types and ranges of every configurable, from its hints (a few of each kind)
+    "evaluate's noise levels not a list": Case(
+        _run("evaluate.noise_levels = 5"), "evaluate.noise_levels must be a list of numbers"),
+    "distill's alpha a word": Case(
+        _run("distill.alpha = 'x'"), "distill.alpha must be a number in [0, 1], got 'x'"),
+    "distill's temperature None": Case(
+        _run("distill.temperature = None"), "distill.temperature must be a number > 0"),
+    "prune's sparsity a word": Case(
+        _run("prune.final_sparsity = 'high'"), "prune.final_sparsity must be a number in (0, 1)"),
+    "prune's m_by_n one number": Case(_run("prune.m_by_n = 2"), "prune.m_by_n must be None or ("),
+    "tflite's representative examples a word": Case(
+        _run("tflite.representative_examples = 'many'"),
+        "tflite.representative_examples must be an integer >= 1, got 'many'"),
+    "tflite's representative examples a fraction": Case(
+        _run("tflite.representative_examples = 100.5"),
+        "tflite.representative_examples must be an integer >= 1, got 100.5"),
+    "tflite's modes one string": Case(
+        _run("tflite.modes = 'int8'"), "got 'int8' (a string, not a list: write ['int8'])"),
+    "preprocessing's quantiles one number": Case(
+        _run("Preprocessing.clip_quantiles = 0.5"), "Preprocessing.clip_quantiles must be ("),
+    "preprocessing's k a word beside variance": Case(
+        _run("Preprocessing.select = 'variance'", "Preprocessing.k = 'ten'"),
+        "Preprocessing.k must be None or an integer >= 1, got 'ten'"),
+    "a data source's seed negative": Case(_run("load_digits.seed = -1"),
+                                          "load_digits.seed must be >= 0, got -1"),
+    "a strategy's setting of the wrong type": Case(
+        _run("run_experiment.strategy = @mirrored_strategy",
+             "mirrored_strategy.num_cpu_devices = '2'"),
+        "mirrored_strategy.num_cpu_devices must be an integer >= 1"),
+    "a server optimizer's setting of the wrong type": Case(
+        _run("FedAvgM.momentum = 'high'"), "FedAvgM.momentum must be a number"),
+    "a gradient transform's limit of the wrong type": Case(
+        _run("ClipByNorm.limit = [1]"), "ClipByNorm.limit must be a number > 0"),
+    "a config class where its instance belongs": Case(
+        _run("federate.config = @FederatedConfig"), "call it, @FederatedConfig()"),
+    "a macro of the wrong type": Case(
+        _run("SPARSITY = 'high'", "prune.final_sparsity = %SPARSITY"),
+        "prune.final_sparsity must be a number in (0, 1), got %SPARSITY = 'high'"),
+    "a scoped binding of the wrong type": Case(
+        _run("late/prune.epochs = 'two'"), "late/prune.epochs must be an integer >= 1"),
+    # ranges that depend on the data or the model: checked before the first stage runs
+    "more centroids than weights": Case(
+        _run("run_experiment.stages = [@train(), @cluster(), @export()]",
+             "cluster.clusters = 100000"),
+        "cluster.clusters must be at most the 320 weights of the smallest clustered kernel"),
+    "a clustered layer that is not there": Case(
+        _run("run_experiment.stages = [@train(), @cluster(), @export()]",
+             "cluster.layers = ['conv_9']"), "cluster.layers names ['conv_9'] to cluster"),
+    "a pruned layer that is not there": Case(
+        _run("run_experiment.stages = [@train(), @prune(), @export()]",
+             "prune.layers = ['conv_9']"), "prune.layers names ['conv_9'], not layers"),
+    "more representative examples than training examples": Case(
+        _run("run_experiment.stages = [@train(), @tflite(), @export()]",
+             "tflite.representative_examples = 5000"),
+        "tflite.representative_examples must be at most the 1168 training examples"),
+    # the order of the stages
+    "tflite before anything trains": Case(
+        _run("run_experiment.stages = [@tflite(), @train(), @export()]"),
+        "tflite needs a trained model, and no stage before it trains one"),
+    "export of an untrained model": Case(
+        _run("run_experiment.stages = [@export()]"),
+        "or set export.allow_untrained = True"),
+    "distill without a teacher or a trained model": Case(
+        _run("run_experiment.stages = [@distill(), @export()]"), "or set distill.teacher"),
+    "evaluate of this run's model before training": Case(
+        _run("run_experiment.stages = [@evaluate(), @train()]"), "or set evaluate.model"),
+    "prune before train": Case(
+        _run("run_experiment.stages = [@prune(), @train(), @export()]"),
+        "prune needs a trained model"),
+    "a Flower server without a federate stage": Case(
+        ["run", "exp.gin", "--flower-server", "127.0.0.1:1"],
+        "a Flower deployment needs a federate stage"),
+    # gin files that are not complete experiments
+    "an empty gin file": Case(["run", "empty.gin"], "empty.gin binds nothing",
+                              _file("empty.gin", "")),
+    "a gin file that includes itself": Case(
+        ["run", "self.gin"], "gin file self.gin includes itself (self.gin -> self.gin)",
+        _file("self.gin", "include 'self.gin'\n")),
+    "gin files that include each other": Case(
+        ["run", "a.gin"], "gin file a.gin includes itself (a.gin -> b.gin -> a.gin)",
+        _files({"a.gin": "include 'b.gin'\n", "b.gin": "include 'a.gin'\n"})),
+    "a gin file without a model": Case(
+        ["run", "data.gin"], "data.gin is not a complete experiment: it does not set "
+        "run_experiment.model", _file("data.gin", "include 'gin/data/digits.gin'\n")),
+    "a gin file without data": Case(
+        ["run", "model.gin"], "it does not set run_experiment.data",
+        _file("model.gin", "include 'gin/models/mlp.gin'\n")),
     "optimizer bound to something that is not one": Case(
         _run("TrainConfig.optimizer = @build_mlp"), "TrainConfig.optimizer:"),
     "batch larger than the data": Case(
@@ -107,6 +204,23 @@ CASES = {
         _run(*CSV_DATA), "no column 'label'", _csv("a,b,class\n1,2,0\n")),
     "CSV with a header only": Case(_run(*CSV_DATA), "no rows below the header",
                                    _csv("a,b,label\n")),
+    "CSV with fractional labels": Case(
+        _run(*CSV_DATA), "data.csv, line 3, column 'label': '0.5' is not a class id",
+        _csv("a,b,label\n1,2,0\n3,4,0.5\n5,6,1.7\n" + "7,8,1\n" * 20)),
+    "CSV with an infinite cell": Case(
+        _run(*CSV_DATA), "data.csv, line 4, column 'b': 'inf' is not a finite number",
+        _csv("a,b,label\n1,2,0\n3,4,1\n5,inf,1\n" + "7,8,1\n" * 20)),
+    "npz with fractional labels": Case(
+        _run(*NPZ_DATA), "data.npz: y[1] = 0.2 is not a class id",
+        _npz(x=np.zeros((100, 2), np.float32), y=np.r_[0, 0.2, np.ones(98)])),
+    "npz with an infinite feature": Case(
+        _run(*NPZ_DATA), "is not a finite number",
+        _npz(x=np.r_[[[np.inf, 0]], np.zeros((99, 2))].astype(np.float32),
+             y=np.arange(100) % 2)),
+    "npz with missing features and no imputation": Case(
+        _run(*NPZ_DATA), "missing values (NaN), e.g. example",
+        _npz(x=np.r_[np.full((50, 2), np.nan), np.zeros((50, 2))].astype(np.float32),
+             y=np.arange(100) % 2)),
     "CSV with a negative label": Case(
         _run(*CSV_DATA), "labels outside [0, 2)",
         _csv("a,b,label\n" + "".join(f"{i},{i},{i % 3 - 1}\n" for i in range(60)))),
@@ -206,7 +320,7 @@ def test_a_user_mistake_is_one_line_exit_2_and_no_running_run(
 def test_a_run_that_fails_before_training_is_failed_with_its_error(gin_file, in_tmp: Path,
                                                                    capsys) -> None:
     gin_file(TINY)
-    assert main(["run", "exp.gin", "--gin_param", "build_mlp.hidden_units = 'wide'"]) == 2
+    assert main(["run", "exp.gin", "--gin_param", "build_mlp.activation = 'wiggly'"]) == 2
     (run,) = all_runs(in_tmp)  # the model is built once the run has started
     assert run.info.status == "FAILED"
     assert "run_experiment.model:" in run.data.tags["lmt.error"]

@@ -33,14 +33,7 @@ class Clustering(ModelTransform):
         self.clustered: list[str] = []
 
     def wrap(self, model: keras.Model) -> keras.Model:
-        clusterable = [layer.name for layer in model.layers
-                       if layer.weights and hasattr(layer, "kernel")]
-        chosen = set(self.layers or clusterable)
-        unknown = sorted(chosen - set(clusterable))
-        if unknown or not chosen:
-            raise ConfigError(f"cluster cannot cluster {unknown or 'anything'} in "
-                              f"{model.name!r} (clusterable layers: "
-                              f"{', '.join(clusterable) or 'none'})")
+        chosen = set(clustered_kernels(model, self.layers, self.clusters))
         init = getattr(_clustering().CentroidInitialization, self.init.upper())
 
         def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -54,6 +47,30 @@ class Clustering(ModelTransform):
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
         return _clustering().strip_clustering(wrapped)
+
+
+def clustered_kernels(model: keras.Model, layers: Sequence[str] = (),
+                      clusters: int = 2) -> dict[str, int]:
+    """The layers of ``model`` that clustering ``layers`` (empty: every layer with a
+    kernel) into ``clusters`` centroids clusters, with their kernels' sizes.
+
+    Raises:
+      ConfigError: for a name that is not a layer with a kernel, or a kernel with fewer
+        weights than centroids (k-means++ cannot place more centroids than points).
+    """
+    kernels = {layer.name: layer.kernel.shape.num_elements() for layer in model.layers
+               if layer.weights and hasattr(layer, "kernel")}
+    unknown = sorted(set(layers) - set(kernels))
+    if unknown or not kernels:
+        raise ConfigError(f"cluster.layers names {unknown or 'nothing'} to cluster in "
+                          f"{model.name!r} (layers with a kernel: "
+                          f"{', '.join(kernels) or 'none'})")
+    chosen = {name: size for name, size in kernels.items() if name in (layers or kernels)}
+    smallest = min(chosen, key=chosen.get)
+    if clusters > chosen[smallest]:
+        raise ConfigError(f"cluster.clusters must be at most the {chosen[smallest]} weights "
+                          f"of the smallest clustered kernel ({smallest}), got {clusters}")
+    return chosen
 
 
 def distinct_values(model: keras.Model, layers: Sequence[str]) -> dict[str, int]:

@@ -61,16 +61,7 @@ class Pruning(ModelTransform):
         kwargs = {"pruning_schedule": self.schedule.build()}
         if self.m_by_n:
             kwargs = {"sparsity_m_by_n": self.m_by_n}  # with its own constant schedule
-        prunable = [layer.name for layer in model.layers if _prunable(layer)]
-        unknown = sorted(set(self.layers) - {layer.name for layer in model.layers})
-        if unknown:
-            raise ConfigError(f"prune.layers names {unknown}, not layers of {model.name!r} "
-                              f"(prunable: {', '.join(prunable) or 'none'})")
-        chosen = set(self.layers or prunable)
-        not_prunable = sorted(chosen - set(prunable))
-        if not_prunable or not chosen:
-            raise ConfigError(f"prune cannot prune {not_prunable or 'anything'} in "
-                              f"{model.name!r} (prunable layers: {', '.join(prunable) or 'none'})")
+        chosen = set(pruned_layers(model, self.layers))
 
         def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
             # The same layer objects, so the trained weights carry over (TF-MOT's guide).
@@ -86,6 +77,26 @@ class Pruning(ModelTransform):
 
     def strip(self, wrapped: keras.Model) -> keras.Model:
         return _sparsity().strip_pruning(wrapped)
+
+
+def pruned_layers(model: keras.Model, layers: Sequence[str] = ()) -> list[str]:
+    """The layers of ``model`` that pruning ``layers`` (empty: every prunable one) prunes.
+
+    Raises:
+      ConfigError: for a name that is not a layer of ``model`` or a layer that cannot be
+        pruned.
+    """
+    prunable = [layer.name for layer in model.layers if _prunable(layer)]
+    unknown = sorted(set(layers) - {layer.name for layer in model.layers})
+    if unknown:
+        raise ConfigError(f"prune.layers names {unknown}, not layers of {model.name!r} "
+                          f"(prunable: {', '.join(prunable) or 'none'})")
+    chosen = set(layers or prunable)
+    not_prunable = sorted(chosen - set(prunable))
+    if not_prunable or not chosen:
+        raise ConfigError(f"prune cannot prune {not_prunable or 'anything'} in "
+                          f"{model.name!r} (prunable layers: {', '.join(prunable) or 'none'})")
+    return sorted(chosen)
 
 
 def _prunable(layer: keras.layers.Layer) -> bool:

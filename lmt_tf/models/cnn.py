@@ -6,12 +6,15 @@ from collections.abc import Sequence
 
 import tf_keras as keras
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.errors import ConfigError
 
+Size = Annotated[int, Range(ge=1)]  # units, channels, rows: at least one
 
-def build_cnn(input_shape: Sequence[int], num_classes: int,
-              filters: Sequence[int] = (32, 64), kernel_size: int = 5,
-              dense_units: int = 512) -> keras.Model:
+
+def build_cnn(input_shape: Sequence[Size], num_classes: Size,
+              filters: Sequence[Size] = (32, 64), kernel_size: Size = 5,
+              dense_units: Size = 512) -> keras.Model:
     """Conv(5x5, 32)-MaxPool(2)-Conv(5x5, 64)-MaxPool(2)-Dense(512)-softmax by default.
 
     Args:

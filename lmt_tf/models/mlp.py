@@ -6,12 +6,15 @@ from collections.abc import Sequence
 
 import tf_keras as keras
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.errors import ConfigError
 
+Size = Annotated[int, Range(ge=1)]  # units, channels, rows: at least one
 
-def build_mlp(input_shape: Sequence[int], num_classes: int,
-              hidden_units: Sequence[int] = (128,), activation: str = "relu",
-              dropout: float = 0.0) -> keras.Model:
+
+def build_mlp(input_shape: Sequence[Size], num_classes: Size,
+              hidden_units: Sequence[Size] = (128,), activation: str = "relu",
+              dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> keras.Model:
     """Flatten, then ``hidden_units`` dense layers, then a softmax over ``num_classes``.
 
     Args:

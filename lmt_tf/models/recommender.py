@@ -10,12 +10,15 @@ from collections.abc import Sequence
 
 import tf_keras as keras
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.errors import ConfigError
 
+Size = Annotated[int, Range(ge=1)]  # units, channels, rows: at least one
 
-def build_recommender(input_shape: Sequence[int], num_classes: int, num_users: int = 943,
-                      num_items: int = 1682, embedding_dim: int = 64,
-                      hidden_units: Sequence[int] = (64,)) -> keras.Model:
+
+def build_recommender(input_shape: Sequence[Size], num_classes: Size, num_users: Size = 943,
+                      num_items: Size = 1682, embedding_dim: Size = 64,
+                      hidden_units: Sequence[Size] = (64,)) -> keras.Model:
     """Predicts a rating from (user index, item index) pairs.
 
     Args:

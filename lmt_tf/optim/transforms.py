@@ -21,7 +21,7 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.checks import check, check_types
+from lmt_tf.checks import Annotated, Range, check_types
 from lmt_tf.optim.technique import StepSpec, Technique
 
 Gradients = list[tf.Tensor]
@@ -173,11 +173,10 @@ def transform_lazily(transforms: Sequence[Transform], gradients: Gradients,
 class _Clip:
     """A transform bounded by a positive ``limit``."""
 
-    limit: float = 1.0
+    limit: Annotated[float, Range(gt=0)] = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)
-        check(self.limit > 0, f"{type(self).__name__}.limit", f"must be > 0, got {self.limit}")
 
     def _factor(self, norm: tf.Tensor) -> tf.Tensor:
         """limit / norm where the norm exceeds the limit, else exactly 1."""
@@ -224,8 +223,10 @@ class AdaptiveGradientClipping(Rescaling):
     ``exclude_final_layer`` leaves the classifier layer unclipped, as the paper does.
     """
 
-    clip: float = 0.01  # lambda: the largest gradient-to-weight norm ratio per unit
-    eps: float = 1e-3  # weight norms below this count as eps (zero-initialised units)
+    # lambda: the largest gradient-to-weight norm ratio per unit
+    clip: Annotated[float, Range(gt=0)] = 0.01
+    # weight norms below this count as eps (zero-initialised units)
+    eps: Annotated[float, Range(gt=0)] = 1e-3
     exclude_final_layer: bool = True
     excluded: tuple[str, ...] = ()  # variable names left alone (set by bind)
 
@@ -233,8 +234,6 @@ class AdaptiveGradientClipping(Rescaling):
 
     def __post_init__(self) -> None:
         check_types(self)
-        check(self.clip > 0, "AdaptiveGradientClipping.clip", f"must be > 0, got {self.clip}")
-        check(self.eps > 0, "AdaptiveGradientClipping.eps", f"must be > 0, got {self.eps}")
 
     def bind(self, model: keras.Model) -> None:
         """Learns which variables belong to the final layer with weights."""

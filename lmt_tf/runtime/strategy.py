@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from lmt_tf.checks import Annotated, OneOf, Range
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.runtime.devices import collective
 from lmt_tf.runtime.env import configure_cpu_devices
@@ -52,7 +53,8 @@ def one_device_strategy(device: str | None = None) -> tf.distribute.Strategy:
 
 
 def mirrored_strategy(
-    num_cpu_devices: int = 2, cross_device_ops: str = "auto"
+    num_cpu_devices: Annotated[int, Range(ge=1)] = 2,
+    cross_device_ops: Annotated[str, OneOf(*_CROSS_DEVICE_OPS)] = "auto"
 ) -> tf.distribute.Strategy:
     """Synchronous data parallelism over all local GPUs, or over logical CPUs.
 
@@ -105,8 +107,10 @@ def _cluster_resolver(cluster: str) -> tf.distribute.cluster_resolver.ClusterRes
     raise ConfigError(f"cluster must be 'tf_config' or 'slurm', got {cluster!r}")
 
 
-def multi_worker_mirrored_strategy(communication: str = "auto",
-                                   cluster: str = "tf_config") -> tf.distribute.Strategy:
+def multi_worker_mirrored_strategy(
+        communication: Annotated[str, OneOf(*_COMMUNICATION)] = "auto",
+        cluster: Annotated[str, OneOf("tf_config", "slurm")] = "tf_config"
+) -> tf.distribute.Strategy:
     """Synchronous data parallelism across workers with collective all-reduce.
 
     Every worker runs the same ``lmt run``; each finds its place in the cluster from
@@ -135,8 +139,9 @@ def multi_worker_mirrored_strategy(communication: str = "auto",
         cluster_resolver=resolver, communication_options=options), resolver)
 
 
-def parameter_server_strategy(max_shards: int | None = None,
-                              min_shard_bytes: int = 256 << 10) -> tf.distribute.Strategy:
+def parameter_server_strategy(max_shards: Annotated[int, Range(ge=1)] | None = None,
+                              min_shard_bytes: Annotated[int, Range(ge=1)] = 256 << 10
+                              ) -> tf.distribute.Strategy:
     """Asynchronous training: variables on parameter servers, steps run by workers and
     scheduled by the coordinator (the chief task, which runs ``lmt run``).
 

@@ -8,10 +8,15 @@ from typing import Any
 
 import tf_keras as keras
 
-from lmt_tf.checks import check
-from lmt_tf.compression.clustering import Clustering, distinct_values
+from lmt_tf.checks import Annotated, OneOf, Range, check_arguments
+from lmt_tf.compression.clustering import (
+    INITIALISATIONS,
+    Clustering,
+    clustered_kernels,
+    distinct_values,
+)
 from lmt_tf.stages.context import RunContext
-from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.stages.fine_tune import Epochs, FineTune
 
 
 class Cluster(FineTune):
@@ -27,13 +32,16 @@ class Cluster(FineTune):
     name = "cluster"
     measures_size = True
 
-    def __init__(self, clusters: int = 16, init: str = "kmeans_plus_plus", epochs: int = 1,
-                 layers: Sequence[str] = ()):
+    def __init__(self, clusters: Annotated[int, Range(ge=2)] = 16,
+                 init: Annotated[str, OneOf(*INITIALISATIONS)] = "kmeans_plus_plus",
+                 epochs: Epochs = 1, layers: Sequence[str] = ()):
+        check_arguments(self.name, type(self), locals())
         super().__init__(epochs)
-        check(isinstance(clusters, int) and clusters >= 2, "cluster.clusters",
-              f"must be an integer >= 2, got {clusters!r}")
         self.clusters, self.init, self.layers = clusters, init, tuple(layers)
-        Clustering(clusters, init, layers)  # checks ``init`` now, before any training
+
+    def check(self, context: RunContext) -> None:
+        # The layers and their sizes, known before any training.
+        clustered_kernels(context.model, self.layers, self.clusters)
 
     def describe(self) -> str:
         return f"cluster ({self.clusters} centroids, {self.init}, {self.epochs} epoch(s))"

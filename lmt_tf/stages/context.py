@@ -16,6 +16,7 @@ from lmt_tf.compression.report import CompressionReport, keras_row
 from lmt_tf.data.pipeline import BatchPlan
 from lmt_tf.data.preprocessing import FittedPreprocessing
 from lmt_tf.data.splits import Splits
+from lmt_tf.errors import ConfigError
 from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.rundir import RunDir
 from lmt_tf.runtime.roles import Role
@@ -142,6 +143,12 @@ class Stage:
     compresses = False
     # Only the chief runs it (it trains nothing every worker must take part in).
     chief_only = False
+    # What it needs of the stages before it and leaves to those after: the order of a
+    # run's stages is checked against these before anything runs (``check_order``).
+    needs_trained_model = False  # it uses the current model as trained (tflite, export)
+    trains = False  # it leaves a trained model (train, federate, distill, fine-tuning)
+    federates = False  # it trains by federated rounds: what --flower-server serves
+    untrained_remedy = ""  # how it runs with no stage before it that trains, if it can
 
     def run(self, context: RunContext) -> None:
         """The stage's part of the run: ``work``, or ``restore`` if it was done in an
@@ -180,6 +187,29 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def check_order(stages: Sequence[Stage], federated: bool = False) -> None:
+    """Raises ConfigError unless each stage has what it needs of those before it: a
+    trained model for one that needs it, a federate stage for a Flower deployment
+    (``federated``).
+
+    Raises:
+      ConfigError: naming the stage, the order and what to do.
+    """
+    order = ", ".join(stage.name for stage in stages)
+    trained = False
+    for stage in stages:
+        if stage.needs_trained_model and not trained:
+            remedy = f", or {stage.untrained_remedy}" if stage.untrained_remedy else ""
+            raise ConfigError(f"run_experiment.stages [{order}]: {stage.name} needs a trained "
+                              f"model, and no stage before it trains one (list it after "
+                              f"train or federate{remedy})")
+        trained = trained or stage.trains
+    if federated and not any(stage.federates for stage in stages):
+        raise ConfigError(f"a Flower deployment needs a federate stage, and "
+                          f"run_experiment.stages [{order}] has none (include "
+                          f"'gin/federated/fedavg.gin')")
 
 
 def model_ready(split: Any, limit: int | None = None) -> tuple[Any, Any]:

@@ -8,12 +8,12 @@ from typing import Any
 
 import tf_keras as keras
 
-from lmt_tf.checks import check, configured_call
+from lmt_tf.checks import Annotated, Range, check_arguments, configured_call
 from lmt_tf.compression.distillation import Distillation
 from lmt_tf.errors import ConfigError
 from lmt_tf.optim.technique import Technique
 from lmt_tf.stages.context import RunContext
-from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.stages.fine_tune import Epochs, FineTune
 from lmt_tf.tracking.read import load_model
 
 
@@ -32,14 +32,21 @@ class Distill(FineTune):
 
     name = "distill"
 
-    def __init__(self, teacher: str | None = None, alpha: float = 0.1,
-                 temperature: float = 4.0, epochs: int = 2,
+    untrained_remedy = "set distill.teacher"
+
+    def __init__(self, teacher: str | None = None,
+                 alpha: Annotated[float, Range(ge=0, le=1)] = 0.1,
+                 temperature: Annotated[float, Range(gt=0)] = 4.0, epochs: Epochs = 2,
                  student: Callable[..., keras.Model] | None = None):
+        check_arguments(self.name, type(self), locals())
         super().__init__(epochs)
         self.student = student
-        check(0 <= alpha <= 1, "distill.alpha", f"must be in [0, 1], got {alpha!r}")
-        check(temperature > 0, "distill.temperature", f"must be > 0, got {temperature!r}")
         self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    @property
+    def needs_trained_model(self) -> bool:
+        """Without a teacher of its own, the teacher is the model the stages before made."""
+        return self.teacher is None
 
     def describe(self) -> str:
         source = self.teacher or "this experiment's model"

@@ -12,6 +12,7 @@ import numpy as np
 import tf_keras as keras
 
 from lmt_tf import evaluation
+from lmt_tf.checks import Annotated, Range, check_arguments
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext, Stage
 
@@ -29,15 +30,26 @@ class Evaluate(Stage):
 
     name = "evaluate"
     chief_only = True
+    untrained_remedy = "set evaluate.model to judge a model of an earlier run"
 
-    def __init__(self, model: str | None = None, calibration_bins: int = 15,
-                 noise_levels: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0),
-                 shifts: Sequence[int] = (0, 1, 2, 3), latency_runs: int = 50,
-                 max_examples: int | None = None, seed: int = 0):
+    def __init__(self, model: str | None = None,
+                 calibration_bins: Annotated[int, Range(ge=1)] = 15,
+                 noise_levels: Sequence[Annotated[float, Range(ge=0)]]
+                 = (0.0, 0.1, 0.25, 0.5, 1.0),
+                 shifts: Sequence[Annotated[int, Range(ge=0)]] = (0, 1, 2, 3),
+                 latency_runs: Annotated[int, Range(ge=1)] = 50,
+                 max_examples: Annotated[int, Range(ge=1)] | None = None,
+                 seed: Annotated[int, Range(ge=0)] = 0):
+        check_arguments(self.name, type(self), locals())
         self.model = model
         self.config = evaluation.EvaluationConfig(
             calibration_bins, tuple(noise_levels), tuple(shifts), latency_runs, max_examples,
             seed)
+
+    @property
+    def needs_trained_model(self) -> bool:
+        """This run's model is judged as the stages before trained it."""
+        return self.model is None
 
     def describe(self) -> str:
         return f"evaluate ({self.model or 'this run'}'s model on the test split)"

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from lmt_tf.checks import check
+from lmt_tf.checks import check, check_arguments
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.federated.client import ClientModel
@@ -32,15 +32,14 @@ class Federate(Stage):
     """
 
     name = "federate"
+    trains = True
+    federates = True
 
     def __init__(self, config: FederatedConfig | None = None,
                  partition: PartitionConfig | None = None):
+        check_arguments(self.name, type(self), locals())
         self.config = config or FederatedConfig()
         self.partition = partition or PartitionConfig()
-        check(isinstance(self.config, FederatedConfig), "federate.config",
-              f"must be @FederatedConfig(), got {self.config!r}")
-        check(isinstance(self.partition, PartitionConfig), "federate.partition",
-              f"must be @PartitionConfig(), got {self.partition!r}")
 
     def describe(self) -> str:
         return (f"federate ({self.config.describe(self.partition.clients)}; "

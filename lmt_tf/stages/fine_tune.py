@@ -10,7 +10,7 @@ from typing import Any
 
 import tf_keras as keras
 
-from lmt_tf.checks import check
+from lmt_tf.checks import Annotated, Range, check_arguments
 from lmt_tf.compression.report import gzipped_bytes
 from lmt_tf.optim import model_transforms
 from lmt_tf.optim.model_transforms import ModelTransform
@@ -20,6 +20,8 @@ from lmt_tf.training.callbacks import EpochCheckpoint, EpochMetrics, divergence_
 from lmt_tf.training.preemption import StartAt
 from lmt_tf.training.trainer import Trainer
 
+Epochs = Annotated[int, Range(ge=1)]  # a stage's fine-tuning epochs
+
 
 class FineTune(Stage):
     """Subclasses give ``transform`` (or ``techniques``) and may add to ``report``.
@@ -28,13 +30,14 @@ class FineTune(Stage):
 
     epochs = 1
     compresses = True  # prune, cluster, qat, distill: each a row of the report
+    needs_trained_model = True  # fine-tuning: distill, which trains a fresh model, may not
+    trains = True
     # Log the gzipped weights before and after (``weights_gzip_bytes``, ...): for stages
     # whose zeros or shared values make the model smaller.
     measures_size = False
 
-    def __init__(self, epochs: int):
-        check(isinstance(epochs, int) and epochs >= 1, f"{self.name}.epochs",
-              f"must be an integer >= 1, got {epochs!r}")
+    def __init__(self, epochs: Epochs):
+        check_arguments(self.name, FineTune, locals())
         self.epochs = epochs
 
     def transform(self, context: RunContext) -> ModelTransform | None:

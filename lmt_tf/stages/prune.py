@@ -8,16 +8,17 @@ from typing import Any
 
 import tf_keras as keras
 
-from lmt_tf.checks import check
+from lmt_tf.checks import Annotated, OneOf, Range, check, check_arguments
 from lmt_tf.compression.pruning import (
     SCHEDULES,
     Pruning,
     PruningSchedule,
     kernel_sparsity,
+    pruned_layers,
 )
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext
-from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.stages.fine_tune import Epochs, FineTune
 from lmt_tf.training.callbacks import batch_hooks_allowed
 
 
@@ -39,20 +40,19 @@ class Prune(FineTune):
     name = "prune"
     measures_size = True
 
-    def __init__(self, final_sparsity: float = 0.8, epochs: int = 2,
-                 schedule: str = "polynomial", initial_sparsity: float = 0.0,
-                 frequency: int | None = None, layers: Sequence[str] = (),
-                 m_by_n: Sequence[int] | None = None):
+    def __init__(self, final_sparsity: Annotated[float, Range(gt=0, lt=1)] = 0.8,
+                 epochs: Epochs = 2,
+                 schedule: Annotated[str, OneOf(*SCHEDULES)] = "polynomial",
+                 initial_sparsity: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+                 frequency: Annotated[int, Range(ge=1)] | None = None,
+                 layers: Sequence[str] = (),
+                 m_by_n: tuple[Annotated[int, Range(ge=1)], Annotated[int, Range(ge=1)]]
+                 | None = None):
+        check_arguments(self.name, type(self), locals())
         super().__init__(epochs)
-        check(0 < final_sparsity < 1, "prune.final_sparsity",
-              f"must be in (0, 1), got {final_sparsity!r}")
-        check(0 <= initial_sparsity <= final_sparsity, "prune.initial_sparsity",
+        check(initial_sparsity <= final_sparsity, "prune.initial_sparsity",
               f"must be in [0, final_sparsity], got {initial_sparsity!r}")
-        check(schedule in SCHEDULES, "prune.schedule",
-              f"must be one of {SCHEDULES}, got {schedule!r}")
-        check(frequency is None or (isinstance(frequency, int) and frequency >= 1),
-              "prune.frequency", f"must be None or an integer >= 1, got {frequency!r}")
-        check(m_by_n is None or (len(m_by_n) == 2 and 0 < m_by_n[0] < m_by_n[1]),
+        check(m_by_n is None or m_by_n[0] < m_by_n[1],
               "prune.m_by_n", f"must be (m, n) with 0 < m < n, e.g. (2, 4), got {m_by_n!r}")
         self.final_sparsity, self.schedule = final_sparsity, schedule
         self.initial_sparsity, self.frequency = initial_sparsity, frequency
@@ -69,6 +69,7 @@ class Prune(FineTune):
             raise ConfigError("prune cannot run under ParameterServerStrategy: TF-MOT's "
                               "UpdatePruningStep is a batch-level callback, which Keras "
                               "does not allow there (use multi-worker mirrored)")
+        pruned_layers(context.model, self.layers)  # the layers, named before any training
 
     def transform(self, context: RunContext) -> Pruning:
         steps = self.epochs * context.setup.plan.steps_per_epoch

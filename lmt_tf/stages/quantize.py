@@ -7,13 +7,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmt_tf.checks import check
+from lmt_tf.checks import Annotated, OneOf, Range, check, check_arguments
 from lmt_tf.compression.quantization import QuantizationAware
 from lmt_tf.compression.report import tflite_row
 from lmt_tf.compression.tflite import MODES, convert, measure
 from lmt_tf.models.saved import export_saved_model, load_saved_model
 from lmt_tf.stages.context import RunContext, Stage, model_ready, prefixed
-from lmt_tf.stages.fine_tune import FineTune
+from lmt_tf.stages.fine_tune import Epochs, FineTune
 
 
 class QAT(FineTune):
@@ -23,10 +23,11 @@ class QAT(FineTune):
 
     name = "qat"
 
-    def __init__(self, epochs: int = 1, preserve: str | None = None):
+    def __init__(self, epochs: Epochs = 1,
+                 preserve: Annotated[str, OneOf("sparsity", "clusters")] | None = None):
+        check_arguments(self.name, type(self), locals())
         super().__init__(epochs)
         self.preserve = preserve
-        QuantizationAware(preserve)  # checks ``preserve`` now, before any training
 
     def describe(self) -> str:
         scheme = {None: "QAT", "sparsity": "PQAT", "clusters": "CQAT"}[self.preserve]
@@ -50,17 +51,23 @@ class TFLite(Stage):
 
     name = "tflite"
     compresses = True
+    needs_trained_model = True  # it measures the model it converts
 
-    def __init__(self, modes: Sequence[str] = ("float", "int8"),
-                 representative_examples: int = 200, latency_examples: int = 100):
-        unknown = [m for m in modes if m not in MODES]
-        check(bool(modes) and not unknown, "tflite.modes",
-              f"must list some of {MODES}, got {list(modes)!r}")
-        check(representative_examples >= 1, "tflite.representative_examples",
-              f"must be >= 1, got {representative_examples}")
+    def __init__(self, modes: Sequence[Annotated[str, OneOf(*MODES)]] = ("float", "int8"),
+                 representative_examples: Annotated[int, Range(ge=1)] = 200,
+                 latency_examples: Annotated[int, Range(ge=1)] = 100):
+        check_arguments(self.name, type(self), locals())
+        check(bool(modes), "tflite.modes", f"must list some of {MODES}, got {modes!r}")
         self.modes = tuple(modes)
         self.representative_examples = representative_examples
         self.latency_examples = latency_examples
+
+    def check(self, context: RunContext) -> None:
+        examples = len(context.splits.train)
+        check("int8" not in self.modes or self.representative_examples <= examples,
+              "tflite.representative_examples",
+              f"must be at most the {examples} training examples of {context.splits.name} "
+              f"(they calibrate int8), got {self.representative_examples}")
 
     def describe(self) -> str:
         return f"tflite ({', '.join(self.modes)})"

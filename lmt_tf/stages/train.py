@@ -30,6 +30,7 @@ class Train(Stage):
     ``checkpoints/``)."""
 
     name = "train"
+    trains = True
 
     def restore(self, context: RunContext) -> None:
         start = self._restored(context)

@@ -133,7 +133,7 @@ def test_uint8_and_digits_images_are_rescaled_inside_the_model() -> None:
 
 @pytest.mark.parametrize("preprocessing, data, message", [
     (Preprocessing(), load_breast_cancer(missing_fraction=0.1),
-     "hold missing values \\(NaN\\): set Preprocessing.impute"),
+     "missing values \\(NaN\\), e.g. example .*: set Preprocessing.impute"),
     (Preprocessing(select="mutual_info", k=31), load_breast_cancer(),
      "Preprocessing.k asks for 31 features, but there are 30"),
     (Preprocessing(categorical=["colour"]), load_breast_cancer(),

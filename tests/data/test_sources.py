@@ -115,6 +115,47 @@ def test_csv_source(tmp_path: Path) -> None:
         sources.load_csv(str(tmp_path / "d.csv"), label_column="target")
 
 
+@pytest.mark.parametrize("rows, message", [
+    # a fractional label was truncated to a class (0.5 -> 0, 1.7 -> 1)
+    (["1,2,0", "3,4,0.5", "5,6,1.7"], "line 3, column 'label': '0.5' is not a class id"),
+    (["1,2,0", "3,4,1", "5,6,1e300"], "line 4, column 'label': '1e300' is not a class id"),
+    (["1,2,0", "3,4,1", "5,6,inf"], "line 4, column 'label': 'inf' is not a class id"),
+    (["1,2,0", "3,-inf,1", "5,6,1"], "line 3, column 'b': '-inf' is not a finite number"),
+    (["1,2,0", "3,4,1", "Infinity,6,1"], "line 4, column 'a': 'Infinity' is not a finite"),
+])
+def test_csv_values_that_are_no_label_or_feature_are_named_by_line_and_column(
+        tmp_path: Path, rows: list[str], message: str) -> None:
+    (tmp_path / "d.csv").write_text("\n".join(["a,b,label", *rows, *["7,8,1"] * 30]) + "\n")
+    with pytest.raises(DataError) as error:
+        sources.load_csv(str(tmp_path / "d.csv"))
+    assert str(error.value).startswith(f"{tmp_path / 'd.csv'}, {message}"), str(error.value)
+
+
+def test_csv_missing_cells_stay_missing_values(tmp_path: Path) -> None:
+    rows = ["a,b,label"] + [f"{i},{'' if i % 5 == 0 else i},{i % 2}" for i in range(40)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    splits = sources.load_csv(str(tmp_path / "d.csv"))
+    assert np.isnan(splits.train.x).any()  # for Preprocessing.impute, not refused here
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((20, 2)), "y": np.r_[0, 0.2, np.ones(18)]},
+     "p.npz: y[1] = 0.2 is not a class id"),
+    ({"x": np.r_[np.zeros((3, 2)), [[0, np.inf]], np.zeros((16, 2))], "y": np.arange(20) % 2},
+     "p.npz: x[3, 1] = inf is not a finite number"),
+    ({"x_train": np.zeros((20, 2)), "y_train": np.arange(20) % 2, "x_test": np.zeros((4, 2)),
+      "y_test": np.array([0, 1, 1.5, 0])}, "p.npz: y_test[2] = 1.5 is not a class id"),
+    ({"x": np.zeros((20, 2)), "y": np.array(["a", "b"] * 10)},
+     "p.npz: y holds <U1 values, not integer labels"),
+])
+def test_npz_values_that_are_no_label_or_feature_are_named(tmp_path: Path, arrays: dict,
+                                                            message: str) -> None:
+    np.savez(tmp_path / "p.npz", **arrays)
+    with pytest.raises(DataError) as error:
+        sources.load_npz(str(tmp_path / "p.npz"))
+    assert str(error.value).startswith(f"{tmp_path}/{message}"), str(error.value)
+
+
 def test_npz_source(tmp_path: Path) -> None:
     np.savez(tmp_path / "p.npz", x_train=np.zeros((40, 3)), y_train=np.arange(40) % 4,
              x_test=np.ones((8, 3)), y_test=np.arange(8) % 4)

@@ -47,7 +47,7 @@ def test_bad_server_optimizers_are_refused() -> None:
         ServerAdam(tau=0.0)
     with pytest.raises(ConfigError, match="FedAvg.learning_rate must be > 0"):
         ServerAveraging(learning_rate=0.0)
-    with pytest.raises(ConfigError, match="^FedAvgM.momentum must be float, got 'x'"):
+    with pytest.raises(ConfigError, match="^FedAvgM.momentum must be a number, got 'x'"):
         ServerMomentum(momentum="x")
 
 

@@ -37,7 +37,7 @@ def test_cluster_preserving_qat_keeps_the_clusters(in_tmp: Path) -> None:
 
 
 def test_bad_cluster_settings() -> None:
-    with pytest.raises(ConfigError, match="cluster.clusters must be an integer >= 2"):
+    with pytest.raises(ConfigError, match="cluster.clusters must be >= 2, got 1"):
         Cluster(clusters=1)
     with pytest.raises(ConfigError, match="cluster.init must be one of"):
         Cluster(init="kmeans")

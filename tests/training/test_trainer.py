@@ -22,8 +22,8 @@ from lmt_tf.training.trainer import Trainer
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"epochs": 0}, "TrainConfig.epochs must be >= 1"),
-    ({"epochs": 2.5}, "TrainConfig.epochs must be int"),
-    ({"global_batch_size": "64"}, "TrainConfig.global_batch_size must be int"),
+    ({"epochs": 2.5}, "TrainConfig.epochs must be an integer"),
+    ({"global_batch_size": "64"}, "TrainConfig.global_batch_size must be an integer"),
     ({"steps_per_execution": 0}, "steps_per_execution must be >= 1"),
     ({"metrics": "accuracy"}, "TrainConfig.metrics must be"),
 ])
