@@ -19,7 +19,7 @@ from pathlib import Path
 from lmt_tf.errors import LmtError
 from lmt_tf.liveness import end_orphans
 from lmt_tf.process import JOB_NETWORK_ENV
-from lmt_tf.tracking.credentials import error_line, redact, redact_uri
+from lmt_tf.tracking.credentials import error_line, redact, redact_uri, remember
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -30,6 +30,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     file in the working directory (as an absolute URI, so it survives a ``chdir``)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        remember(uri)  # never printed, whoever prints it (credentials.redacted_output)
         return uri
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
