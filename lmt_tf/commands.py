@@ -81,6 +81,11 @@ def _gin_args(args: argparse.Namespace) -> list[str]:
     return gin_args
 
 
+def _echo(line: str) -> None:
+    """A line of output, flushed at once (also into a pipe)."""
+    print(line, flush=True)
+
+
 def _quiet_mlflow() -> None:
     """MLflow's INFO lines (database migrations on first use) are not the user's concern;
     MLFLOW_LOGGING_LEVEL set by the user wins."""
@@ -135,7 +140,7 @@ def ui(args: argparse.Namespace) -> int:
         return 0
     _check_port_free(args.port)
     _quiet_mlflow()
-    end_orphaned_runs(uri, "lmt ui", echo=lambda line: print(line, flush=True))
+    end_orphaned_runs(uri, "lmt ui", echo=_echo)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
                "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
@@ -191,23 +196,27 @@ def compare(args: argparse.Namespace) -> int:
     """``lmt compare``: runs side by side, as a report."""
     from pathlib import Path
 
-    from lmt_tf.compare import select_runs, write_report
+    from lmt_tf.compare import UNFINISHED_MARK, select_runs, write_report
+    from lmt_tf.rundir import safe_name
     from lmt_tf.tracking.read import store_client
-    from lmt_tf.tracking.store import resolve_tracking_uri
+    from lmt_tf.tracking.store import open_store
 
     _quiet_mlflow()
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = open_store(args.tracking_uri, f"lmt compare (pid {os.getpid()})", _echo)
     client = store_client(uri)
     runs = select_runs(client, uri, args.experiment, args.parent, args.run_ids)
-    name = args.parent or args.experiment or "runs"
+    # (--output is a path the user chose; a run's or experiment's name is made one.)
+    name = safe_name(args.parent or args.experiment or "runs")
     directory = Path(args.output or Path("lmt_compare") / name)
     report = write_report(client, runs, directory, args.metrics)
     if args.parent:
         client.log_artifacts(args.parent, str(directory), "compare")
     differ = (f"{len(report.params)} param differs" if len(report.params) == 1
               else f"{len(report.params)} params differ")
+    unfinished = (f"; {len(report.unfinished)} did not finish (their last values are "
+                  f"marked {UNFINISHED_MARK})" if report.unfinished else "")
     print(f"lmt compare: {len(runs)} runs; {differ}; "
-          f"{len(report.plots)} plot(s)\n  {report.markdown}\n  {report.html}"
+          f"{len(report.plots)} plot(s){unfinished}\n  {report.markdown}\n  {report.html}"
           + (f"\n  logged to run {args.parent} under compare/" if args.parent else ""))
     return 0
 
@@ -217,11 +226,11 @@ def tensorboard(args: argparse.Namespace) -> int:
     import tempfile
 
     from lmt_tf.tracking.read import download_artifacts, find_run, has_artifacts
-    from lmt_tf.tracking.store import resolve_tracking_uri
+    from lmt_tf.tracking.store import open_store
 
     _check_port_free(args.port)
     _quiet_mlflow()
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = open_store(args.tracking_uri, f"lmt tensorboard (pid {os.getpid()})", _echo)
     run = find_run(args.run, uri)
     if not has_artifacts(uri, run.info.run_id, "tensorboard"):
         raise LmtError(f"run {run.info.run_id} has no TensorBoard logs (run it with "

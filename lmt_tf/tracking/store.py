@@ -9,6 +9,7 @@ any MLflow server instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import urllib.error
 import urllib.parse
@@ -36,12 +37,16 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fails fast on an MLflow server that does not answer, instead of MLflow's minutes
-    of retries. Local stores (sqlite, file) are not checked.
+    """Fails fast on a store that cannot be opened, instead of MLflow's minutes of
+    retries: a server that does not answer, or a SQLite file that is not there and
+    cannot be made (a read-only directory).
 
     Raises:
-      LmtError: naming the URI if the server's health endpoint does not answer.
+      LmtError: naming the URI or file and what to do.
     """
+    if uri.startswith("sqlite:///"):
+        _check_sqlite_file(uri)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
@@ -65,6 +70,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             if isolated else ""
         raise LmtError(f"MLflow tracking server {redact_uri(uri)} is unreachable{hint} "
                        f"({redact(str(reason), uri)})") from e
+
+
+def _check_sqlite_file(uri: str) -> None:
+    """A SQLite store that does not exist yet must be one that can be made: MLflow
+    retries making it for 100 seconds before it fails."""
+    path = Path(urllib.parse.unquote(uri.removeprefix("sqlite:///").split("?", 1)[0]))
+    if not path.name or path.name == ":memory:" or path.exists():
+        return
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise LmtError(f"cannot make the MLflow store {path.resolve()}: "
+                       f"{path.resolve().parent} is not a directory you can write to; run "
+                       f"from a directory you can write to, or set MLFLOW_TRACKING_URI")
+
+
+def open_store(uri: str | None, found_by: str,
+               echo: Callable[[str], None] | None = None) -> str:
+    """The tracking URI in force (``uri``, else as ``resolve_tracking_uri`` says), once
+    its store answers, with the runs whose owner is gone ended first (so what a command
+    then reads of them is true). What every ``lmt`` command that reads a store opens it
+    with.
+
+    Raises:
+      LmtError: naming the URI if it is a server that does not answer.
+    """
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
+    # A store this user may only read is still read; its own errors come with the read.
+    with contextlib.suppress(LmtError):
+        end_orphaned_runs(uri, found_by, echo)
+    return uri
 
 
 def end_orphaned_runs(uri: str, found_by: str,
