@@ -172,24 +172,60 @@ def sweep(args: argparse.Namespace) -> int:
     from lmt_tf import config
     from lmt_tf.runtime.launcher import project_file
     from lmt_tf.sweep.driver import Sweep, run_sweep
+    from lmt_tf.sweep.preflight import check_metric
     from lmt_tf.sweep.space import parse_dimension
     from lmt_tf.tracking.config import TrackingConfig
-    from lmt_tf.tracking.store import check_reachable, resolve_tracking_uri
+    from lmt_tf.tracking.store import open_store
 
     files = [args.gin_file, *args.more_files]
     for file in files:
         project_file(file)
     dimensions = ([parse_dimension(text, grid=True) for text in args.grid]
                   + [parse_dimension(text, grid=False) for text in args.search])
-    # Every binding parses, with a value of each dimension, before any trial starts.
-    example = [f"{d.key} = {d.values[0] if d.values else d.example()}" for d in dimensions]
-    config.parse(files, [*args.bindings, *example])
+    # Before any trial: every value of every dimension (the others at their first) is
+    # parsed by gin and taken by the experiment's configs; the metric is checked against
+    # what the experiment logs. The first values are parsed last: the sweep reads its
+    # tracking settings from that config.
+    first = {d.key: d.every_value()[0] for d in dimensions}
+    for key, value in [(None, None), *((d.key, v) for d in dimensions
+                                       for v in d.every_value()[1:]), (None, None)]:
+        point = {**first, key: value} if key else first
+        config.parse(files, [*args.bindings, *(f"{k} = {v}" for k, v in point.items())])
+        stages, metrics = _sweep_experiment(config, f"with {key} = {value}: " if key else "")
+        if not key:
+            check_metric(args.metric, stages, metrics, args.prune)
     tracking = config.configured(TrackingConfig)
-    check_reachable(resolve_tracking_uri(tracking.tracking_uri))
+    open_store(tracking.tracking_uri, f"lmt sweep (pid {os.getpid()})", _echo)
     job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
                 args.sampler, args.metric, args.direction, args.parallel, args.prune,
                 tracking, args.quiet)
-    return run_sweep(job, echo=lambda line: print(line, flush=True))
+    return run_sweep(job, echo=_echo,
+                     echo_error=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _sweep_experiment(config: Any, where: str) -> tuple[list[str], list[str]]:
+    """The names of the parsed experiment's stages and its ``TrainConfig.metrics``, from
+    its gin root (configs and stages made; no data, model or strategy).
+
+    Raises:
+      ConfigError: in one line, after ``where``, for bindings the experiment's configs
+        refuse.
+    """
+    from lmt_tf.errors import ConfigError
+    from lmt_tf.stages import default_stages
+
+    try:
+        experiment = config.experiment()
+    except (LmtError, TypeError, ValueError, RuntimeError, AttributeError, KeyError) as e:
+        # (gin adds "In call to configurable ..." lines to the error's own)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"{where}{lines[0] if lines else type(e).__name__}") from e
+    stages = experiment.stages if experiment.stages is not None else default_stages()
+    if not isinstance(stages, (list, tuple)):
+        raise ConfigError(f"run_experiment.stages must be a list of stages such as "
+                          f"[@train(), @export()], got {stages!r}")
+    return ([str(getattr(stage, "name", stage)) for stage in stages],
+            [str(m) for m in experiment.configs.train.metrics])
 
 
 def compare(args: argparse.Namespace) -> int:

@@ -33,10 +33,6 @@ class Dimension:
     low: float = 0.0
     high: float = 0.0
 
-    def example(self) -> str:
-        """A value in the range, as gin text (to check the binding parses)."""
-        return str(int(self.low)) if self.kind == "int" else repr(self.low)
-
     def every_value(self) -> tuple[str, ...]:
         """Each value a trial can bind, as gin text: a grid's and a choice's values; a
         range's ends."""
