@@ -79,9 +79,9 @@ def _check_sqlite_file(uri: str) -> None:
     if not path.name or path.name == ":memory:" or path.exists():
         return
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise LmtError(f"cannot make the MLflow store {path.resolve()}: "
-                       f"{path.resolve().parent} is not a directory you can write to; run "
-                       f"from a directory you can write to, or set MLFLOW_TRACKING_URI")
+        raise LmtError(f"cannot use the MLflow store {path.resolve()}: it does not exist, "
+                       f"and {path.resolve().parent} is not a directory you can write to; "
+                       f"run from a directory you can write to, or set MLFLOW_TRACKING_URI")
 
 
 def open_store(uri: str | None, found_by: str,

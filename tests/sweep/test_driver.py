@@ -175,9 +175,9 @@ def test_a_sweep_in_a_read_only_directory_is_one_line(tmp_path: Path) -> None:
         (line,) = done.stderr.strip().splitlines()
         errors.append(line)
     assert errors == [
-        f"lmt: error: cannot make the MLflow store {work / 'mlruns.db'}: {work} is not a "
-        f"directory you can write to; run from a directory you can write to, or set "
-        f"MLFLOW_TRACKING_URI",
+        f"lmt: error: cannot use the MLflow store {work / 'mlruns.db'}: it does not exist, "
+        f"and {work} is not a directory you can write to; run from a directory you can "
+        f"write to, or set MLFLOW_TRACKING_URI",
         f"lmt: error: cannot write the sweep study file {work / 'lmt_sweeps.db'} (unable to "
         f"open database file); lmt sweep keeps its study in the working directory: run it "
         f"from a directory you can write to"]
