@@ -101,7 +101,9 @@ def redacted_output() -> Iterator[None]:
         if len(secret) >= _SHORTEST_SECRET:
             _SECRETS.add(secret)
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = RedactedStream(sys.stdout), RedactedStream(sys.stderr)
+    # (None where the stream is closed, `lmt run >&-`: print() then writes nothing)
+    sys.stdout, sys.stderr = (None if stream is None else RedactedStream(stream)
+                              for stream in saved)
     try:
         yield
     finally:

@@ -172,19 +172,19 @@ def test_a_sweep_against_a_server_with_a_password_never_shows_it(
     uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
     train = load_digits().train
     np.savez(tmp_path / "a.npz", x=train.x, y=train.y)
-    (tmp_path / "exp.gin").write_text(TINY.replace("include 'gin/data/digits.gin'",
-                                                   "run_experiment.data = @load_npz")
-                                      + "TrainConfig.epochs = 1\n")
+    (tmp_path / "secret.gin").write_text(TINY.replace("include 'gin/data/digits.gin'",
+                                                      "run_experiment.data = @load_npz")
+                                         + "TrainConfig.epochs = 1\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     done = subprocess.run(
-        [sys.executable, "-m", "lmt_tf.cli", "sweep", "exp.gin",
+        [sys.executable, "-m", "lmt_tf.cli", "sweep", "secret.gin",
          "--grid", f"load_npz.path=['a.npz', '{uri}/b.npz']"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     logs = {log: log.read_text() for log in tmp_path.glob("lmt_sweeps/*/trial-*.log")}
     assert done.returncode == 1, done.stderr  # the trial of b.npz fails
     assert "lmt: error: 1 trial(s) failed" in done.stderr and len(logs) == 2
     client = mlflow.MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
     assert len(runs) == 2  # the parent and the trial of a.npz
     recorded = [str(r.data.params) + str(r.data.tags) for r in runs]
     for text in [done.stdout, done.stderr, *logs.values(), *recorded]:
