@@ -213,6 +213,8 @@ def _open_study(sweep: Sweep) -> Any:
         reason = (text.splitlines() or [type(e).__name__])[0]
         writable = os.access(file.parent, os.W_OK) and \
             (not file.exists() or os.access(file, os.W_OK))
+        if file.exists() and not file.is_file():
+            raise LmtError(f"the sweep study file {file} is not a file; move it away") from e
         if not writable or "readonly" in reason or "unable to open" in reason:
             raise LmtError(f"cannot write the sweep study file {file} ({reason}); lmt sweep "
                            f"keeps its study in the working directory: run it from a "

@@ -143,6 +143,12 @@ def test_a_corrupt_study_file_is_one_line(gin_file, in_tmp: Path, capsys) -> Non
     assert line == (f"lmt: error: the sweep study file {in_tmp / 'lmt_sweeps.db'} cannot be "
                     f"used (file is not a database); move it away to start afresh (the "
                     f"sweeps it holds are then forgotten)")
+    (in_tmp / "lmt_sweeps.db").unlink()
+    (in_tmp / "lmt_sweeps.db").mkdir()
+    assert main(["sweep", "exp.gin", "--grid", "TrainConfig.epochs=[1,2]"]) == 2
+    assert capsys.readouterr().err == (f"lmt: error: the sweep study file "
+                                       f"{in_tmp / 'lmt_sweeps.db'} is not a file; move it "
+                                       f"away\n")
     assert not all_runs(in_tmp)
 
 
