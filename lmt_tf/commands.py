@@ -130,6 +130,7 @@ def launch(args: argparse.Namespace) -> int:
 
 def ui(args: argparse.Namespace) -> int:
     """``lmt ui``: the MLflow UI on 127.0.0.1 for the run store."""
+    from lmt_tf.runtime.processes import watched_module
     from lmt_tf.tracking.credentials import redact_uri
     from lmt_tf.tracking.store import DEFAULT_ARTIFACTS, end_orphaned_runs, resolve_tracking_uri
 
@@ -141,20 +142,21 @@ def ui(args: argparse.Namespace) -> int:
     _check_port_free(args.port)
     _quiet_mlflow()
     end_orphaned_runs(uri, "lmt ui", echo=_echo)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
-               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    command = watched_module("mlflow", "server", "--backend-store-uri", uri,
+                             "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
+                             "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1")
     print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
           f"  (Ctrl-C stops it)", flush=True)
     return _serve(command)
 
 
 def _serve(command: list[str]) -> int:
-    """Runs a server until it exits or lmt is stopped (Ctrl-C, SIGTERM), which stops it."""
-    from lmt_tf.runtime.processes import stop_process_groups
+    """Runs a server (a ``watched_module``) until it exits or lmt is stopped (Ctrl-C,
+    SIGTERM, even SIGKILL: the server watches lmt), which stops it."""
+    from lmt_tf.runtime.processes import child_environment, stop_process_groups
 
     # Its own session, so that stopping lmt stops the whole server, children included.
-    server = subprocess.Popen(command, start_new_session=True)
+    server = subprocess.Popen(command, start_new_session=True, env=child_environment({}))
     try:
         return server.wait()
     except KeyboardInterrupt:
@@ -261,6 +263,7 @@ def tensorboard(args: argparse.Namespace) -> int:
     """``lmt tensorboard``: a run's TensorBoard logs, served on 127.0.0.1."""
     import tempfile
 
+    from lmt_tf.runtime.processes import watched_module
     from lmt_tf.tracking.read import download_artifacts, find_run, has_artifacts
     from lmt_tf.tracking.store import open_store
 
@@ -273,8 +276,8 @@ def tensorboard(args: argparse.Namespace) -> int:
                        f"TrackingConfig.tensorboard = True)")
     with tempfile.TemporaryDirectory(prefix="lmt-tensorboard-") as scratch:
         logs = download_artifacts(uri, run.info.run_id, "tensorboard", scratch)
-        command = [sys.executable, "-m", "tensorboard.main", "--logdir", logs,
-                   "--host", "127.0.0.1", "--port", str(args.port)]
+        command = watched_module("tensorboard.main", "--logdir", logs,
+                                 "--host", "127.0.0.1", "--port", str(args.port))
         print(f"lmt: TensorBoard for run {run.info.run_id} ({run.info.run_name})\n"
               f"  http://127.0.0.1:{args.port}/\n  (Ctrl-C stops it)", flush=True)
         return _serve(command)

@@ -80,9 +80,10 @@ def watch_parent() -> None:
     """Makes this process stop when the process named by ``PARENT_PID_ENV`` is gone.
 
     A thread polls the parent pid; when this process has been re-parented (its parent
-    exited, however), it sends itself SIGTERM, which ends its run KILLED (a training task
-    first saves a checkpoint), and SIGKILL if it is still alive after
-    ``ORPHAN_GRACE_SECONDS``. The variable is taken out of the environment, so processes
+    exited, however), it sends SIGTERM, as its parent would have stopped it, to its
+    process group if it leads one (its own children with it), else to itself: a run ends
+    KILLED (a training task first saves a checkpoint); SIGKILL follows if it is still
+    alive after ``ORPHAN_GRACE_SECONDS``. The variable is taken out of the environment, so processes
     this one starts on its own do not watch a process that is not their parent. Polling
     (rather than Linux's ``PR_SET_PDEATHSIG``, which fires when the parent *thread* that
     started the child ends) does not care which of the parent's threads started it.
@@ -92,11 +93,17 @@ def watch_parent() -> None:
         return
     parent = int(expected)
 
+    def stop(signum: int) -> None:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signum)
+        else:
+            os.kill(os.getpid(), signum)
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(ORPHAN_POLL_SECONDS)
-        os.kill(os.getpid(), signal.SIGTERM)
+        stop(signal.SIGTERM)
         time.sleep(ORPHAN_GRACE_SECONDS)
-        os.kill(os.getpid(), signal.SIGKILL)
+        stop(signal.SIGKILL)
 
     threading.Thread(target=watch, name="lmt-parent-watch", daemon=True).start()

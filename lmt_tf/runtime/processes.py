@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -133,6 +134,20 @@ class ProcessGroup:
         stop_process_groups(list(self.processes.values()))
         for pump in self._pumps:
             pump.join(timeout=5)
+
+
+# Runs `python -m MODULE ARGS` once it watches its parent (process.watch_parent): for
+# children that are no lmt process (the MLflow server of lmt ui, lmt tensorboard's).
+_WATCHED = ("import runpy, sys; from lmt_tf.process import watch_parent; watch_parent(); "
+            "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', "
+            "alter_sys=True)")
+
+
+def watched_module(module: str, *args: str) -> list[str]:
+    """The command line of ``python -m module args`` (this interpreter) in a process that
+    stops, with its own children, when the process that started it with
+    ``child_environment`` is gone, even killed with SIGKILL."""
+    return [sys.executable, "-c", _WATCHED, module, *args]
 
 
 def child_environment(environment: dict[str, str]) -> dict[str, str]:
