@@ -15,7 +15,8 @@ from typing import Any
 import lmt_tf
 from lmt_tf import commands
 from lmt_tf.errors import LmtError
-from lmt_tf.process import EXIT_USER_ERROR, Stopped, exit_status
+from lmt_tf.process import EXIT_FAILED, EXIT_USER_ERROR, Stopped, exit_status, watch_parent
+from lmt_tf.tracking.credentials import redacted_output
 
 
 class _Parser(argparse.ArgumentParser):
@@ -244,7 +245,19 @@ def _error_line(error: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lmt``; returns the process exit status."""
+    """Entry point of ``lmt``; returns the process exit status. Everything it prints,
+    a traceback too, goes through ``credentials.redacted_output``; a child ``lmt``
+    process stops when the process that started it is gone (``process.watch_parent``)."""
+    watch_parent()
+    with redacted_output():
+        try:
+            return _main(argv)
+        except Exception:  # a bug: its traceback, as Python prints it, but redacted
+            traceback.print_exc()
+            return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (one line, status 2)

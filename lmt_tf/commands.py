@@ -98,6 +98,11 @@ def _gin_args(args: argparse.Namespace) -> list[str]:
     return gin_args
 
 
+def _echo(line: str) -> None:
+    """A line of output, flushed at once (also into a pipe)."""
+    print(line, flush=True)
+
+
 def _quiet_mlflow() -> None:
     """MLflow's INFO lines (database migrations on first use) are not the user's concern;
     MLFLOW_LOGGING_LEVEL set by the user wins."""
@@ -143,6 +148,7 @@ def launch(args: argparse.Namespace) -> int:
 
 def ui(args: argparse.Namespace) -> int:
     """``lmt ui``: the MLflow UI on 127.0.0.1 for the run store."""
+    from lmt_tf.runtime.processes import watched_module
     from lmt_tf.tracking.credentials import redact_uri
     from lmt_tf.tracking.store import DEFAULT_ARTIFACTS, end_orphaned_runs, resolve_tracking_uri
 
@@ -153,21 +159,22 @@ def ui(args: argparse.Namespace) -> int:
         return 0
     _check_port_free(args.port)
     _quiet_mlflow()
-    end_orphaned_runs(uri, "lmt ui", echo=lambda line: print(line, flush=True))
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
-               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    end_orphaned_runs(uri, "lmt ui", echo=_echo)
+    command = watched_module("mlflow", "server", "--backend-store-uri", uri,
+                             "--default-artifact-root", os.path.abspath(DEFAULT_ARTIFACTS),
+                             "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1")
     print(f"lmt: MLflow UI for {uri}\n  runs: http://127.0.0.1:{args.port}/#/experiments\n"
           f"  (Ctrl-C stops it)", flush=True)
     return _serve(command)
 
 
 def _serve(command: list[str]) -> int:
-    """Runs a server until it exits or lmt is stopped (Ctrl-C, SIGTERM), which stops it."""
-    from lmt_tf.runtime.processes import stop_process_groups
+    """Runs a server (a ``watched_module``) until it exits or lmt is stopped (Ctrl-C,
+    SIGTERM, even SIGKILL: the server watches lmt), which stops it."""
+    from lmt_tf.runtime.processes import child_environment, stop_process_groups
 
     # Its own session, so that stopping lmt stops the whole server, children included.
-    server = subprocess.Popen(command, start_new_session=True)
+    server = subprocess.Popen(command, start_new_session=True, env=child_environment({}))
     try:
         return server.wait()
     except KeyboardInterrupt:
@@ -185,47 +192,87 @@ def sweep(args: argparse.Namespace) -> int:
     from lmt_tf import config
     from lmt_tf.runtime.launcher import project_file
     from lmt_tf.sweep.driver import Sweep, run_sweep
+    from lmt_tf.sweep.preflight import check_metric
     from lmt_tf.sweep.space import parse_dimension
     from lmt_tf.tracking.config import TrackingConfig
-    from lmt_tf.tracking.store import check_reachable, resolve_tracking_uri
+    from lmt_tf.tracking.store import open_store
 
     files = [args.gin_file, *args.more_files]
     for file in files:
         project_file(file)
     dimensions = ([parse_dimension(text, grid=True) for text in args.grid]
                   + [parse_dimension(text, grid=False) for text in args.search])
-    # Every binding parses, with a value of each dimension, before any trial starts.
-    example = [f"{d.key} = {d.values[0] if d.values else d.example()}" for d in dimensions]
-    config.parse(files, [*args.bindings, *example])
+    # Before any trial: every value of every dimension (the others at their first) is
+    # parsed by gin and taken by the experiment's configs; the metric is checked against
+    # what the experiment logs. The first values are parsed last: the sweep reads its
+    # tracking settings from that config.
+    first = {d.key: d.every_value()[0] for d in dimensions}
+    for key, value in [(None, None), *((d.key, v) for d in dimensions
+                                       for v in d.every_value()[1:]), (None, None)]:
+        point = {**first, key: value} if key else first
+        config.parse(files, [*args.bindings, *(f"{k} = {v}" for k, v in point.items())])
+        stages, metrics = _sweep_experiment(config, f"with {key} = {value}: " if key else "")
+        if not key:
+            check_metric(args.metric, stages, metrics, args.prune)
     tracking = config.configured(TrackingConfig)
-    check_reachable(resolve_tracking_uri(tracking.tracking_uri))
+    open_store(tracking.tracking_uri, f"lmt sweep (pid {os.getpid()})", _echo)
     job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
                 args.sampler, args.metric, args.direction, args.parallel, args.prune,
                 tracking, args.quiet)
-    return run_sweep(job, echo=lambda line: print(line, flush=True))
+    return run_sweep(job, echo=_echo,
+                     echo_error=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _sweep_experiment(config: Any, where: str) -> tuple[list[str], list[str]]:
+    """The names of the parsed experiment's stages and its ``TrainConfig.metrics``, from
+    its gin root (configs and stages made; no data, model or strategy).
+
+    Raises:
+      ConfigError: in one line, after ``where``, for bindings the experiment's configs
+        refuse.
+    """
+    from lmt_tf.errors import ConfigError
+    from lmt_tf.stages import default_stages
+
+    try:
+        experiment = config.experiment()
+    except (LmtError, TypeError, ValueError, RuntimeError, AttributeError, KeyError) as e:
+        # (gin adds "In call to configurable ..." lines to the error's own)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"{where}{lines[0] if lines else type(e).__name__}") from e
+    stages = experiment.stages if experiment.stages is not None else default_stages()
+    if not isinstance(stages, (list, tuple)):
+        raise ConfigError(f"run_experiment.stages must be a list of stages such as "
+                          f"[@train(), @export()], got {stages!r}")
+    return ([str(getattr(stage, "name", stage)) for stage in stages],
+            [str(m) for m in experiment.configs.train.metrics])
 
 
 def compare(args: argparse.Namespace) -> int:
     """``lmt compare``: runs side by side, as a report."""
     from pathlib import Path
 
-    from lmt_tf.compare import select_runs, write_report
+    from lmt_tf.compare import UNFINISHED_MARK, select_runs, write_report
+    from lmt_tf.rundir import safe_name
     from lmt_tf.tracking.read import store_client
-    from lmt_tf.tracking.store import resolve_tracking_uri
+    from lmt_tf.tracking.store import open_store
 
     _quiet_mlflow()
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = open_store(args.tracking_uri, f"lmt compare (pid {os.getpid()})", _echo)
     client = store_client(uri)
     runs = select_runs(client, uri, args.experiment, args.parent, args.run_ids)
-    name = args.parent or args.experiment or "runs"
+    # (--output is a path the user chose; a run's or experiment's name is made one.)
+    name = safe_name(args.parent or args.experiment or "runs")
     directory = Path(args.output or Path("lmt_compare") / name)
     report = write_report(client, runs, directory, args.metrics)
     if args.parent:
         client.log_artifacts(args.parent, str(directory), "compare")
     differ = (f"{len(report.params)} param differs" if len(report.params) == 1
               else f"{len(report.params)} params differ")
+    unfinished = (f"; {len(report.unfinished)} did not finish (their last values are "
+                  f"marked {UNFINISHED_MARK})" if report.unfinished else "")
     print(f"lmt compare: {len(runs)} runs; {differ}; "
-          f"{len(report.plots)} plot(s)\n  {report.markdown}\n  {report.html}"
+          f"{len(report.plots)} plot(s){unfinished}\n  {report.markdown}\n  {report.html}"
           + (f"\n  logged to run {args.parent} under compare/" if args.parent else ""))
     return 0
 
@@ -234,20 +281,21 @@ def tensorboard(args: argparse.Namespace) -> int:
     """``lmt tensorboard``: a run's TensorBoard logs, served on 127.0.0.1."""
     import tempfile
 
+    from lmt_tf.runtime.processes import watched_module
     from lmt_tf.tracking.read import download_artifacts, find_run, has_artifacts
-    from lmt_tf.tracking.store import resolve_tracking_uri
+    from lmt_tf.tracking.store import open_store
 
     _check_port_free(args.port)
     _quiet_mlflow()
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = open_store(args.tracking_uri, f"lmt tensorboard (pid {os.getpid()})", _echo)
     run = find_run(args.run, uri)
     if not has_artifacts(uri, run.info.run_id, "tensorboard"):
         raise LmtError(f"run {run.info.run_id} has no TensorBoard logs (run it with "
                        f"TrackingConfig.tensorboard = True)")
     with tempfile.TemporaryDirectory(prefix="lmt-tensorboard-") as scratch:
         logs = download_artifacts(uri, run.info.run_id, "tensorboard", scratch)
-        command = [sys.executable, "-m", "tensorboard.main", "--logdir", logs,
-                   "--host", "127.0.0.1", "--port", str(args.port)]
+        command = watched_module("tensorboard.main", "--logdir", logs,
+                                 "--host", "127.0.0.1", "--port", str(args.port))
         print(f"lmt: TensorBoard for run {run.info.run_id} ({run.info.run_name})\n"
               f"  http://127.0.0.1:{args.port}/\n  (Ctrl-C stops it)", flush=True)
         return _serve(command)

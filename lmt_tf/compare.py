@@ -1,6 +1,8 @@
 """``lmt compare``: runs side by side from the tracking store. Per-epoch metric curves
-(a PNG per metric, one line per run), the params that differ between the runs and their
-final metrics, as Markdown and HTML."""
+(a PNG per metric, one line per run), the params that differ between the runs, each
+run's status and its final metrics, as Markdown and HTML. A run that did not finish
+(KILLED, FAILED, RUNNING) has no final metrics: the last values it logged are shown
+marked, never as if they were its result."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from lmt_tf.errors import LmtError
 from lmt_tf.tracking.credentials import redact_uri
 
 PARENT_TAG = "mlflow.parentRunId"
+FINISHED = "FINISHED"
+UNFINISHED_MARK = "†"  # after a value of a run that did not finish
+_LEGEND = (f"{UNFINISHED_MARK} the last value logged by a run that did not finish (see its "
+           f"status): not a final result.")
 
 
 @dataclass
@@ -26,6 +32,7 @@ class Report:
     plots: dict[str, Path] = field(default_factory=dict)  # metric -> PNG
     curves: dict[str, list[str]] = field(default_factory=dict)  # metric -> run labels
     params: list[str] = field(default_factory=list)  # the params that differ
+    unfinished: list[str] = field(default_factory=list)  # labels of runs not FINISHED
 
 
 def select_runs(client: Any, uri: str, experiment: str | None = None,
@@ -71,6 +78,11 @@ def label(run: Any) -> str:
     return run.info.run_name or run.info.run_id[:8]
 
 
+def finished(run: Any) -> bool:
+    """Whether ``run`` ended FINISHED: only then are its last metrics its results."""
+    return run.info.status == FINISHED
+
+
 def write_report(client: Any, runs: Sequence[Any], directory: Path,
                  metrics: Sequence[str] = ()) -> Report:
     """Writes ``compare.md``, ``compare.html`` and a PNG per curve metric (metrics with
@@ -89,7 +101,9 @@ def write_report(client: Any, runs: Sequence[Any], directory: Path,
                            f"{', '.join(names)}")
         names = list(metrics)
     params = differing_params(runs)
-    report = Report(directory / "compare.md", directory / "compare.html", params=params)
+    report = Report(directory / "compare.md", directory / "compare.html", params=params,
+                    unfinished=[label(run) for run in runs if not finished(run)])
+    status = {label(run): run.info.status for run in runs}
     for name in names:
         histories = {label(run): sorted(client.get_metric_history(run.info.run_id, name),
                                         key=lambda m: m.step) for run in runs}
@@ -98,8 +112,10 @@ def write_report(client: Any, runs: Sequence[Any], directory: Path,
         figure, axes = plt.subplots(figsize=(7, 4))
         for run_label, history in histories.items():
             if history:
+                shown = run_label if run_label not in report.unfinished else \
+                    f"{run_label} ({status[run_label]})"
                 axes.plot([m.step for m in history], [m.value for m in history],
-                          marker="o", markersize=3, label=run_label)
+                          marker="o", markersize=3, label=shown)
         axes.set(xlabel="step (epoch or round)", ylabel=name, title=name)
         axes.legend(fontsize="small")
         figure.tight_layout()
@@ -110,16 +126,20 @@ def write_report(client: Any, runs: Sequence[Any], directory: Path,
         report.curves[name] = [k for k, h in histories.items() if h]
     finals = sorted({k for run in runs for k in run.data.metrics
                      if k.startswith(("test_", "val_")) or "/test_" in k or k == "loss"})
-    header = ["run", "id", *params, *finals]
-    rows = [[label(run), run.info.run_id[:8], *[run.data.params.get(k, "") for k in params],
-             *[_number(run.data.metrics.get(k)) for k in finals]] for run in runs]
+    header = ["run", "id", "status", *params, *finals]
+    rows = [[label(run), run.info.run_id[:8], run.info.status,
+             *[run.data.params.get(k, "") for k in params],
+             *[_number(run.data.metrics.get(k), finished(run)) for k in finals]]
+            for run in runs]
     report.markdown.write_text(_markdown(header, rows, report))
     report.html.write_text(_html(header, rows, report))
     return report
 
 
-def _number(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"
+def _number(value: float | None, final: bool = True) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if final else f"{value:.4g} {UNFINISHED_MARK}"
 
 
 def _markdown(header: list[str], rows: list[list[str]], report: Report) -> str:
@@ -128,6 +148,8 @@ def _markdown(header: list[str], rows: list[list[str]], report: Report) -> str:
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
               for row in rows]
+    if report.unfinished:
+        lines += ["", _LEGEND]
     lines += [""] + [f"![{name}]({path.name})" for name, path in report.plots.items()]
     return "\n".join(lines) + "\n"
 
@@ -141,4 +163,6 @@ def _html(header: list[str], rows: list[list[str]], report: Report) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lmt compare</title>"
             f"<style>table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;"
             f"padding:2px 6px}}</style></head><body><h1>{len(rows)} runs compared</h1>"
-            f"<table><tr>{cells}</tr>{body}</table>{images}</body></html>\n")
+            f"<table><tr>{cells}</tr>{body}</table>"
+            f"{f'<p>{html.escape(_LEGEND)}</p>' if report.unfinished else ''}"
+            f"{images}</body></html>\n")

@@ -4,7 +4,11 @@ that tell it its part, the exceptions it stops with and the exit statuses they b
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 
 from lmt_tf.errors import LmtError
 
@@ -25,6 +29,12 @@ JOB_NETWORK_ENV = "LMT_JOB_NETWORK"
 # the Optuna trial a pruned sweep's child reports each epoch to.
 PARENT_RUN_ENV = "LMT_PARENT_RUN_ID"
 TRIAL_ENV = "LMT_SWEEP_TRIAL"
+# Set by `runtime.processes` for every child it starts: the pid of the process that
+# started it. A child outlives no parent: once that process is gone (even killed with
+# SIGKILL, which it cannot pass on) the child stops as if its parent had stopped it.
+PARENT_PID_ENV = "LMT_PARENT_PID"
+ORPHAN_POLL_SECONDS = 0.5
+ORPHAN_GRACE_SECONDS = 60.0  # after its SIGTERM, before an orphan kills itself
 
 
 class Stopped(KeyboardInterrupt):
@@ -64,3 +74,36 @@ def exit_status(error: BaseException) -> int:
     if isinstance(error, (LmtError, OSError)):
         return EXIT_USER_ERROR
     return EXIT_FAILED
+
+
+def watch_parent() -> None:
+    """Makes this process stop when the process named by ``PARENT_PID_ENV`` is gone.
+
+    A thread polls the parent pid; when this process has been re-parented (its parent
+    exited, however), it sends SIGTERM, as its parent would have stopped it, to its
+    process group if it leads one (its own children with it), else to itself: a run ends
+    KILLED (a training task first saves a checkpoint); SIGKILL follows if it is still
+    alive after ``ORPHAN_GRACE_SECONDS``. The variable is taken out of the environment, so processes
+    this one starts on its own do not watch a process that is not their parent. Polling
+    (rather than Linux's ``PR_SET_PDEATHSIG``, which fires when the parent *thread* that
+    started the child ends) does not care which of the parent's threads started it.
+    """
+    expected = os.environ.pop(PARENT_PID_ENV, "")
+    if not expected.isdigit():
+        return
+    parent = int(expected)
+
+    def stop(signum: int) -> None:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signum)
+        else:
+            os.kill(os.getpid(), signum)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_SECONDS)
+        stop(signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_SECONDS)
+        stop(signal.SIGKILL)
+
+    threading.Thread(target=watch, name="lmt-parent-watch", daemon=True).start()

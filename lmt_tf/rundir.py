@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -40,6 +41,20 @@ def check_name(name: str, setting: str) -> str:
         raise ConfigError(f"{setting} must be 1-128 letters, digits and _.+=- (not "
                           f"starting with . or -, no '..'), got {name!r}")
     return name
+
+
+def safe_name(text: str, limit: int = 128) -> str:
+    """``text`` made into one directory name of at most ``limit`` (>= 16) characters, for
+    paths built from a name that may be anything (an MLflow experiment name, which may
+    hold ``/``): ``text`` itself where ``check_name`` accepts it and it fits; else its
+    letters, digits and ``_.+=-`` (any other character as ``_``), cut to fit, and a hash
+    of the whole ``text``, so that different names stay apart."""
+    if len(text) <= limit and _NAME.fullmatch(text) and ".." not in text:
+        return text
+    slug = re.sub(r"[^A-Za-z0-9_.+=-]", "_", text).replace("..", "__").lstrip(".-")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    slug = slug[: limit - len(digest) - 1]
+    return check_name(f"{slug}-{digest}" if slug else digest, "a name")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def test_compare_plots_one_curve_per_run_and_lists_the_params_that_differ(
         assert report.curves[metric] == names  # one line per run
     table = (in_tmp / "report" / "compare.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| run"))
-    assert header.split(" | ")[2] == "SGD.learning_rate"
+    assert header.split(" | ")[2:4] == ["status", "SGD.learning_rate"]
     assert "test_accuracy" in header and table.count("\n| exp-") == 3
     assert "<table>" in (in_tmp / "report" / "compare.html").read_text()
 
@@ -65,3 +65,51 @@ def test_bad_comparisons_are_one_line_errors(gin_file, in_tmp: Path, capsys) -> 
     run_id = all_runs(in_tmp)[0].info.run_id
     assert main(["compare", run_id, run_id, "--metric", "nonsense"]) == 2
     assert "no run has the metric(s) nonsense" in capsys.readouterr().err
+
+
+def _logged_runs(in_tmp: Path, experiment: str, statuses: dict[str, str]) -> None:
+    """Runs made directly in the store: each logs val_accuracy for two epochs, then
+    ends with its status."""
+    client = mlflow_client(in_tmp)
+    experiment_id = client.create_experiment(experiment)
+    for name, status in statuses.items():
+        run = client.create_run(experiment_id, run_name=name)
+        for step, value in ((1, 0.5), (2, 0.75)):
+            client.log_metric(run.info.run_id, "val_accuracy", value, step=step)
+        client.log_param(run.info.run_id, "SGD.learning_rate", name)
+        client.set_terminated(run.info.run_id, status)
+
+
+def test_runs_that_did_not_finish_show_their_status_and_no_final_metric(
+        in_tmp: Path, capsys) -> None:
+    _logged_runs(in_tmp, "exp", {"done": "FINISHED", "killed": "KILLED", "failed": "FAILED"})
+    assert main(["compare", "--experiment", "exp", "--output", "r"]) == 0
+    assert "2 did not finish (their last values are marked †)" in capsys.readouterr().out
+    lines = (in_tmp / "r" / "compare.md").read_text().splitlines()
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines
+             if line.startswith("| ")]
+    header, rows = table[0], {row[0]: row for row in table[2:]}
+    assert header[:3] == ["run", "id", "status"]
+    assert {name: row[2] for name, row in rows.items()} == \
+        {"done": "FINISHED", "killed": "KILLED", "failed": "FAILED"}
+    # The last epoch of a run that finished is its result; of one that did not, it is
+    # marked as what it is.
+    column = header.index("val_accuracy")
+    assert rows["done"][column] == "0.75"
+    assert rows["killed"][column] == rows["failed"][column] == "0.75 †"
+    assert any(line.startswith("† the last value logged by a run that did not finish")
+               for line in lines)
+    assert "0.75 †" in (in_tmp / "r" / "compare.html").read_text()
+
+
+def test_a_report_named_after_an_experiment_stays_under_lmt_compare(in_tmp: Path) -> None:
+    """An MLflow experiment name may hold '/' and '..': the report's directory is made
+    from it, not placed by it."""
+    outside = in_tmp.parent / "escaped"
+    for name in ("../escaped", str(outside), "a/../../escaped"):
+        _logged_runs(in_tmp, name, {"one": "FINISHED", "two": "FINISHED"})
+        assert main(["compare", "--experiment", name]) == 0
+    reports = sorted(p.relative_to(in_tmp) for p in in_tmp.rglob("compare.md"))
+    assert len(reports) == 3 and all(p.parts[0] == "lmt_compare" and len(p.parts) == 3
+                                     for p in reports)
+    assert not outside.exists()

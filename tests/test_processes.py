@@ -143,3 +143,46 @@ def test_a_closed_stdout_still_makes_a_complete_run(in_tmp: Path) -> None:
     assert done.returncode == 0, done.stderr
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (Z: a zombie, gone but not reaped), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+_PARENT = """
+import sys, time
+from lmt_tf.runtime.processes import ProcessGroup, Task
+group = ProcessGroup(print, print)
+child = group.start(Task("child", 0), [sys.executable, "-c", sys.argv[1]], {},
+                    log=__import__("pathlib").Path(sys.argv[2]))
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+_CHILD = """
+import time
+from lmt_tf.process import watch_parent
+watch_parent()
+print("watching", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_child_does_not_outlive_its_parent_killed_with_sigkill(tmp_path: Path) -> None:
+    """Every child that `runtime.processes` starts (sweep trials, cluster tasks, Flower
+    clients) watches the process that started it: SIGKILL of that process, which it
+    cannot pass on, still ends the child."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, _CHILD, str(tmp_path / "log")],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        _wait_for(lambda: "watching" in (tmp_path / "log").read_text(), 60, "the child")
+        assert _state(child) not in ("", "Z")
+        os.kill(parent.pid, signal.SIGKILL)  # the parent only, not its children's groups
+        parent.wait(10)
+        _wait_for(lambda: _state(child) in ("", "Z"), 10, "the orphaned child to stop")
+    finally:
+        _reap(parent)

@@ -1,9 +1,11 @@
 """TensorBoard: a run with TrackingConfig.tensorboard logs scalars, the graph and a
-profile as artifacts; `lmt tensorboard RUN` serves them on loopback; bad input."""
+profile as artifacts; `lmt tensorboard RUN` serves them on loopback, and stops serving
+when lmt is gone, even killed with SIGKILL; bad input."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -50,7 +52,13 @@ def test_tensorboard_logs_are_run_artifacts_and_served(gin_file, in_tmp: Path) -
 
         _wait_for(runs_listed, 120, "TensorBoard to list the run's logs")
     finally:
-        _reap(server)
+        _reap(server)  # SIGKILL: lmt cannot stop TensorBoard, which stops by itself
+
+    def stopped() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) != 0
+
+    _wait_for(stopped, 30, "TensorBoard to stop with lmt")
 
 
 def test_a_run_without_tensorboard_logs_is_a_one_line_error(gin_file, in_tmp: Path,

@@ -23,14 +23,16 @@ from lmt_tf.errors import LmtError
 READY_TIMEOUT = 10.0  # seconds for the holder to bring its loopback up
 
 # Brings the namespace's loopback interface up (SIOCGIFFLAGS / SIOCSIFFLAGS with
-# IFF_UP; the kernel then gives it 127.0.0.1 and ::1), says so, and waits to be ended.
+# IFF_UP; the kernel then gives it 127.0.0.1 and ::1), says so, and waits to be ended, or
+# for its parent (the launcher, argv[1]) to be gone however it ended (SIGKILL included).
 _HOLDER = """
-import fcntl, signal, socket, struct
+import fcntl, os, socket, struct, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 flags = struct.unpack("16sH14s", fcntl.ioctl(s, 0x8913, struct.pack("16sH14s", b"lo", 0, b"")))[1]
 fcntl.ioctl(s, 0x8914, struct.pack("16sH14s", b"lo", flags | 1, b""))
 print("ready", flush=True)
-signal.pause()
+while os.getppid() == int(sys.argv[1]):
+    time.sleep(1)
 """
 
 
@@ -54,7 +56,7 @@ class JobNamespace:
                            f"--network host to use this machine's network instead")
         self._user = os.geteuid() != 0  # unprivileged: a user namespace owns the net one
         command = ["unshare", "--net", *(["--map-root-user"] if self._user else []), "--",
-                   sys.executable, "-c", _HOLDER]
+                   sys.executable, "-c", _HOLDER, str(os.getpid())]
         self._holder = subprocess.Popen(command, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                         text=True, start_new_session=True)

@@ -1,6 +1,6 @@
 """Child processes, each in a process group of its own: started with their output
 prefixed by their names (or written to a log file), supervised, and stopped so that none
-is left running."""
+is left running, also when this process is killed (each child watches it)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmt_tf.process import EXIT_INTERRUPTED, EXIT_TIMEOUT
+from lmt_tf.process import EXIT_INTERRUPTED, EXIT_TIMEOUT, PARENT_PID_ENV
 
 POLL_SECONDS = 0.2
 GRACE_SECONDS = 10.0
@@ -76,7 +77,7 @@ class ProcessGroup:
           where: where the child serves, for a line saying it started; None: no line.
           log: a file for its output and errors instead of prefixed lines.
         """
-        env = {**os.environ, **environment, "PYTHONUNBUFFERED": "1"}
+        env = child_environment(environment)
         if log is not None:
             with log.open("w") as out:
                 process = subprocess.Popen(
@@ -133,6 +134,28 @@ class ProcessGroup:
         stop_process_groups(list(self.processes.values()))
         for pump in self._pumps:
             pump.join(timeout=5)
+
+
+# Runs `python -m MODULE ARGS` once it watches its parent (process.watch_parent): for
+# children that are no lmt process (the MLflow server of lmt ui, lmt tensorboard's).
+_WATCHED = ("import runpy, sys; from lmt_tf.process import watch_parent; watch_parent(); "
+            "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', "
+            "alter_sys=True)")
+
+
+def watched_module(module: str, *args: str) -> list[str]:
+    """The command line of ``python -m module args`` (this interpreter) in a process that
+    stops, with its own children, when the process that started it with
+    ``child_environment`` is gone, even killed with SIGKILL."""
+    return [sys.executable, "-c", _WATCHED, module, *args]
+
+
+def child_environment(environment: dict[str, str]) -> dict[str, str]:
+    """A child's environment: this process's, ``environment``, unbuffered output, and
+    this process's pid, which an ``lmt`` child watches (``process.watch_parent``) so as
+    to stop when this process is gone, even if killed with SIGKILL."""
+    return {**os.environ, **environment, "PYTHONUNBUFFERED": "1",
+            PARENT_PID_ENV: str(os.getpid())}
 
 
 def signal_groups(processes: Iterable[subprocess.Popen], signum: int) -> None:

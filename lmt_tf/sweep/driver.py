@@ -1,15 +1,20 @@
 """The sweep's driver: the Optuna study in ``lmt_sweeps.db`` (SQLite, in the working
 directory beside the default MLflow store), the sweep's parent MLflow run, and the trials,
 each an ``lmt run`` process nested under that run. The same command again resumes the
-sweep: finished trials are kept, failed and killed ones run again. Optionally, Optuna's
-median pruner stops bad trials on a per-epoch validation metric.
+sweep: finished trials are kept (also one whose run FINISHED as its sweep was killed),
+failed and killed ones run again. Before the first trial the experiment passes a dry run
+(``preflight``). Optionally, Optuna's median pruner stops bad trials on a per-epoch
+validation metric.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import math
+import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +24,9 @@ from typing import Any
 
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.process import EXIT_PRUNED, PARENT_RUN_ENV, TRIAL_ENV, lmt_command
+from lmt_tf.rundir import check_name, safe_name
 from lmt_tf.runtime.processes import ProcessGroup, Task
+from lmt_tf.sweep.preflight import dry_run
 from lmt_tf.sweep.space import Dimension
 from lmt_tf.sweep.table import TrialTable
 from lmt_tf.tracking.config import TrackingConfig
@@ -27,6 +34,9 @@ from lmt_tf.tracking.read import child_run
 from lmt_tf.tracking.run import TrackedRun
 
 STUDY_FILE = "lmt_sweeps.db"
+# At most this much of the experiment's name goes into the study's: with the hash and
+# "-trial-N", every trial's run name stays within rundir.check_name's 128 characters.
+_EXPERIMENT_IN_NAMES = 100
 LOG_DIR = "lmt_sweeps"  # a trial's output: lmt_sweeps/<study>/trial-N.log
 DIRECTIONS = ("maximize", "minimize")
 SAMPLERS = ("tpe", "random")
@@ -73,11 +83,23 @@ class Sweep:
 
     @property
     def study_name(self) -> str:
-        """The same command names the same study (and so resumes it)."""
+        """The same command names the same study (and so resumes it). It names the
+        trials' runs and log directory, so it is one directory name whatever the
+        experiment's name (an MLflow name may hold ``/`` or ``..``), short enough for
+        every trial's run name."""
         spec = json.dumps([list(self.gin_args), [d.__dict__ for d in self.dimensions],
                            self.trials, self.sampler, self.metric, self.direction, self.prune],
                           sort_keys=True, default=str)
-        return f"{self.experiment}-{hashlib.sha256(spec.encode()).hexdigest()[:10]}"
+        return (f"{safe_name(self.experiment, _EXPERIMENT_IN_NAMES)}-"
+                f"{hashlib.sha256(spec.encode()).hexdigest()[:10]}")
+
+    def trial_name(self, number: int) -> str:
+        """Trial ``number``'s run name (and run directory): ``<study>-trial-N``."""
+        return check_name(f"{self.study_name}-trial-{number}", "a sweep trial's run name")
+
+    def log_file(self, number: int) -> Path:
+        """Where trial ``number``'s output goes: ``lmt_sweeps/<study>/trial-N.log``."""
+        return Path(LOG_DIR) / self.study_name / f"trial-{number}.log"
 
     def grid_points(self) -> list[dict[str, str]]:
         """Every point of a grid, as ``{key: gin text}``."""
@@ -90,31 +112,43 @@ def trial_command(sweep: Sweep, bindings: Sequence[str], number: int) -> list[st
     trial's ``bindings``, its run named ``<study>-trial-N``."""
     return lmt_command("run", *sweep.gin_args,
                        *[arg for b in bindings for arg in ("--gin_param", b)],
-                       "--run-name", f"{sweep.study_name}-trial-{number}")
+                       "--run-name", sweep.trial_name(number))
 
 
-def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> int:
-    """Runs (or resumes) ``sweep``; returns 0 if every trial finished (or was pruned).
+def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print,
+              echo_error: Callable[[str], None] | None = None) -> int:
+    """Runs (or resumes) ``sweep``; returns 0 if every trial finished (or was pruned),
+    else 1, having said which trials failed on ``echo_error`` in one line.
 
-    The parent run ends FINISHED, FAILED if a trial failed, KILLED on Ctrl-C/SIGTERM.
+    Before any trial starts: the study file is opened, a sweep of the same study still
+    running elsewhere is refused, the study is reconciled with the store (a trial whose
+    run FINISHED while its sweep was being killed counts as done), and the experiment
+    passes a dry run with the first trial's bindings. The parent run ends FINISHED;
+    FAILED (its ``lmt.error`` saying which trials failed) if a trial failed; KILLED on
+    Ctrl-C/SIGTERM.
 
     Raises:
-      LmtError: if the tracking store cannot be used.
+      LmtError: if the study file or the tracking store cannot be used, the sweep is
+        running already, or the dry run fails.
     """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.RandomSampler(seed=0) if sweep.grid or sweep.sampler == "random"
-               else optuna.samplers.TPESampler(seed=0))
-    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if sweep.prune \
-        else optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=_storage(), study_name=sweep.study_name,
-                                sampler=sampler, pruner=pruner, direction=sweep.direction,
-                                load_if_exists=True)
+    echo_error = echo_error or echo
+    study = _open_study(sweep)
     # The parent run: made in the experiment as `lmt run` makes it (its artifacts where
     # TrackingConfig.artifact_root says), or re-opened when the sweep resumes.
     parent = TrackedRun(sweep.tracking, sweep.experiment)
     parent_id = study.user_attrs.get("parent_run_id")
+    if parent_id is not None:
+        _check_not_running(parent.uri, parent_id)
+    pending = _plan(study, sweep, parent.uri, parent_id)
+    if pending.count:
+        first = pending.enqueue[0] if pending.enqueue else \
+            {d.key: d.every_value()[0] for d in sweep.dimensions}
+        dry_run(trial_command(sweep, [f"{k} = {v}" for k, v in first.items()], 0),
+                "the first trial's bindings (" + ", ".join(f"{k} = {v}" for k, v in
+                                                            first.items()) + ")")
     parent.start(f"sweep-{sweep.study_name}", run_id=parent_id,
                  tags={"lmt.sweep.study": sweep.study_name})
     with parent.active():
@@ -131,7 +165,6 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> int:
                  f"{parent.run_id}")
         else:
             echo(f"lmt sweep: resuming study {sweep.study_name}; parent run {parent_id}")
-        pending = _plan(study, sweep)
         for params in pending.enqueue:
             study.enqueue_trial(params, skip_if_exists=False)
         echo(f"lmt sweep: {pending.done} trial(s) done, {pending.count} to run"
@@ -144,12 +177,13 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print) -> int:
             parent.log_metrics({f"best_{sweep.metric}": best.value}, step=0)
             parent.set_tags({**{f"lmt.sweep.best.{k}": v for k, v in best.params.items()},
                              "lmt.sweep.best_run": best.user_attrs.get("run_id", "")})
+        summary = (f"{len(failures)} trial(s) failed (run the same command again to retry "
+                   f"them): " + "; ".join(failures)) if failures else ""
         if failures:
-            parent.end("FAILED")
+            parent.end("FAILED", LmtError(summary))
     table.close(best)
     if failures:
-        echo(f"lmt sweep: {len(failures)} trial(s) failed (run the same command again to "
-             f"retry them): " + "; ".join(failures))
+        echo_error(f"lmt: error: {summary}")
     return 0 if not failures else 1
 
 
@@ -157,14 +191,75 @@ def _storage() -> str:
     return f"sqlite:///{Path(STUDY_FILE).resolve()}"
 
 
+def _open_study(sweep: Sweep) -> Any:
+    """The sweep's Optuna study in ``STUDY_FILE``, made if new.
+
+    Raises:
+      LmtError: naming the file, if it cannot be read or written.
+    """
+    import optuna
+
+    sampler = (optuna.samplers.RandomSampler(seed=0) if sweep.grid or sweep.sampler == "random"
+               else optuna.samplers.TPESampler(seed=0))
+    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if sweep.prune \
+        else optuna.pruners.NopPruner()
+    file = Path(STUDY_FILE).resolve()
+    try:
+        return optuna.create_study(storage=_storage(), study_name=sweep.study_name,
+                                   sampler=sampler, pruner=pruner, direction=sweep.direction,
+                                   load_if_exists=True)
+    except Exception as e:  # sqlalchemy's, sqlite's and Optuna's own errors
+        text = str(getattr(e, "orig", None) or e).strip()
+        reason = (text.splitlines() or [type(e).__name__])[0]
+        writable = os.access(file.parent, os.W_OK) and \
+            (not file.exists() or os.access(file, os.W_OK))
+        if file.exists() and not file.is_file():
+            raise LmtError(f"the sweep study file {file} is not a file; move it away") from e
+        if not writable or "readonly" in reason or "unable to open" in reason:
+            raise LmtError(f"cannot write the sweep study file {file} ({reason}); lmt sweep "
+                           f"keeps its study in the working directory: run it from a "
+                           f"directory you can write to") from e
+        raise LmtError(f"the sweep study file {file} cannot be used ({reason}); move it "
+                       f"away to start afresh (the sweeps it holds are then forgotten)"
+                       ) from e
+
+
+def _check_not_running(uri: str, parent_id: str) -> None:
+    """Refuses to run a sweep whose parent run, or a trial run under it, is RUNNING and
+    owned by a process that is alive: the same command running elsewhere (two drivers
+    would hand out and retry each other's trials).
+
+    Raises:
+      LmtError: naming the run and its owner.
+    """
+    from lmt_tf.liveness import OWNER_HOST, OWNER_PID, owner_gone
+    from lmt_tf.tracking.read import store_client
+
+    client = store_client(uri)
+    try:
+        parent = client.get_run(parent_id)
+        runs = [parent, *client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                          f"attributes.status = 'RUNNING'")]
+    except Exception:  # the parent is gone from the store: its re-opening says so
+        return
+    for run in runs:
+        tags = run.data.tags
+        if run.info.status == "RUNNING" and OWNER_PID in tags and owner_gone(tags) is None:
+            raise LmtError(f"this sweep is running already: its run {run.info.run_name} "
+                           f"({run.info.run_id}) is owned by process {tags[OWNER_PID]} on "
+                           f"{tags.get(OWNER_HOST, '?')}; wait for it to end, or stop it")
+
+
 def _optimize(study: Any, sweep: Sweep, count: int, parent: TrackedRun, table: TrialTable,
               failures: list[str]) -> None:
     """Runs ``count`` trials, ``sweep.parallel`` at a time. Trials are asked for, started
     and told in this thread only (Optuna's own threads can hand one enqueued trial to two
-    workers on SQLite); each trial's process is waited for in a pool thread."""
+    workers on SQLite); each trial's process is waited for in a pool thread. A trial that
+    finished without the metric stops the sweep: every other would end the same."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    import optuna
     from optuna.trial import TrialState
 
     running: dict[Any, Any] = {}
@@ -181,18 +276,44 @@ def _optimize(study: Any, sweep: Sweep, count: int, parent: TrackedRun, table: T
                     count -= 1
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    trial = running.pop(future)
-                    try:
-                        study.tell(trial, future.result())
-                    except optuna.TrialPruned:
-                        study.tell(trial, state=TrialState.PRUNED)
-                    except LmtError:
-                        study.tell(trial, state=TrialState.FAIL)
+                    if _tell(study, running.pop(future), future) == _NO_METRIC:
+                        count = 0
         except BaseException:
             group.stop()  # Ctrl-C: no trial goes on running
-            for trial in running.values():  # the next run of the command retries them
-                study.tell(trial, state=TrialState.FAIL)
+            for future, trial in running.items():  # the next run retries those not done
+                with contextlib.suppress(Exception):
+                    if future.done():
+                        _tell(study, trial, future)
+                        continue
+                with contextlib.suppress(Exception):
+                    study.tell(trial, state=TrialState.FAIL)
             raise
+
+
+_NO_METRIC = "no metric"
+
+
+def _tell(study: Any, trial: Any, future: Any) -> str:
+    """Tells the study how ``trial`` ended (its ``future``'s result); returns its state
+    (``_NO_METRIC`` for a run that finished without the sweep's metric)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study.tell(trial, future.result())
+        return "finished"
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return "pruned"
+    except _TrialFailed as e:
+        study.tell(trial, state=TrialState.FAIL)
+        return e.kind
+
+
+class _TrialFailed(LmtError):
+    def __init__(self, reason: str, kind: str = "failed"):
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass
@@ -204,9 +325,8 @@ class _Started:
 
 def _start_trial(sweep: Sweep, trial: Any, bindings: list[str], parent_id: str,
                  group: ProcessGroup) -> _Started:
-    log_dir = Path(LOG_DIR) / sweep.study_name
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"trial-{trial.number}.log"
+    log = sweep.log_file(trial.number)
+    log.parent.mkdir(parents=True, exist_ok=True)
     environment = {PARENT_RUN_ENV: parent_id}
     if sweep.prune:
         environment[TRIAL_ENV] = json.dumps({
@@ -223,33 +343,51 @@ def _finish_trial(sweep: Sweep, trial: Any, bindings: list[str], started: _Start
 
     Raises:
       optuna.TrialPruned: if the pruner stopped it.
-      LmtError: if it failed, or its run logged no such metric.
+      _TrialFailed: if it failed, or its run logged no such metric.
     """
     import optuna
 
     code = started.process.wait()
     seconds = time.monotonic() - started.at
-    child = child_run(parent.uri, parent.run_id,
-                      f"{sweep.study_name}-trial-{trial.number}")
+    child, unreadable = None, ""
+    try:
+        child = child_run(parent.uri, parent.run_id, sweep.trial_name(trial.number))
+    except Exception as e:  # the store's own errors
+        unreadable = f"its run cannot be read from the store ({type(e).__name__})"
     if child is not None:
         trial.set_user_attr("run_id", child.info.run_id)
     if code == EXIT_PRUNED:
         table.add(trial.number, bindings, None, "pruned", seconds)
         raise optuna.TrialPruned()
     value = child.data.metrics.get(sweep.metric) if child is not None and code == 0 else None
-    if value is None:
-        # The error's own line: gin appends "In call to configurable ..." lines after it.
-        lines = [line for line in started.log.read_text().strip().splitlines()
-                 if line.strip() and not line.strip().startswith("In call to configurable")]
-        tail = lines[-1:] or ["no output"]
-        reason = (f"exit status {code}: {tail[0]}" if code else
-                  f"the run logged no metric {sweep.metric!r}")
+    if value is None or not math.isfinite(value):
+        kind = "failed"
+        if code:
+            # The error's own line: gin appends "In call to configurable ..." after it.
+            lines = [line for line in _read(started.log).strip().splitlines() if line.strip()
+                     and not line.strip().startswith("In call to configurable")]
+            reason = f"exit status {code}: {(lines[-1:] or ['no output'])[0]}"
+        elif unreadable or child is None:
+            reason = unreadable or "it made no run"
+        elif value is None:
+            kind = _NO_METRIC
+            reason = (f"the run logged no metric {sweep.metric!r} (it logged "
+                      f"{', '.join(sorted(child.data.metrics)) or 'none'})")
+        else:
+            reason = f"the run's {sweep.metric} is {value}"
         failures.append(f"trial {trial.number} ({', '.join(bindings)}): {reason} "
                         f"({started.log})")
         table.add(trial.number, bindings, None, "failed", seconds)
-        raise LmtError(reason)
+        raise _TrialFailed(reason, kind)
     table.add(trial.number, bindings, value, "finished", seconds)
     return float(value)
+
+
+def _read(log: Path) -> str:
+    try:
+        return log.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -260,25 +398,50 @@ class _Pending:
     rerun: bool
 
 
-def _plan(study: Any, sweep: Sweep) -> _Pending:
+def _plan(study: Any, sweep: Sweep, uri: str, parent_id: str | None) -> _Pending:
+    """What is left to run. A trial RUNNING in the study is one whose sweep was killed:
+    it counts as done if its run FINISHED with the metric (the sweep was killed before
+    it could say so), else it runs again."""
+    import optuna
     from optuna.trial import TrialState
 
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        value = _finished_value(sweep, uri, parent_id, trial.number)
+        if value is None:
+            study.tell(trial.number, state=TrialState.FAIL)
+        else:
+            optuna.trial.Trial(study, trial._trial_id).set_user_attr(  # noqa: SLF001
+                "run_id", value[0])
+            study.tell(trial.number, value[1])
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    # A trial RUNNING in the study is one whose sweep was killed: run it again.
-    stale = [t for t in trials if t.state == TrialState.RUNNING]
-    for trial in stale:
-        study.tell(trial.number, state=TrialState.FAIL)
     have = [dict(t.params) for t in finished]
     if sweep.grid:
         todo = [p for p in sweep.grid_points() if p not in have]
-        rerun = any(dict(t.params) in todo for t in [*failed, *stale])
+        rerun = any(dict(t.params) in todo for t in failed)
         return _Pending(len(todo), len(finished), todo, rerun)
-    again = [dict(t.params) for t in [*failed, *stale] if t.params]
+    again = [dict(t.params) for t in failed if t.params]
     again = [p for i, p in enumerate(again) if p not in have and p not in again[:i]]
     count = max(sweep.trials - len(finished), 0)
     return _Pending(count, len(finished), again[:count], bool(again))
+
+
+def _finished_value(sweep: Sweep, uri: str, parent_id: str | None, number: int
+                    ) -> tuple[str, float] | None:
+    """The run id and ``sweep.metric`` of trial ``number``'s run if it FINISHED with it
+    (and a finite value), else None."""
+    if parent_id is None:
+        return None
+    try:
+        run = child_run(uri, parent_id, sweep.trial_name(number))
+    except Exception:  # the store's own errors: the trial runs again
+        return None
+    value = run.data.metrics.get(sweep.metric) if run is not None else None
+    if run is None or run.info.status != "FINISHED" or value is None or \
+            not math.isfinite(value):
+        return None
+    return run.info.run_id, float(value)
 
 
 def _best(study: Any) -> Any:

@@ -1,5 +1,7 @@
 """The read side of tracking: finding earlier runs (by id, name or parent), loading the
-models they logged, and fetching their artifacts."""
+models they logged, and fetching their artifacts. Every read opens the store through
+``store_client``: a server that does not answer is an error at once, not after MLflow's
+minutes of retries."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def find_run(reference: str, uri: str | None = None) -> Any:
     import mlflow
 
     store = resolve_tracking_uri(uri)
-    client = mlflow.MlflowClient(store)
+    client = store_client(store)
     try:
         with contextlib.suppress(mlflow.exceptions.MlflowException):
             return client.get_run(reference)
@@ -54,9 +56,7 @@ def find_run(reference: str, uri: str | None = None) -> Any:
 def child_run(uri: str, parent_id: str, run_name: str) -> Any:
     """The newest run named ``run_name`` nested under the run ``parent_id`` (a sweep's
     trial), or None."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
+    client = store_client(uri)
     parent = client.get_run(parent_id)
     found = client.search_runs(
         [parent.info.experiment_id],
@@ -68,17 +68,13 @@ def child_run(uri: str, parent_id: str, run_name: str) -> Any:
 
 def has_artifacts(uri: str, run_id: str, path: str) -> bool:
     """Whether the run ``run_id`` logged anything under ``path``."""
-    import mlflow
-
-    return bool(mlflow.MlflowClient(uri).list_artifacts(run_id, path))
+    return bool(store_client(uri).list_artifacts(run_id, path))
 
 
 def download_artifacts(uri: str, run_id: str, path: str, directory: str) -> str:
     """Downloads the run's artifacts under ``path`` into ``directory``; returns where
     they are."""
-    import mlflow
-
-    return mlflow.MlflowClient(uri).download_artifacts(run_id, path, directory)
+    return store_client(uri).download_artifacts(run_id, path, directory)
 
 
 def load_model(reference: str, uri: str | None = None) -> Any:
@@ -104,6 +100,7 @@ def load_model(reference: str, uri: str | None = None) -> Any:
     import mlflow.tensorflow
 
     store = resolve_tracking_uri(uri)
+    client = store_client(store)
     mlflow.set_tracking_uri(store)
     model_uri = reference
     fallback = None
@@ -112,8 +109,7 @@ def load_model(reference: str, uri: str | None = None) -> Any:
         model_uri = f"runs:/{run_id}/model"
         # A run that logged no MLflow model (ExportConfig.mlflow_model off) but its
         # SavedModel: that, then.
-        if any(a.path == "saved_model"
-               for a in mlflow.MlflowClient(store).list_artifacts(run_id)):
+        if any(a.path == "saved_model" for a in client.list_artifacts(run_id)):
             fallback = f"runs:/{run_id}/saved_model"
     # No progress bar per file: a teacher or an evaluated model loads in one line.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -145,6 +141,7 @@ def source_run_id(reference: str, uri: str | None = None) -> str | None:
         return reference.removeprefix("runs:/").split("/", 1)[0]
     with contextlib.suppress(Exception):
         if reference.startswith("models:/"):
+            store_client(resolve_tracking_uri(uri))
             mlflow.set_tracking_uri(resolve_tracking_uri(uri))
             return mlflow.get_logged_model(reference.removeprefix("models:/")).source_run_id
         return find_run(reference, uri).info.run_id

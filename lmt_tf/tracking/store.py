@@ -9,6 +9,7 @@ any MLflow server instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import os
 import urllib.error
@@ -20,7 +21,7 @@ from pathlib import Path
 from lmt_tf.errors import LmtError
 from lmt_tf.liveness import end_orphans
 from lmt_tf.process import JOB_NETWORK_ENV
-from lmt_tf.tracking.credentials import check_uri, error_line, redact, redact_uri
+from lmt_tf.tracking.credentials import check_uri, error_line, redact, redact_uri, remember
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -31,20 +32,22 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     file in the working directory (as an absolute URI, so it survives a ``chdir``)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return check_uri(uri)
+        remember(check_uri(uri))  # never printed, whoever prints it (redacted_output)
+        return uri
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fails fast on a store that cannot be used: an MLflow server that does not answer
-    (instead of MLflow's minutes of retries), a SQLite store that cannot be opened. A new
-    SQLite store gets its tables here, under a lock (see ``_open_sqlite``).
+    """Fails fast on a store that cannot be used, instead of MLflow's minutes of retries:
+    a server that does not answer, a SQLite file that is not there and cannot be made (a
+    read-only directory) or cannot be opened. A new SQLite store gets its tables here,
+    under a lock (see ``_open_sqlite``).
 
     Raises:
-      LmtError: naming the URI if the server's health endpoint does not answer or the
-        SQLite store cannot be opened.
+      LmtError: naming the URI or file and what to do.
     """
     if check_uri(uri).startswith("sqlite:"):
+        _check_sqlite_file(uri)
         _open_sqlite(uri)
         return
     if not uri.startswith(("http://", "https://")):
@@ -70,6 +73,36 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             if isolated else ""
         raise LmtError(f"MLflow tracking server {redact_uri(uri)} is unreachable{hint} "
                        f"({redact(str(reason), uri)})") from e
+
+
+def _check_sqlite_file(uri: str) -> None:
+    """A SQLite store that does not exist yet must be one that can be made: MLflow
+    retries making it for 100 seconds before it fails."""
+    path = Path(urllib.parse.unquote(uri.removeprefix("sqlite:///").split("?", 1)[0]))
+    if not path.name or path.name == ":memory:" or path.exists():
+        return
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise LmtError(f"cannot use the MLflow store {path.resolve()}: it does not exist, "
+                       f"and {path.resolve().parent} is not a directory you can write to; "
+                       f"run from a directory you can write to, or set MLFLOW_TRACKING_URI")
+
+
+def open_store(uri: str | None, found_by: str,
+               echo: Callable[[str], None] | None = None) -> str:
+    """The tracking URI in force (``uri``, else as ``resolve_tracking_uri`` says), once
+    its store answers, with the runs whose owner is gone ended first (so what a command
+    then reads of them is true). What every ``lmt`` command that reads a store opens it
+    with.
+
+    Raises:
+      LmtError: naming the URI if it is a server that does not answer.
+    """
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
+    # A store this user may only read is still read; its own errors come with the read.
+    with contextlib.suppress(LmtError):
+        end_orphaned_runs(uri, found_by, echo)
+    return uri
 
 
 def end_orphaned_runs(uri: str, found_by: str,

@@ -74,3 +74,33 @@ def test_a_launched_cluster_is_reachable_only_from_inside(gin_file, in_tmp: Path
         assert all(through_address), result
     else:  # nothing answers outside the job's namespace, not even on loopback
         assert not any(reached.values()), result
+
+
+_LAUNCHER = """
+import time
+from lmt_tf.runtime.netns import JobNamespace
+namespace = JobNamespace()
+print(namespace.command(["true"])[1].removeprefix("--target="), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(unavailable() is not None, reason="needs unshare and nsenter")
+def test_the_namespace_holder_ends_with_a_launcher_killed_with_sigkill() -> None:
+    import os
+    import signal
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdout=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    try:
+        holder = Path(f"/proc/{int(launcher.stdout.readline())}/stat")
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+        deadline = time.monotonic() + 10
+        while holder.exists() and holder.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the namespace outlived its launcher"
+            time.sleep(0.2)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -154,3 +154,40 @@ def test_parallel_sweep_trials_logging_at_once_lose_no_metric(
     assert len({frozenset(r.data.params) for r in trials}) == 1
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(
         max(r.data.metrics["val_accuracy"] for r in trials))
+
+
+@pytest.mark.slow
+def test_a_sweep_against_a_server_with_a_password_never_shows_it(
+        mlflow_server: str, tmp_path: Path) -> None:
+    """The server takes any userinfo (it has no auth): the password is used, and appears
+    nowhere lmt writes: not on stdout or stderr of `lmt sweep` (MLflow's own "View run
+    ... at" link included), not in the trials' logs, not in any param or tag, also where
+    a failing trial's own error line names it."""
+    import mlflow
+    import numpy as np
+
+    from lmt_tf.data.sources import load_digits
+
+    secret = "pa55-W0rd"
+    uri = mlflow_server.replace("http://", f"http://alice:{secret}@")
+    train = load_digits().train
+    np.savez(tmp_path / "a.npz", x=train.x, y=train.y)
+    (tmp_path / "secret.gin").write_text(TINY.replace("include 'gin/data/digits.gin'",
+                                                      "run_experiment.data = @load_npz")
+                                         + "TrainConfig.epochs = 1\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run(
+        [sys.executable, "-m", "lmt_tf.cli", "sweep", "secret.gin",
+         "--grid", f"load_npz.path=['a.npz', '{uri}/b.npz']"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    logs = {log: log.read_text() for log in tmp_path.glob("lmt_sweeps/*/trial-*.log")}
+    assert done.returncode == 1, done.stderr  # the trial of b.npz fails
+    assert "lmt: error: 1 trial(s) failed" in done.stderr and len(logs) == 2
+    client = mlflow.MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
+    assert len(runs) == 2  # the parent and the trial of a.npz
+    recorded = [str(r.data.params) + str(r.data.tags) for r in runs]
+    for text in [done.stdout, done.stderr, *logs.values(), *recorded]:
+        assert secret not in text
+    assert "View run" not in done.stdout
+    assert "alice:***@" in done.stderr  # the failure names the value, password hidden
