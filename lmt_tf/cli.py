@@ -188,6 +188,11 @@ def _store_commands(commands: Any, gin_options: argparse.ArgumentParser) -> None
                        help="the final metric of each run to optimise (default val_accuracy)")
     sweep.add_argument("--direction", default="maximize", help="maximize or minimize")
     sweep.add_argument("--parallel", type=int, default=1, help="trials at once (processes)")
+    sweep.add_argument("--gpus-per-trial", type=int, default=None, metavar="N",
+                       help="GPUs each trial takes (default: the visible GPUs split over "
+                            "--parallel; 0: the CPU)")
+    sweep.add_argument("--share-gpus", action="store_true",
+                       help="let more parallel trials than GPUs share them")
     sweep.add_argument("--prune", action="store_true",
                        help="stop trials whose per-epoch --metric is below the median "
                             "(Optuna's median pruner)")

@@ -218,7 +218,7 @@ def sweep(args: argparse.Namespace) -> int:
     open_store(tracking.tracking_uri, f"lmt sweep (pid {os.getpid()})", _echo)
     job = Sweep(_gin_args(args), config.experiment_name(files), dimensions, args.trials,
                 args.sampler, args.metric, args.direction, args.parallel, args.prune,
-                tracking, args.quiet)
+                tracking, args.quiet, args.gpus_per_trial, args.share_gpus)
     return run_sweep(job, echo=_echo,
                      echo_error=lambda line: print(line, file=sys.stderr, flush=True))
 

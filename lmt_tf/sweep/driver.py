@@ -1,6 +1,6 @@
-"""The sweep's driver: the Optuna study in ``lmt_sweeps.db`` (SQLite, in the working
-directory beside the default MLflow store), the sweep's parent MLflow run, and the trials,
-each an ``lmt run`` process nested under that run. The same command again resumes the
+"""The sweep's driver: the sweep's parent MLflow run and its trials, each an ``lmt run``
+process nested under that run, in a slot of the host's devices (``devices.plan_trials``),
+asked for and told to the Optuna study (``study``). The same command again resumes the
 sweep: finished trials are kept (also one whose run FINISHED as its sweep was killed),
 failed and killed ones run again. Before the first trial the experiment passes a dry run
 (``preflight``). Optionally, Optuna's median pruner stops bad trials on a per-epoch
@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -25,15 +24,23 @@ from typing import Any
 from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.process import EXIT_PRUNED, PARENT_RUN_ENV, TRIAL_ENV, lmt_command
 from lmt_tf.rundir import check_name, safe_name
+from lmt_tf.runtime.devices import DevicePlan, plan_trials, visible_gpus
 from lmt_tf.runtime.processes import ProcessGroup, Task
 from lmt_tf.sweep.preflight import dry_run
 from lmt_tf.sweep.space import Dimension
+from lmt_tf.sweep.study import (
+    STUDY_FILE,
+    best_trial,
+    check_not_running,
+    open_study,
+    plan,
+    storage,
+)
 from lmt_tf.sweep.table import TrialTable
 from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.tracking.read import child_run
 from lmt_tf.tracking.run import TrackedRun
 
-STUDY_FILE = "lmt_sweeps.db"
 # At most this much of the experiment's name goes into the study's: with the hash and
 # "-trial-N", every trial's run name stays within rundir.check_name's 128 characters.
 _EXPERIMENT_IN_NAMES = 100
@@ -58,6 +65,8 @@ class Sweep:
     # Where the parent run goes (the trials' runs go where their own config says).
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     quiet: bool = False
+    gpus_per_trial: int | None = None  # None: the visible GPUs split over the slots
+    share_gpus: bool = False  # let more parallel trials than GPUs share them
     grid: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +106,16 @@ class Sweep:
         """Trial ``number``'s run name (and run directory): ``<study>-trial-N``."""
         return check_name(f"{self.study_name}-trial-{number}", "a sweep trial's run name")
 
+    def devices(self) -> DevicePlan:
+        """Each trial slot's GPUs (see ``devices.plan_trials``); a trial runs in the slot
+        that is free.
+
+        Raises:
+          ConfigError: for more parallel trials than GPUs without a sharing choice.
+        """
+        return plan_trials(visible_gpus(), self.parallel, self.gpus_per_trial,
+                           self.share_gpus)
+
     def log_file(self, number: int) -> Path:
         """Where trial ``number``'s output goes: ``lmt_sweeps/<study>/trial-N.log``."""
         return Path(LOG_DIR) / self.study_name / f"trial-{number}.log"
@@ -135,14 +154,15 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     echo_error = echo_error or echo
-    study = _open_study(sweep)
+    devices = sweep.devices()
+    study = open_study(sweep)
     # The parent run: made in the experiment as `lmt run` makes it (its artifacts where
     # TrackingConfig.artifact_root says), or re-opened when the sweep resumes.
     parent = TrackedRun(sweep.tracking, sweep.experiment)
     parent_id = study.user_attrs.get("parent_run_id")
     if parent_id is not None:
-        _check_not_running(parent.uri, parent_id)
-    pending = _plan(study, sweep, parent.uri, parent_id)
+        check_not_running(parent.uri, parent_id)
+    pending = plan(study, sweep, parent.uri, parent_id)
     if pending.count:
         first = pending.enqueue[0] if pending.enqueue else \
             {d.key: d.every_value()[0] for d in sweep.dimensions}
@@ -169,10 +189,11 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print,
             study.enqueue_trial(params, skip_if_exists=False)
         echo(f"lmt sweep: {pending.done} trial(s) done, {pending.count} to run"
              + (f" ({len(pending.enqueue)} again after failing)" if pending.rerun else ""))
+        echo(f"lmt sweep: devices: {devices.describe()}")
         table = TrialTable(sweep.study_name, sweep.metric, sweep.quiet, echo)
         failures: list[str] = []
-        _optimize(study, sweep, pending.count, parent, table, failures)
-        best = _best(study)
+        _optimize(study, sweep, pending.count, parent, table, failures, devices)
+        best = best_trial(study)
         if best is not None:
             parent.log_metrics({f"best_{sweep.metric}": best.value}, step=0)
             parent.set_tags({**{f"lmt.sweep.best.{k}": v for k, v in best.params.items()},
@@ -187,82 +208,19 @@ def run_sweep(sweep: Sweep, echo: Callable[[str], None] = print,
     return 0 if not failures else 1
 
 
-def _storage() -> str:
-    return f"sqlite:///{Path(STUDY_FILE).resolve()}"
-
-
-def _open_study(sweep: Sweep) -> Any:
-    """The sweep's Optuna study in ``STUDY_FILE``, made if new.
-
-    Raises:
-      LmtError: naming the file, if it cannot be read or written.
-    """
-    import optuna
-
-    sampler = (optuna.samplers.RandomSampler(seed=0) if sweep.grid or sweep.sampler == "random"
-               else optuna.samplers.TPESampler(seed=0))
-    pruner = optuna.pruners.MedianPruner(n_warmup_steps=1) if sweep.prune \
-        else optuna.pruners.NopPruner()
-    file = Path(STUDY_FILE).resolve()
-    try:
-        return optuna.create_study(storage=_storage(), study_name=sweep.study_name,
-                                   sampler=sampler, pruner=pruner, direction=sweep.direction,
-                                   load_if_exists=True)
-    except Exception as e:  # sqlalchemy's, sqlite's and Optuna's own errors
-        text = str(getattr(e, "orig", None) or e).strip()
-        reason = (text.splitlines() or [type(e).__name__])[0]
-        writable = os.access(file.parent, os.W_OK) and \
-            (not file.exists() or os.access(file, os.W_OK))
-        if file.exists() and not file.is_file():
-            raise LmtError(f"the sweep study file {file} is not a file; move it away") from e
-        if not writable or "readonly" in reason or "unable to open" in reason:
-            raise LmtError(f"cannot write the sweep study file {file} ({reason}); lmt sweep "
-                           f"keeps its study in the working directory: run it from a "
-                           f"directory you can write to") from e
-        raise LmtError(f"the sweep study file {file} cannot be used ({reason}); move it "
-                       f"away to start afresh (the sweeps it holds are then forgotten)"
-                       ) from e
-
-
-def _check_not_running(uri: str, parent_id: str) -> None:
-    """Refuses to run a sweep whose parent run, or a trial run under it, is RUNNING and
-    owned by a process that is alive: the same command running elsewhere (two drivers
-    would hand out and retry each other's trials).
-
-    Raises:
-      LmtError: naming the run and its owner.
-    """
-    from lmt_tf.liveness import OWNER_HOST, OWNER_PID, owner_gone
-    from lmt_tf.tracking.read import store_client
-
-    client = store_client(uri)
-    try:
-        parent = client.get_run(parent_id)
-        runs = [parent, *client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and "
-                          f"attributes.status = 'RUNNING'")]
-    except Exception:  # the parent is gone from the store: its re-opening says so
-        return
-    for run in runs:
-        tags = run.data.tags
-        if run.info.status == "RUNNING" and OWNER_PID in tags and owner_gone(tags) is None:
-            raise LmtError(f"this sweep is running already: its run {run.info.run_name} "
-                           f"({run.info.run_id}) is owned by process {tags[OWNER_PID]} on "
-                           f"{tags.get(OWNER_HOST, '?')}; wait for it to end, or stop it")
-
-
 def _optimize(study: Any, sweep: Sweep, count: int, parent: TrackedRun, table: TrialTable,
-              failures: list[str]) -> None:
-    """Runs ``count`` trials, ``sweep.parallel`` at a time. Trials are asked for, started
-    and told in this thread only (Optuna's own threads can hand one enqueued trial to two
-    workers on SQLite); each trial's process is waited for in a pool thread. A trial that
-    finished without the metric stops the sweep: every other would end the same."""
+              failures: list[str], devices: DevicePlan) -> None:
+    """Runs ``count`` trials, ``sweep.parallel`` at a time, each in a free slot of
+    ``devices``. Trials are asked for, started and told in this thread only (Optuna's own
+    threads can hand one enqueued trial to two workers on SQLite); each trial's process
+    is waited for in a pool thread. A trial that finished without the metric stops the
+    sweep: every other would end the same."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from optuna.trial import TrialState
 
     running: dict[Any, Any] = {}
+    slots: dict[Any, int] = {}  # a running trial's future -> its device slot
     group = ProcessGroup(table.echo, table.echo)
     with ThreadPoolExecutor(sweep.parallel) as pool:
         try:
@@ -270,12 +228,16 @@ def _optimize(study: Any, sweep: Sweep, count: int, parent: TrackedRun, table: T
                 while count and len(running) < sweep.parallel:
                     trial = study.ask()
                     bindings = [f"{d.key} = {d.suggest(trial)}" for d in sweep.dimensions]
-                    started = _start_trial(sweep, trial, bindings, parent.run_id, group)
-                    running[pool.submit(_finish_trial, sweep, trial, bindings, started,
-                                        parent, table, failures)] = trial
+                    slot = min(set(range(sweep.parallel)) - set(slots.values()))
+                    started = _start_trial(sweep, trial, bindings, parent.run_id, group,
+                                           devices.task(f"trial:{slot}").environment())
+                    future = pool.submit(_finish_trial, sweep, trial, bindings, started,
+                                         parent, table, failures)
+                    running[future], slots[future] = trial, slot
                     count -= 1
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in finished:
+                    slots.pop(future)
                     if _tell(study, running.pop(future), future) == _NO_METRIC:
                         count = 0
         except BaseException:
@@ -324,13 +286,13 @@ class _Started:
 
 
 def _start_trial(sweep: Sweep, trial: Any, bindings: list[str], parent_id: str,
-                 group: ProcessGroup) -> _Started:
+                 group: ProcessGroup, devices: dict[str, str]) -> _Started:
     log = sweep.log_file(trial.number)
     log.parent.mkdir(parents=True, exist_ok=True)
-    environment = {PARENT_RUN_ENV: parent_id}
+    environment = {PARENT_RUN_ENV: parent_id, **devices}
     if sweep.prune:
         environment[TRIAL_ENV] = json.dumps({
-            "storage": _storage(), "study": sweep.study_name,
+            "storage": storage(), "study": sweep.study_name,
             "trial_id": trial._trial_id, "metric": sweep.metric})  # noqa: SLF001
     process = group.start(Task("trial", trial.number),
                           trial_command(sweep, bindings, trial.number), environment, log=log)
@@ -390,65 +352,3 @@ def _read(log: Path) -> str:
         return ""
 
 
-@dataclass
-class _Pending:
-    count: int  # trials to run now
-    done: int  # finished (or pruned) already
-    enqueue: list[dict[str, str]]  # fixed params of trials to run
-    rerun: bool
-
-
-def _plan(study: Any, sweep: Sweep, uri: str, parent_id: str | None) -> _Pending:
-    """What is left to run. A trial RUNNING in the study is one whose sweep was killed:
-    it counts as done if its run FINISHED with the metric (the sweep was killed before
-    it could say so), else it runs again."""
-    import optuna
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        value = _finished_value(sweep, uri, parent_id, trial.number)
-        if value is None:
-            study.tell(trial.number, state=TrialState.FAIL)
-        else:
-            optuna.trial.Trial(study, trial._trial_id).set_user_attr(  # noqa: SLF001
-                "run_id", value[0])
-            study.tell(trial.number, value[1])
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    have = [dict(t.params) for t in finished]
-    if sweep.grid:
-        todo = [p for p in sweep.grid_points() if p not in have]
-        rerun = any(dict(t.params) in todo for t in failed)
-        return _Pending(len(todo), len(finished), todo, rerun)
-    again = [dict(t.params) for t in failed if t.params]
-    again = [p for i, p in enumerate(again) if p not in have and p not in again[:i]]
-    count = max(sweep.trials - len(finished), 0)
-    return _Pending(count, len(finished), again[:count], bool(again))
-
-
-def _finished_value(sweep: Sweep, uri: str, parent_id: str | None, number: int
-                    ) -> tuple[str, float] | None:
-    """The run id and ``sweep.metric`` of trial ``number``'s run if it FINISHED with it
-    (and a finite value), else None."""
-    if parent_id is None:
-        return None
-    try:
-        run = child_run(uri, parent_id, sweep.trial_name(number))
-    except Exception:  # the store's own errors: the trial runs again
-        return None
-    value = run.data.metrics.get(sweep.metric) if run is not None else None
-    if run is None or run.info.status != "FINISHED" or value is None or \
-            not math.isfinite(value):
-        return None
-    return run.info.run_id, float(value)
-
-
-def _best(study: Any) -> Any:
-    from optuna.trial import TrialState
-
-    try:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return study.best_trial if complete else None
-    except ValueError:
-        return None

@@ -51,7 +51,10 @@ def test_a_grid_sweep_nests_its_trials_and_reruns_only_what_failed(gin_file, in_
     assert failed.data.tags["lmt.error"] == f"LmtError: {error.removeprefix('lmt: error: ')}"
     _write_npz(in_tmp / "b.npz")
     assert main(command) == 0
-    assert "2 trial(s) done, 2 to run (2 again after failing)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 trial(s) done, 2 to run (2 again after failing)" in out
+    # Two trial slots, each with its part of the host's GPUs (here: none).
+    assert "lmt sweep: devices: 0 GPU(s); trial:0: CPU, trial:1: CPU; all-reduce ring" in out
     assert main(command) == 0
     assert "4 trial(s) done, 0 to run" in capsys.readouterr().out
 
