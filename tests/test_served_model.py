@@ -111,11 +111,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _raw_test_examples(name: str, root: Path) -> np.ndarray:
-    from lmt_tf.data import sources
+    from lmt_tf.data import files, sources
 
     splits = {"mnist": sources.load_mnist, "compressed": sources.load_mnist,
               "transferred": sources.load_mnist, "federated": sources.load_digits,
-              "csv": lambda: sources.load_csv(str(root / "table.csv")),
+              "csv": lambda: files.load_csv(str(root / "table.csv")),
               "cancer": lambda: sources.load_breast_cancer(0.1, 0.02)}[name]()
     x = splits.test.x[:8].astype(np.float32)
     if name in ("csv", "cancer"):

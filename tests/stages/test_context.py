@@ -19,6 +19,7 @@ class Blowup(Stage):
     weight NaN."""
 
     name = "blowup"
+    trains = True  # it leaves a model of its own making (the order check asks)
 
     def work(self, context: RunContext) -> None:
         weights = context.model.get_weights()
