@@ -15,9 +15,10 @@ import tf_keras as keras
 
 from lmt_tf import transfer
 from lmt_tf.checks import Annotated, Range, parameter_hints
-from lmt_tf.data import files, sources, tfrecord
+from lmt_tf.data import files, sources, text, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
+from lmt_tf.data.tokenization import Tokenizer
 from lmt_tf.errors import ConfigError
 from lmt_tf.experiment import Experiment
 from lmt_tf.federated.config import FederatedConfig
@@ -25,7 +26,7 @@ from lmt_tf.federated.partition import PartitionConfig
 from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, ServerMomentum
 from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.invocation import Configs, ExportConfig
-from lmt_tf.models import cnn, mlp, recommender
+from lmt_tf.models import cnn, mlp, recommender, transformer
 from lmt_tf.optim import transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Export, Train
@@ -44,12 +45,14 @@ _PROJECT = {
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
                  sources.load_breast_cancer, files.load_npz, files.load_csv,
                  sources.load_movielens, tfrecord.load_tfrecords, sources.few_shot,
-                 Preprocessing],
+                 text.load_reuters, text.load_20newsgroups, text.load_rotten_tomatoes,
+                 Preprocessing, Tokenizer],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping],
     "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
-                   transfer.build_transfer],
+                   transfer.build_transfer, transformer.build_transformer,
+                   transformer.build_bag_of_embeddings],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
                        strategy.parameter_server_strategy],

@@ -90,12 +90,19 @@ def to_model_input(x: tf.Tensor) -> tf.Tensor:
     """Raw features as the model takes them: images stored as uint8 become float32 with
     their values 0-255 (the model rescales them: ``data.preprocessing``); other floats
     become float32; integer ids (users, items, tokens) stay integers for embedding
-    lookups."""
+    lookups; documents stay strings (the tokenizer is inside the model)."""
+    if x.dtype == tf.string:
+        return x
     if x.dtype == tf.uint8:
         return tf.cast(x, tf.float32)
     if x.dtype.is_integer:
         return tf.cast(x, tf.int64)
     return tf.cast(x, tf.float32)
+
+
+def feature_array(x: np.ndarray) -> np.ndarray:
+    """Features as a tensor takes them: documents (an object array of str) as bytes."""
+    return x.astype(bytes) if x.dtype.kind in "OU" else x
 
 
 def label_array(y: np.ndarray) -> np.ndarray:
@@ -138,7 +145,7 @@ def array_train_input_fn(split: Split, plan: BatchPlan, seed: int, start_epoch: 
         raise ConfigError(f"InputConfig.auto_shard_policy FILE needs a file source, but "
                           f"{len(split)} examples are in memory: use DATA, or write TFRecord "
                           f"shards with `lmt shard` and read them with @load_tfrecords")
-    x_all, y_all = split.x, label_array(split.y)
+    x_all, y_all = feature_array(split.x), label_array(split.y)
     num_examples = len(split)
 
     def input_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
@@ -183,7 +190,8 @@ def array_eval_dataset(split: Split, global_batch_size: int) -> tf.data.Dataset:
     steps remain (there, evaluation is approximate). Not cached: the arrays are in memory,
     and a cache op looks like a one-file source to TensorFlow's auto-sharding.
     """
-    dataset = tf.data.Dataset.from_tensor_slices((split.x, label_array(split.y)))
+    dataset = tf.data.Dataset.from_tensor_slices((feature_array(split.x),
+                                                  label_array(split.y)))
     return evaluation_batches(dataset, global_batch_size)
 
 

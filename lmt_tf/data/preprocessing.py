@@ -10,6 +10,7 @@ the input pipelines only cast.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import Annotated, OneOf, Range, check, check_types, configured_call
-from lmt_tf.data.splits import Splits
+from lmt_tf.data import tokenization
+from lmt_tf.data.splits import Splits, is_text
+from lmt_tf.data.tokenization import Tokenizer
 from lmt_tf.errors import ConfigError
 
 IMPUTE = ("mean", "median", "constant")
@@ -54,6 +57,8 @@ class Preprocessing:
     # standard (zero mean, unit variance) | minmax ([0, 1])
     scale: Annotated[str, OneOf(*SCALE)] | None = None
     seed: Annotated[int, Range(ge=0)] = 0  # mutual information's neighbour jitter
+    # Text: how documents become token ids (the model's first layer); None for numbers
+    tokenizer: Tokenizer | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -80,6 +85,8 @@ class Preprocessing:
         split = splits.train
         dtype = np.dtype(getattr(split, "x_dtype", None) or split.x.dtype)
         shape = tuple(splits.input_shape)
+        if dtype.kind in "OUS" or self.tokenizer is not None:
+            return self._fit_text(splits)
         if not self.impute:
             _refuse_missing(splits)
         if not self.tabular:
@@ -99,6 +106,29 @@ class Preprocessing:
         return _Fitter(self, np.asarray(split.x, np.float64), np.asarray(split.y),
                        names).run()
 
+    def _fit_text(self, splits: Splits) -> FittedPreprocessing:
+        """The tokenizer fitted on the training documents.
+
+        Raises:
+          ConfigError: for text without a tokenizer, a tokenizer without text, or a
+            tabular step on text.
+        """
+        x = getattr(splits.train, "x", None)
+        text = x is not None and is_text(x)
+        check(self.tokenizer is not None or not text, "Preprocessing.tokenizer",
+              f"data {splits.name} is text: set Preprocessing.tokenizer = @Tokenizer() "
+              f"(include gin/preprocessing/words.gin)")
+        has = (f"examples of shape {splits.input_shape}" if x is not None
+               else "its examples in files")
+        check(text, "Preprocessing.tokenizer",
+              f"tokenizes documents in memory; data {splits.name} has {has}")
+        check(not self.tabular, "Preprocessing",
+              f"imputation, clipping, encoding, selection and scaling work on numbers; "
+              f"data {splits.name} is text")
+        parts = {part: getattr(splits, part).x for part in ("train", "validation", "test")}
+        step = self.tokenizer.fit(x, parts)
+        return FittedPreprocessing((), (step["sequence_length"],), (), [step])
+
 
 @dataclass
 class FittedPreprocessing:
@@ -115,7 +145,10 @@ class FittedPreprocessing:
         for step in self.steps:
             kind = step["kind"]
             name = PREPROCESSING_PREFIX + kind
-            if kind == "rescale":
+            if kind == "tokenize":
+                made.append(tokenization.Tokenize(step["vocabulary"], step["sequence_length"],
+                                                  step["standardize"], name=name))
+            elif kind == "rescale":
                 made.append(keras.layers.Rescaling(step["scale"], name=name, dtype="float32"))
             elif kind == "impute":
                 made.append(Impute(step["fill"], name=name, dtype="float32"))
@@ -136,10 +169,24 @@ class FittedPreprocessing:
         return json.dumps({"input_shape": self.input_shape, "output_shape": self.output_shape,
                            "features": self.features, "steps": self.steps}, indent=1)
 
+    @property
+    def text(self) -> bool:
+        """Whether the model takes documents (its first step tokenizes them)."""
+        return bool(self.steps) and self.steps[0]["kind"] == "tokenize"
+
+    def builder_args(self) -> dict[str, Any]:
+        """What a model builder needs beyond input shape and classes: the vocabulary
+        size (embedding rows) of a tokenizer."""
+        if self.text:
+            return {"vocabulary_size": len(self.steps[0]["vocabulary"]) + 2}
+        return {}
+
     def describe(self) -> str:
         """One line: what the model does to its raw input."""
         if not self.steps:
             return "none"
+        if self.text:
+            return "tokenize (" + tokenization.describe(self.steps[0]) + ")"
         kinds = ", ".join(s["kind"] + (f" ({s['how']})" if "how" in s else "")
                           for s in self.steps)
         return f"{kinds}; features {self.input_shape} -> {self.output_shape}"
@@ -160,12 +207,19 @@ class PreprocessedModel:
         self.fitted = fitted
 
     def __call__(self, input_shape: Sequence[int], num_classes: int) -> keras.Model:
+        extra = self.fitted.builder_args()
+        if extra:
+            _check_takes(self.model_fn, extra)
         core = configured_call(self.model_fn, "run_experiment.model",
-                               input_shape=self.fitted.output_shape, num_classes=num_classes)
+                               input_shape=self.fitted.output_shape, num_classes=num_classes,
+                               **extra)
         if not isinstance(core, keras.Model) or not getattr(core, "_is_graph_network", False):
             raise ConfigError("run_experiment.model must build a functional or Sequential "
                               "Keras model to take preprocessing layers in front of it")
-        raw = keras.Input(tuple(input_shape), name=core.input_names[0])
+        if self.fitted.text:
+            raw = keras.Input((), dtype=tf.string, name="text")
+        else:
+            raw = keras.Input(tuple(input_shape), name=core.input_names[0])
         x = raw
         for layer in self.fitted.layers():
             x = layer(x)
@@ -176,6 +230,24 @@ class PreprocessedModel:
         model = keras.models.clone_model(flat)
         model.set_weights(flat.get_weights())
         return model
+
+
+def _check_takes(model_fn: Callable[..., keras.Model], extra: dict[str, Any]) -> None:
+    """Raises ConfigError if the builder takes no ``vocabulary_size`` (text needs a
+    model that embeds token ids)."""
+    target = getattr(model_fn, "__wrapped__", model_fn)
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        return
+    missing = [name for name in extra if name not in parameters]
+    if missing:
+        name = getattr(target, "__name__", repr(target))
+        raise ConfigError(f"run_experiment.model: {name} takes no {missing[0]}; text data "
+                          f"needs a model that embeds token ids (build_transformer, "
+                          f"build_bag_of_embeddings)")
 
 
 def _refuse_missing(splits: Splits) -> None:

@@ -69,13 +69,19 @@ class Splits:
     # Images: the factor that brings raw pixel values to [0, 1], applied inside the model
     # (None: 1/255 for uint8 images, else nothing).
     pixel_scale: float | None = None
+    # Classification: each class's name, in label order (the model's output columns);
+    # empty where a source knows none (then the label ids are the names).
+    class_names: tuple[str, ...] = ()
 
     def digest(self) -> str:
         """A fingerprint of the data: SHA-256 (first 16 hex digits) of every in-memory
         split's examples and labels; of a file-backed split's file names and counts."""
         sha = hashlib.sha256()
         for part in (self.train, self.validation, self.test):
-            if isinstance(part, Split):
+            if isinstance(part, Split) and is_text(part.x):
+                sha.update(_text_bytes(part.x))
+                sha.update(np.ascontiguousarray(part.y).tobytes())
+            elif isinstance(part, Split):
                 sha.update(np.ascontiguousarray(part.x).tobytes())
                 sha.update(np.ascontiguousarray(part.y).tobytes())
             else:
@@ -111,7 +117,9 @@ class Splits:
             if len(split) == 0 and part != "validation":
                 raise DataError(f"data {self.name}: the {part} split has no examples")
             shape = split.example_shape
-            if not shape or int(np.prod(shape)) < 1:
+            if not shape and is_text(getattr(split, "x", np.zeros(0))):
+                pass  # documents: one string each
+            elif not shape or int(np.prod(shape)) < 1:
                 raise DataError(f"data {self.name}: {part} examples have shape {shape}; "
                                 f"at least one feature is needed")
             if shape != self.input_shape:
@@ -121,12 +129,41 @@ class Splits:
                 where = f"data {self.name}{f' ({self.source})' if self.source else ''}: {part}"
                 _check_features(split.x, self.features, where)
                 _check_labels(split.y, self.num_classes, where)
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise DataError(f"data {self.name}: {len(self.class_names)} class names for "
+                            f"{self.num_classes} classes")
         return self
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` (its id where the source names none)."""
+        return self.class_names[label] if self.class_names else str(label)
+
+
+def is_text(x: np.ndarray) -> bool:
+    """Whether examples ``x`` are documents (strings) rather than numbers."""
+    return np.asarray(x).dtype.kind in "OUS"
+
+
+def _text_bytes(x: np.ndarray) -> bytes:
+    """What a fingerprint of documents hashes: each one's UTF-8, length-prefixed."""
+    sha = hashlib.sha256()
+    for doc in x:
+        data = str(doc).encode("utf-8")
+        sha.update(len(data).to_bytes(8, "little"))
+        sha.update(data)
+    return sha.digest()
 
 
 def _check_features(x: np.ndarray, names: tuple[str, ...], where: str) -> None:
-    """Raises DataError at the first infinite feature value (integers cannot be)."""
+    """Raises DataError at the first infinite feature value (integers cannot be), or the
+    first empty document of text."""
     x = np.asarray(x)
+    if is_text(x):
+        empty = [i for i, doc in enumerate(x) if not isinstance(doc, str) or not doc.strip()]
+        if empty:
+            raise DataError(f"{where} example {empty[0]}: {x[empty[0]]!r} is not a "
+                            f"non-empty document ({len(empty)} in all)")
+        return
     if x.dtype.kind not in "fc":
         return
     infinite = np.isinf(x)
