@@ -127,7 +127,8 @@ class Preprocessing:
               f"data {splits.name} is text")
         parts = {part: getattr(splits, part).x for part in ("train", "validation", "test")}
         step = self.tokenizer.fit(x, parts)
-        return FittedPreprocessing((), (step["sequence_length"],), (), [step])
+        width = step.get("sequence_length") or len(step["vocabulary"]) + 1
+        return FittedPreprocessing((), (width,), (), [step])
 
 
 @dataclass
@@ -146,8 +147,7 @@ class FittedPreprocessing:
             kind = step["kind"]
             name = PREPROCESSING_PREFIX + kind
             if kind == "tokenize":
-                made.append(tokenization.Tokenize(step["vocabulary"], step["sequence_length"],
-                                                  step["standardize"], name=name))
+                made.append(tokenization.layer_of(step, name))
             elif kind == "rescale":
                 made.append(keras.layers.Rescaling(step["scale"], name=name, dtype="float32"))
             elif kind == "impute":
@@ -177,7 +177,7 @@ class FittedPreprocessing:
     def builder_args(self) -> dict[str, Any]:
         """What a model builder needs beyond input shape and classes: the vocabulary
         size (embedding rows) of a tokenizer."""
-        if self.text:
+        if self.text and "sequence_length" in self.steps[0]:
             return {"vocabulary_size": len(self.steps[0]["vocabulary"]) + 2}
         return {}
 

@@ -20,7 +20,7 @@ import tf_keras as keras
 from lmt_tf.checks import Annotated, OneOf, Range, check_types
 from lmt_tf.errors import ConfigError
 
-TOKENIZERS = ("words",)
+TOKENIZERS = ("words", "tf_idf")
 STANDARDIZE = ("lower_and_strip_punctuation", "lower", "strip_punctuation", "none")
 PAD, OOV = 0, 1  # the ids of padding and of a token outside the vocabulary
 
@@ -29,7 +29,9 @@ PAD, OOV = 0, 1  # the ids of padding and of a token outside the vocabulary
 class Tokenizer:
     """How documents become token ids, fitted on the training split."""
 
-    # words: whitespace-separated words after standardization (Keras TextVectorization)
+    # words: whitespace-separated words after standardization (Keras TextVectorization),
+    # a sequence of ids; tf_idf: a bag of those words, one vector per document
+    # (sublinear term frequency times inverse document frequency, L2-normalised)
     kind: Annotated[str, OneOf(*TOKENIZERS)] = "words"
     # ids in all, padding and out-of-vocabulary included (the embedding table's rows)
     vocabulary_size: Annotated[int, Range(ge=3)] = 20_000
@@ -58,6 +60,10 @@ class Tokenizer:
         if not vocabulary:
             raise ConfigError(f"Tokenizer: the {len(train):,} training documents hold no "
                               f"word")
+        if self.kind == "tf_idf":
+            return {"kind": "tokenize", "how": self.kind, "vocabulary": vocabulary,
+                    "standardize": self.standardize,
+                    "idf": _inverse_document_frequency(vectorizer, train)}
         step = {"kind": "tokenize", "how": self.kind, "vocabulary": vocabulary,
                 "sequence_length": self.sequence_length, "standardize": self.standardize}
         layer = Tokenize(vocabulary, self.sequence_length, self.standardize)
@@ -67,8 +73,32 @@ class Tokenizer:
         return step
 
 
+def _inverse_document_frequency(vectorizer: keras.layers.TextVectorization,
+                                train: np.ndarray, batch: int = 1024) -> list[float]:
+    """Each vocabulary word's smoothed inverse document frequency in ``train``,
+    ln((1 + n) / (1 + df)) + 1 (scikit-learn's ``TfidfVectorizer`` default)."""
+    df = np.zeros(vectorizer.vocabulary_size(), np.int64)
+    for start in range(0, len(train), batch):
+        ids = vectorizer(tf.constant(train[start:start + batch].astype(bytes)))
+        for row in ids.numpy():
+            df[np.unique(row)] += 1
+    idf = np.log((1 + len(train)) / (1 + df[2:])) + 1
+    return [round(float(v), 6) for v in idf]
+
+
+def layer_of(step: dict[str, Any], name: str) -> keras.layers.Layer:
+    """The Keras layer that applies a fitted tokenizer ``step``."""
+    if step["how"] == "tf_idf":
+        return BagOfWords(step["vocabulary"], step["idf"], step["standardize"], name=name)
+    return Tokenize(step["vocabulary"], step["sequence_length"], step["standardize"],
+                    name=name)
+
+
 def describe(step: dict[str, Any]) -> str:
     """One line: the tokenizer, its vocabulary and what the sequence length truncates."""
+    if step["how"] == "tf_idf":
+        return (f"tf_idf, a bag of {len(step['vocabulary']):,} words (sublinear term "
+                f"frequency x inverse document frequency, L2-normalised)")
     truncated = step.get("truncated", {})
     documents = step.get("documents", {})
     cut = ", ".join(f"{part} {n:,} of {documents.get(part, 0):,}"
@@ -115,3 +145,38 @@ class Tokenize(keras.layers.Layer):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "vocabulary": self.vocabulary,
                 "sequence_length": self.sequence_length, "standardize": self.standardize}
+
+
+@keras.utils.register_keras_serializable(package="lmt_tf")
+class BagOfWords(keras.layers.Layer):
+    """Documents (a batch of strings) to TF-IDF vectors (batch, vocabulary) float32: each
+    word's 1 + ln(count) times its inverse document frequency in the training split,
+    the vector L2-normalised (as scikit-learn's ``TfidfVectorizer(sublinear_tf=True)``);
+    words outside the vocabulary are left out."""
+
+    def __init__(self, vocabulary: list[str], idf: list[float],
+                 standardize: str = "lower_and_strip_punctuation", **kwargs: Any):
+        kwargs.pop("dtype", None)
+        super().__init__(dtype="float32", **kwargs)
+        if len(idf) != len(vocabulary):
+            raise ConfigError(f"BagOfWords: {len(idf)} weights for {len(vocabulary)} words")
+        self.vocabulary = list(vocabulary)
+        self.idf = [float(v) for v in idf]
+        self.standardize = standardize
+        self.vectorizer = keras.layers.TextVectorization(
+            standardize=None if standardize == "none" else standardize,
+            vocabulary=self.vocabulary, output_mode="count", name="vectorize")
+        # Count columns: 0 is the out-of-vocabulary bucket, weighted 0.
+        self.weights_ = tf.constant([0.0, *self.idf], tf.float32)
+
+    def call(self, documents: tf.Tensor) -> tf.Tensor:
+        counts = tf.cast(self.vectorizer(tf.reshape(documents, [-1])), tf.float32)
+        tf_ = tf.where(counts > 0, 1 + tf.math.log(tf.maximum(counts, 1.0)), 0.0)
+        return tf.math.l2_normalize(tf_ * self.weights_, axis=-1)
+
+    def compute_output_shape(self, input_shape: Any) -> tf.TensorShape:
+        return tf.TensorShape([input_shape[0], len(self.vocabulary) + 1])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "vocabulary": self.vocabulary, "idf": self.idf,
+                "standardize": self.standardize}
