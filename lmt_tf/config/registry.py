@@ -26,7 +26,7 @@ from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, Serv
 from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.invocation import Configs, ExportConfig
 from lmt_tf.models import cnn, mlp, recommender
-from lmt_tf.optim import transforms
+from lmt_tf.optim import schedules, transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Export, Train
 from lmt_tf.stages.clustering import Cluster
@@ -46,7 +46,7 @@ _PROJECT = {
                  sources.load_movielens, tfrecord.load_tfrecords, sources.few_shot,
                  Preprocessing],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
-                  transforms.AdaptiveGradientClipping],
+                  transforms.AdaptiveGradientClipping, schedules.WarmupCosineDecay],
     "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer],
