@@ -17,8 +17,9 @@ from typing import Any, ClassVar
 
 import tf_keras as keras
 
-from lmt_tf.checks import check, check_types, configured_call
+from lmt_tf.checks import Annotated, OneOf, check, check_types, configured_call
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim import weight_decay
 from lmt_tf.optim.decoupled import DecoupledBlocks
 from lmt_tf.optim.layerwise import LayerwiseUpdates
 from lmt_tf.optim.local_sgd import LocalSGD
@@ -49,6 +50,9 @@ class TrainSettings:
     # Warmup and decay over the run's optimizer steps (epochs x steps per epoch), peaking
     # at the optimizer's learning rate (@WarmupCosineDecay()); None: the optimizer's own.
     learning_rate_schedule: WarmupCosineDecay | None = None
+    # Left out of the optimizer's weight decay (which it must have): 'biases' (weights
+    # named bias), 'norms' (normalization layers' scale and shift), 'embeddings'.
+    exclude_from_weight_decay: tuple[Annotated[str, OneOf(*weight_decay.KINDS)], ...] = ()
     loss: str = "sparse_categorical_crossentropy"  # a Keras loss name
     metrics: tuple[str, ...] = ("accuracy",)  # Keras metric names
     steps_per_execution: int = 1  # steps per tf.function call (fewer host round trips)

@@ -20,7 +20,7 @@ import tf_keras as keras
 from lmt_tf.checks import check, configured_call
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
-from lmt_tf.optim import model_transforms, schedules, technique
+from lmt_tf.optim import model_transforms, schedules, technique, weight_decay
 from lmt_tf.optim.model_transforms import ModelTransform
 from lmt_tf.optim.schedules import ScaledSchedule
 from lmt_tf.optim.technique import Technique
@@ -112,6 +112,9 @@ class Trainer:
                     and all(t.allows_fused_update for t in techniques)
                     and isinstance(model, MicroBatchTrainStep)):
                 model.fuse_rescaling()  # clipping factors multiplied inside the update
+            if self.config.exclude_from_weight_decay:
+                weight_decay.exclude(_inner(model.optimizer), model,
+                                     self.config.exclude_from_weight_decay)
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
             with technique.variables(techniques):  # e.g. optimizer state per replica
                 model.optimizer.build(model.trainable_variables)
