@@ -118,6 +118,15 @@ CASES = {
         _run("FedAvgM.momentum = 'high'"), "FedAvgM.momentum must be a number"),
     "a gradient transform's limit of the wrong type": Case(
         _run("ClipByNorm.limit = [1]"), "ClipByNorm.limit must be a number > 0"),
+    "a weight-decay exclusion of an unknown kind": Case(
+        _run("TrainConfig.exclude_from_weight_decay = ['layernorm']"),
+        "TrainConfig.exclude_from_weight_decay must be a list of values from ('biases', "
+        "'norms', 'embeddings'), got ['layernorm']"),
+    "layer-wise rate decay on a model without transformer blocks": Case(
+        _run("TrainConfig.layer_decay = 0.8"),
+        "TrainConfig.layer_decay needs transformer blocks, layers named block{i}_... "
+        "(block0_attention, block0_ffn1, ...), but model 'mlp' has none (layers with "
+        "weights: dense_0, predictions)"),
     "a config class where its instance belongs": Case(
         _run("federate.config = @FederatedConfig"), "call it, @FederatedConfig()"),
     "a macro of the wrong type": Case(

@@ -27,7 +27,7 @@ from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, Serv
 from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.invocation import Configs, ExportConfig
 from lmt_tf.models import cnn, mlp, recommender, transformer
-from lmt_tf.optim import transforms
+from lmt_tf.optim import schedules, transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Export, Train
 from lmt_tf.stages.clustering import Cluster
@@ -48,7 +48,7 @@ _PROJECT = {
                  text.load_reuters, text.load_20newsgroups, text.load_rotten_tomatoes,
                  Preprocessing, Tokenizer],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
-                  transforms.AdaptiveGradientClipping],
+                  transforms.AdaptiveGradientClipping, schedules.WarmupCosineDecay],
     "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer, transformer.build_transformer,

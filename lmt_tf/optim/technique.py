@@ -53,6 +53,7 @@ class StepSpec:
     transforms: list[Callable[..., Any]] = field(default_factory=list)
     multipliers: dict[str, float] = field(default_factory=dict)  # block -> update factor
     unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
+    layer_decay: float = 1.0  # update factor per transformer block below the head
     loss_terms: list[LossTerm] = field(default_factory=list)
 
     @classmethod

@@ -10,7 +10,8 @@ what the active training techniques assembled (a ``technique.StepSpec``):
 loop, so activations of only one micro-batch are alive at a time; (2) aggregates the
 gradient over all replicas once; (3) applies the configured gradient transforms to that
 aggregated gradient (the semantics of one large batch); (4) updates once, each block's
-update scaled by its factor when layer-wise multipliers or unfreezing are configured.
+update scaled by its factor when layer-wise multipliers, unfreezing or layer-wise rate
+decay are configured.
 Loss terms (FedProx's, distillation's) add to the loss of each micro-batch.
 
 k micro-batches of size b give the update of one batch of k*b (without BatchNorm), and
@@ -73,8 +74,10 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         self.inner = inner
         self.micro_batches = spec.micro_batches
         self.transforms = list(spec.transforms)
-        self.schedule = (BlockSchedule(inner, spec.multipliers, spec.unfreeze_epochs)
-                         if spec.multipliers or spec.unfreeze_epochs else None)
+        self.schedule = (BlockSchedule(inner, spec.multipliers, spec.unfreeze_epochs,
+                                       spec.layer_decay)
+                         if spec.multipliers or spec.unfreeze_epochs or spec.layer_decay != 1
+                         else None)
         self.loss_terms = list(spec.loss_terms)
         forwarding = [term for term in self.loss_terms if term.replaces_forward]
         if len(forwarding) > 1:
@@ -172,8 +175,8 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         finite = tf.math.is_finite(norm)
         self.gradient_norm.update_state(tf.where(finite, norm, 0.0),
                                         sample_weight=tf.cast(finite, tf.float32))
-        scaled = ([(v, tf.identity(v), self.schedule.factor_of[id(v)]) for v in variables
-                   if id(v) in self.schedule.factor_of] if self.schedule else [])
+        scaled = ([(v, tf.identity(v), factor) for v, factor in self.schedule.scaled(variables)]
+                  if self.schedule else [])
         self.optimizer.apply_gradients(zip(gradients, variables, strict=True),
                                        skip_gradients_aggregation=True)
         if scaled:

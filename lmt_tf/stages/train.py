@@ -103,7 +103,8 @@ def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Ca
          ) -> Any:
     """``trainer.fit``; with ``TrainConfig.divergence_retries``, a diverged fit rolls back
     to the last checkpoint (the weights before training if there is none yet) with a
-    lower learning rate and continues, each rollback logged as an event of the run."""
+    lower learning rate (a schedule: scaled down) and continues, each rollback logged as
+    an event of the run."""
     trainer, model, own = context.setup.trainer, context.trainable, context.session.own
     retries = trainer.config.divergence_retries
     if retries and latest_checkpoint(own.checkpoints)[0] is None:
@@ -116,10 +117,9 @@ def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Ca
             if rollback == retries:
                 raise
             start = trainer.restore(model, own.checkpoints, context.setup.plan.steps_per_epoch)
-            before, after = trainer.lower_learning_rate(model, initial, rollback + 1)
+            lowered = trainer.lower_learning_rate(model, initial, rollback + 1)
             event = (f"step {e.step} (epoch {e.epoch}): loss {e.value}; rolled back to epoch "
-                     f"{start.epoch + 1}, step {start.step + 1}; learning rate {before:g} -> "
-                     f"{after:g}")
+                     f"{start.epoch + 1}, step {start.step + 1}; {lowered}")
             context.run.set_tags({f"lmt.rollback.{rollback + 1}": event})
             context.run.log_metrics({"divergence_rollbacks": rollback + 1}, step=e.step)
             context.echo(f"lmt: training diverged at {event} ({rollback + 1}/{retries})")

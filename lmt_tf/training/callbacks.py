@@ -60,6 +60,17 @@ class Throughput(keras.callbacks.Callback):
         self._sink({"examples_per_second": self._examples / seconds}, epoch + 1)
 
 
+class LearningRate(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to each epoch's logs: the rate of the epoch's last optimizer
+    step (a schedule's value there), for the callbacks after it to log. List it first."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            optimizer = getattr(self.model.optimizer, "inner_optimizer", self.model.optimizer)
+            # A scheduled optimizer holds the rate it computed for its last step.
+            logs["learning_rate"] = float(keras.backend.get_value(optimizer.learning_rate))
+
+
 class StepMetrics(keras.callbacks.Callback):
     """Samples the training logs every ``every_n_steps`` optimizer steps and sends them to
     ``sink`` as ``step/<name>`` at the end of each epoch, in one batch."""

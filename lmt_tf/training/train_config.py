@@ -17,11 +17,13 @@ from typing import Any, ClassVar
 
 import tf_keras as keras
 
-from lmt_tf.checks import check, check_types, configured_call
+from lmt_tf.checks import Annotated, OneOf, check, check_types, configured_call
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim import weight_decay
 from lmt_tf.optim.decoupled import DecoupledBlocks
 from lmt_tf.optim.layerwise import LayerwiseUpdates
 from lmt_tf.optim.local_sgd import LocalSGD
+from lmt_tf.optim.schedules import WarmupCosineDecay
 from lmt_tf.optim.technique import Technique
 from lmt_tf.optim.train_step import Accumulation
 from lmt_tf.optim.transforms import GradientTransforms
@@ -45,6 +47,12 @@ class TrainSettings:
     global_batch_size: int = 128  # examples per optimizer step, all replicas together
     steps_per_epoch: int | None = None  # None: every full global batch of the split once
     optimizer: Callable[..., Any] = keras.optimizers.Adam  # called with no arguments
+    # Warmup and decay over the run's optimizer steps (epochs x steps per epoch), peaking
+    # at the optimizer's learning rate (@WarmupCosineDecay()); None: the optimizer's own.
+    learning_rate_schedule: WarmupCosineDecay | None = None
+    # Left out of the optimizer's weight decay (which it must have): 'biases' (weights
+    # named bias), 'norms' (normalization layers' scale and shift), 'embeddings'.
+    exclude_from_weight_decay: tuple[Annotated[str, OneOf(*weight_decay.KINDS)], ...] = ()
     loss: str = "sparse_categorical_crossentropy"  # a Keras loss name
     metrics: tuple[str, ...] = ("accuracy",)  # Keras metric names
     steps_per_execution: int = 1  # steps per tf.function call (fewer host round trips)
@@ -59,7 +67,8 @@ class TrainSettings:
     deterministic: bool = False  # TensorFlow op determinism (slower; bitwise repeatable)
     precision: str = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16
     # On a NaN or infinite loss: roll back to the last checkpoint and continue with the
-    # learning rate times divergence_lr_factor, up to this many times (0: fail at once).
+    # learning rate (or schedule) times divergence_lr_factor, up to this many times (0:
+    # fail at once).
     divergence_retries: int = 0
     divergence_lr_factor: float = 0.5  # in (0, 1)
 

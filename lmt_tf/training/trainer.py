@@ -20,10 +20,12 @@ import tf_keras as keras
 from lmt_tf.checks import check, configured_call
 from lmt_tf.data.pipeline import BatchPlan, InputConfig, eval_steps, plan_batches
 from lmt_tf.data.splits import Split, Splits
-from lmt_tf.optim import model_transforms, technique
+from lmt_tf.optim import model_transforms, schedules, technique, weight_decay
 from lmt_tf.optim.model_transforms import ModelTransform
+from lmt_tf.optim.schedules import ScaledSchedule
 from lmt_tf.optim.technique import Technique
 from lmt_tf.optim.train_step import MicroBatchTrainStep, step_transforms
+from lmt_tf.training.callbacks import LearningRate
 from lmt_tf.training.preemption import PREEMPTED_DIR, StartAt
 from lmt_tf.training.train_config import TrainConfig
 
@@ -100,6 +102,7 @@ class Trainer:
             check(not isinstance(optimizer, keras.optimizers.legacy.Optimizer),
                   "TrainConfig.optimizer", f"is a legacy optimizer ({type(optimizer).__name__}"
                   " from keras.optimizers.legacy); use its keras.optimizers counterpart")
+            optimizer = self._scheduled(optimizer, splits)
             configured_call(model.compile, "TrainConfig (loss, metrics, optimizer)",
                             optimizer=optimizer, loss=self.config.loss,
                             metrics=list(self.config.metrics),
@@ -109,14 +112,37 @@ class Trainer:
                     and all(t.allows_fused_update for t in techniques)
                     and isinstance(model, MicroBatchTrainStep)):
                 model.fuse_rescaling()  # clipping factors multiplied inside the update
-            if self.config.divergence_retries:
-                check(isinstance(_learning_rate(model.optimizer), tf.Variable),
-                      "TrainConfig.divergence_retries", "needs a constant learning rate "
-                      "(a rollback lowers it; a schedule cannot be lowered)")
+            if self.config.exclude_from_weight_decay:
+                weight_decay.exclude(_inner(model.optimizer), model,
+                                     self.config.exclude_from_weight_decay)
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
             with technique.variables(techniques):  # e.g. optimizer state per replica
                 model.optimizer.build(model.trainable_variables)
         return model
+
+    def _scheduled(self, optimizer: keras.optimizers.Optimizer, splits: Splits
+                   ) -> keras.optimizers.Optimizer:
+        """``optimizer``, or one of the same config with another learning rate: the
+        configured schedule sized to this run (``TrainConfig.epochs`` x steps per epoch
+        optimizer steps), peaking at the optimizer's own rate; under divergence retries,
+        any schedule as a ``ScaledSchedule``, which a rollback can lower."""
+        rate = _learning_rate(optimizer)
+        shape = self.config.learning_rate_schedule
+        name = type(optimizer).__name__
+        if shape is not None:
+            check(isinstance(rate, tf.Variable), schedules.SETTING,
+                  f"peaks at the optimizer's learning rate, but {name} already has a "
+                  f"schedule ({type(rate).__name__}); bind a number as "
+                  f"keras.optimizers.{name}.learning_rate")
+            total = self.plan(splits.train).steps_per_epoch * self.config.epochs
+            rate = shape.build(float(rate.numpy()), total)
+        if self.config.divergence_retries and isinstance(
+                rate, keras.optimizers.schedules.LearningRateSchedule):
+            rate = ScaledSchedule(rate)
+        if rate is _learning_rate(optimizer):
+            return optimizer
+        return configured_call(type(optimizer).from_config, "TrainConfig.optimizer",
+                               {**optimizer.get_config(), "learning_rate": rate})
 
     def checkpoint_manager(self, model: keras.Model, directory: Path,
                            keep: int = 2) -> tf.train.CheckpointManager:
@@ -160,7 +186,10 @@ class Trainer:
         plan = self.plan(splits.train)
         input_fn = splits.train.train_input_fn(plan, seed, start.epoch, self.input_config,
                                                start_step=start.step)
-        callbacks = [*model_transforms.transform_callbacks(model), *callbacks]
+        # The configured schedule's rate joins each epoch's logs before callbacks read them.
+        scheduled = self.config.learning_rate_schedule is not None
+        callbacks = [*([LearningRate()] if scheduled else []),
+                     *model_transforms.transform_callbacks(model), *callbacks]
         # Keras asks this for the first (epoch, step) of fit, as for its BackupAndRestore.
         model._training_state = start if start.step else None  # noqa: SLF001
         try:
@@ -180,19 +209,23 @@ class Trainer:
         return TrainResult(model, dict(history.history), start.epoch)
 
     def learning_rate(self, model: keras.Model) -> float:
-        """The optimizer's (constant) learning rate now."""
-        return float(_learning_rate(model.optimizer).numpy())
+        """The optimizer's learning rate now (a schedule's: at its last step)."""
+        return float(keras.backend.get_value(_inner(model.optimizer).learning_rate))
 
-    def lower_learning_rate(self, model: keras.Model, initial: float, rollbacks: int
-                            ) -> tuple[float, float]:
-        """Sets the optimizer's (constant) learning rate to ``initial`` times
-        ``config.divergence_lr_factor`` to the power ``rollbacks``: each rollback lowers
-        it by the factor again, whatever rate the restored checkpoint holds. Returns the
-        rate before and after."""
+    def lower_learning_rate(self, model: keras.Model, initial: float, rollbacks: int) -> str:
+        """Lowers the optimizer's learning rate to ``initial`` (a constant rate) times
+        ``config.divergence_lr_factor`` to the power ``rollbacks``, or scales its
+        schedule by that power: each rollback lowers it by the factor again, whatever
+        the restored checkpoint holds. Returns the change, for the run's record."""
         rate = _learning_rate(model.optimizer)
+        factor = self.config.divergence_lr_factor ** rollbacks
+        if isinstance(rate, ScaledSchedule):
+            before = float(rate.scale.numpy())
+            rate.scale.assign(factor)
+            return f"learning-rate schedule scaled by {before:g} -> {factor:g}"
         before = float(rate.numpy())
-        rate.assign(initial * self.config.divergence_lr_factor ** rollbacks)
-        return before, float(rate.numpy())
+        rate.assign(initial * factor)
+        return f"learning rate {before:g} -> {float(rate.numpy()):g}"
 
     def evaluate(self, model: keras.Model, split: Split) -> dict[str, float]:
         """Loss and metrics over the whole ``split``."""

@@ -68,6 +68,36 @@ def test_rollback_lowers_the_learning_rate_and_equals_a_run_at_that_rate(
     assert run.data.metrics["divergence_rollbacks"] == 1
 
 
+def test_a_rollback_scales_a_schedule(gin_file, in_tmp: Path) -> None:
+    """Warmup and cosine decay peaking at 1e30 diverges within its warmup; rolled back to
+    the weights before training with the schedule times 1e-31, the run trains along the
+    schedule peaking at 0.1 and logs its rate each epoch."""
+    import math
+
+    import numpy as np
+
+    from tests.conftest import mlflow_client
+
+    exp = gin_file(TINY + "TrainConfig.learning_rate_schedule = @WarmupCosineDecay()\n"
+                          "WarmupCosineDecay.warmup_fraction = 0.25\n")
+    config.parse([exp], ["keras.optimizers.SGD.learning_rate = 1e30",
+                         "TrainConfig.steps_per_epoch = 4",  # 8 steps, 2 of warmup
+                         "TrainConfig.divergence_retries = 1",
+                         "TrainConfig.divergence_lr_factor = 1e-31",
+                         "run_experiment.stages = [@train()]"])
+    rolled = run_parsed(options=RunOptions(config_files=[exp], echo=lambda _: None))
+    client = mlflow_client(in_tmp)
+    run = client.get_run(rolled.run_id)
+    assert run.info.status == "FINISHED"
+    assert "rolled back to epoch 1, step 1; learning-rate schedule scaled by 1 -> 1e-31" in \
+        run.data.tags["lmt.rollback.1"]
+    rates = [m.value for m in client.get_metric_history(rolled.run_id, "learning_rate")]
+    # The rate of each epoch's last step (3, 7): half a cosine from 0.1 over steps 2..8.
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 6)) for step in (3, 7)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-5)
+    assert np.isfinite(np.concatenate([w.ravel() for w in rolled.model.get_weights()])).all()
+
+
 def test_rollbacks_that_do_not_help_end_failed(gin_file, in_tmp: Path) -> None:
     exp = gin_file(TINY)
     config.parse([exp], ["keras.optimizers.SGD.learning_rate = 1e30",

@@ -25,7 +25,7 @@ from lmt_tf.training.trainer import Trainer
 # until it is listed here).
 ASKING = {"micro_batches": 2, "gradient_transforms": (ClipByGlobalNorm(1.0),),
           "update_multipliers": {"dense_0": 0.5}, "unfreeze_epochs": {"dense_0": 1},
-          "decoupled_blocks": ("dense_0",), "local_steps": 4, "sync_steps": 2}
+          "layer_decay": 0.8, "decoupled_blocks": ("dense_0",), "local_steps": 4, "sync_steps": 2}
 
 
 def test_train_config_is_the_basic_settings_and_every_technique_s() -> None:
