@@ -117,7 +117,7 @@ class Splits:
             if len(split) == 0 and part != "validation":
                 raise DataError(f"data {self.name}: the {part} split has no examples")
             shape = split.example_shape
-            if not shape and is_text(getattr(split, "x", np.zeros(0))):
+            if not shape and holds_text(split):
                 pass  # documents: one string each
             elif not shape or int(np.prod(shape)) < 1:
                 raise DataError(f"data {self.name}: {part} examples have shape {shape}; "
@@ -142,6 +142,14 @@ class Splits:
 def is_text(x: np.ndarray) -> bool:
     """Whether examples ``x`` are documents (strings) rather than numbers."""
     return np.asarray(x).dtype.kind in "OUS"
+
+
+def holds_text(split: object) -> bool:
+    """Whether a split (in memory, or file-backed with an ``x_dtype``) holds documents."""
+    x = getattr(split, "x", None)
+    if x is not None:
+        return is_text(x)
+    return np.dtype(getattr(split, "x_dtype", "float32")).kind in "OUS"
 
 
 def _text_bytes(x: np.ndarray) -> bytes:
