@@ -235,3 +235,14 @@ def test_text_shards_fit_the_same_tokenizer_and_train_a_transformer(in_tmp: Path
     from_files = setup.trainer.evaluate(model, stored.test)
     in_memory = setup.trainer.evaluate(model, memory.test)
     assert from_files == pytest.approx(in_memory, rel=1e-5)
+
+
+def test_bucketing_is_refused_for_examples_read_from_files(shards: Path, gin_file,
+                                                           capsys) -> None:
+    exp = gin_file(TINY + f"run_experiment.data = @load_tfrecords\n"
+                          f"load_tfrecords.directory = '{shards}'\n"
+                          f"InputConfig.bucket_by_length = 4\n")
+    assert main(["run", exp, "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lmt: error: InputConfig.bucket_by_length sorts documents in memory by length; the "
+        "training examples are read from files: set it to 0"]
