@@ -216,12 +216,6 @@ def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
     """Params that follow from the configuration: ``derived.*``."""
     plan, splits, preprocessing = setup.plan, setup.splits, setup.preprocessing
     padded = _padding(splits, plan, setup.seed, setup.configs, preprocessing.steps)
-    if padded:  # documents: the share of token positions that are padding
-        padding_params = {"derived.padding_fraction": round(padded.fraction, 4),
-                          "derived.padding_fraction_unbucketed":
-                              round(padded.unbucketed_fraction, 4)}
-    else:
-        padding_params = {}
     return {
         "derived.replicas": setup.info.replicas,
         "derived.devices": ", ".join(setup.info.devices),
@@ -233,5 +227,5 @@ def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
         "derived.preprocessing": preprocessing.describe(),
         "derived.model_input_features": int(np.prod(preprocessing.output_shape)),
         **{f"derived.{k}_examples": v for k, v in splits.sizes().items()},
-        **padding_params,
+        **(padded.params() if padded else {}),  # documents: the share of padding
     }

@@ -265,6 +265,11 @@ class Padding:
     def unbucketed_fraction(self) -> float:
         return self.padded / (self.tokens + self.padded) if self.padded else 0.0
 
+    def params(self) -> dict[str, float]:
+        """The run's params: the share of padding in force, and without bucketing."""
+        return {"derived.padding_fraction": round(self.fraction, 4),
+                "derived.padding_fraction_unbucketed": round(self.unbucketed_fraction, 4)}
+
     def describe(self) -> str:
         """One line: how much of an epoch's token positions are padding."""
         line = (f"padding: {self.unbucketed_fraction:.1%} of an epoch's "

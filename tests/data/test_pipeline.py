@@ -163,6 +163,12 @@ def test_padding_is_counted_by_hand() -> None:
     assert measured.padded_bucketed == (ordered.max(axis=1)[:, None] - ordered).sum()
     assert measured.fraction == measured.padded_bucketed / (measured.tokens
                                                            + measured.padded_bucketed)
+    assert measured.params() == {  # what the run logs
+        "derived.padding_fraction": round(measured.fraction, 4),
+        "derived.padding_fraction_unbucketed": round(
+            measured.padded / (measured.tokens + measured.padded), 4)}
+    assert measured.params()["derived.padding_fraction"] < 0.5 * measured.params()[
+        "derived.padding_fraction_unbucketed"]
 
 
 def test_bucketing_refuses_examples_that_are_not_documents() -> None:

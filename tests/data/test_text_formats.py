@@ -204,3 +204,25 @@ load_text.test = 'test.csv'
     assert err == ["lmt: error: test.csv row 3: label 'crude' does not occur in the training "
                    "split (its 3 classes: acq, earn, grain)"], err
     assert all_runs(in_tmp) == []
+
+
+def test_a_csv_dry_run_reports_the_padding_bucketing_saves(gin_file, in_tmp: Path,
+                                                           capsys) -> None:
+    lengths = [1 + (7 * i) % 60 for i in range(160)]  # 1 to 60 words
+    _csv(in_tmp / "docs.csv", [(" ".join(["short"] * n if n < 30 else ["long"] * n),
+                                "short" if n < 30 else "long") for n in lengths])
+    experiment = gin_file("""
+include 'gin/preprocessing/words.gin'
+include 'gin/models/bag_of_embeddings.gin'
+include 'gin/techniques/bucket_by_length.gin'
+run_experiment.data = @load_text
+load_text.train = 'docs.csv'
+TrainConfig.global_batch_size = 8
+Tokenizer.sequence_length = 64
+""")
+    assert main(["run", experiment, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "lmt: data text:docs: train 128, validation 16, test 16" in out
+    line = next(line for line in out.splitlines() if line.startswith("lmt: padding: "))
+    assert "bucketed by length in pools of 8 batches" in line, line
+    assert all_runs(in_tmp) == []

@@ -218,16 +218,16 @@ def test_text_shards_fit_the_same_tokenizer_and_train_a_transformer(in_tmp: Path
     assert stored.test.sample(2).tolist() == memory.test.x[[0, 3]].tolist()  # dealt by 3
 
     preprocess = Preprocessing(tokenizer=Tokenizer(vocabulary_size=3000, sequence_length=64))
-    fitted = preprocess.fit(stored).steps[0]
-    assert fitted == preprocess.fit(memory).steps[0]  # vocabulary and truncation counts
-    assert len(fitted["vocabulary"]) == 2998 and fitted["truncated"]["train"] > 0
-
     tiny = functools.partial(build_transformer, embed_dim=16, num_heads=2, num_blocks=1,
                              ff_dim=32, dropout=0.0)
-    configs = Configs(train=TrainConfig(epochs=4, global_batch_size=30, verbose=0),
+    configs = Configs(train=TrainConfig(epochs=3, global_batch_size=30, verbose=0),
                       preprocess=preprocess)
     setup = prepare(Experiment(lambda: load_tfrecords("shards"), tiny, configs=configs),
                     RunOptions(echo=lambda _: None))
+    fitted = setup.preprocessing.steps[0]  # on the documents read from the shards
+    assert fitted == preprocess.fit(memory).steps[0]  # vocabulary and truncation counts
+    assert len(fitted["vocabulary"]) == 2998 and fitted["truncated"]["train"] > 0
+
     model = setup.trainer.build_model(setup.model_fn, setup.splits)
     history = setup.trainer.fit(model, setup.splits, seed=0).history
     assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
