@@ -54,7 +54,7 @@ def class_order(labels: Iterable[str]) -> tuple[str, ...]:
     before ``10``), else as strings. Class ``i`` is the model's output column ``i``."""
     names = set(labels)
     if names and all(_integer(name) for name in names):
-        return tuple(sorted(names, key=lambda name: (int(name), name)))  # 7 before 007
+        return tuple(sorted(names, key=lambda name: (int(name), name)))  # ties: '007', '7'
     return tuple(sorted(names))
 
 
