@@ -17,7 +17,8 @@ import tf_keras as keras
 
 from lmt_tf.checks import configured_call
 from lmt_tf.compression.report import CompressionReport
-from lmt_tf.data.splits import Splits
+from lmt_tf.data.pipeline import Padding, bucket_lengths, padding
+from lmt_tf.data.splits import Split, Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.optim.model_transforms import inference_model
@@ -111,6 +112,10 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
          + ", ".join(f"{k} {v:,}" for k, v in splits.sizes().items()))
     if preprocessing.steps:
         echo(f"lmt: preprocessing in the model: {preprocessing.describe()}")
+    bucket_lengths(splits.train, configs.input.bucket_by_length)  # refuses non-documents
+    padded = _padding(splits, plan, experiment.seed, configs, preprocessing.steps)
+    if padded:
+        echo(f"lmt: {padded.describe()}")
     return Setup(name, strategy, info, role_of(strategy), splits, preprocessing,
                  preprocessing.wrap(experiment.model), trainer, plan, experiment.seed,
                  experiment.work_dir, configs, stages)
@@ -197,9 +202,21 @@ def _checked(stages: Sequence[Stage] | None) -> tuple[Stage, ...]:
     return checked
 
 
+def _padding(splits: Splits, plan: Any, seed: int, configs: Configs,
+             steps: list[dict[str, Any]]) -> Padding | None:
+    """The padding of the first epoch's batches of documents in memory, with and
+    without length bucketing; None for other data (and bags of words, which have no
+    padding)."""
+    if not (steps and "sequence_length" in steps[0] and isinstance(splits.train, Split)):
+        return None
+    return padding(splits.train, plan, seed, configs.input.bucket_by_length,
+                   steps[0]["sequence_length"])
+
+
 def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
     """Params that follow from the configuration: ``derived.*``."""
     plan, splits, preprocessing = setup.plan, setup.splits, setup.preprocessing
+    padded = _padding(splits, plan, setup.seed, setup.configs, preprocessing.steps)
     return {
         "derived.replicas": setup.info.replicas,
         "derived.devices": ", ".join(setup.info.devices),
@@ -211,4 +228,5 @@ def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
         "derived.preprocessing": preprocessing.describe(),
         "derived.model_input_features": int(np.prod(preprocessing.output_shape)),
         **{f"derived.{k}_examples": v for k, v in splits.sizes().items()},
+        **(padded.params() if padded else {}),  # documents: the share of padding
     }

