@@ -20,6 +20,9 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 BATCH = 1024  # examples per call of the signature
+# A model with a WordPiece tokenizer inside needs TensorFlow Text's ops (lmt's logged
+# model lists it in its requirements).
+TEXT_REQUIREMENT = "tensorflow-text>=2.21,<2.22"
 
 
 class SavedModelPredictor(mlflow.pyfunc.PythonModel):
@@ -29,7 +32,7 @@ class SavedModelPredictor(mlflow.pyfunc.PythonModel):
         import tensorflow as tf
 
         self._tf = tf
-        self._loaded = tf.saved_model.load(context.artifacts["saved_model"])
+        self._loaded = _load(tf, context.artifacts["saved_model"])
         self._serve = self._loaded.signatures["serving_default"]
         ((self._input, spec),) = self._serve.structured_input_signature[1].items()
         self._shape = [-1 if d is None else int(d) for d in spec.shape]
@@ -45,6 +48,29 @@ class SavedModelPredictor(mlflow.pyfunc.PythonModel):
         outputs = [self._serve(**{self._input: self._tf.constant(x[i:i + BATCH])})
                    [self._output].numpy() for i in range(0, len(x), BATCH)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def _load(tf, directory: str):
+    """The SavedModel in ``directory``; one whose graph holds TensorFlow Text's ops (a
+    WordPiece tokenizer) once ``tensorflow_text`` has registered them.
+
+    Raises:
+      RuntimeError: in one line, if those ops are missing and TensorFlow Text is not
+        installed.
+    """
+    try:
+        return tf.saved_model.load(directory)
+    except Exception as e:  # TensorFlow's NotFoundError names the op
+        if "not registered" not in str(e):
+            raise
+        op = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
+        try:
+            import tensorflow_text  # noqa: F401  (registers its ops with TensorFlow)
+        except ImportError:
+            raise RuntimeError(f"the SavedModel {directory} holds the op {op}, which "
+                               f"TensorFlow Text defines: pip install "
+                               f"'{TEXT_REQUIREMENT}'") from None
+        return tf.saved_model.load(directory)
 
 
 mlflow.models.set_model(SavedModelPredictor())

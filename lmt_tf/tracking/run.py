@@ -258,6 +258,7 @@ class TrackedRun:
         from mlflow.models import infer_signature
 
         from lmt_tf import served_model
+        from lmt_tf.models.saved import register_ops
 
         info = mlflow.pyfunc.log_model(
             name="model", python_model=served_model.__file__,
@@ -265,7 +266,8 @@ class TrackedRun:
             signature=infer_signature(example, outputs),
             metadata={"lmt.input": "raw features: the preprocessing is inside the model"},
             # Explicit, because inferring requirements re-loads the model in a subprocess.
-            pip_requirements=[f"tensorflow=={tf.__version__}"])
+            # and the libraries whose ops it holds (TensorFlow Text's tokenizers).
+            pip_requirements=[f"tensorflow=={tf.__version__}", *register_ops(saved_model)])
         return info.model_uri
 
     def end(self, status: str, error: BaseException | None = None) -> None:
