@@ -10,6 +10,7 @@ features (its preprocessing is inside it). This module imports nothing from lmt_
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Should anything in the serving process import Keras, it must be tf-keras (Keras 2),
@@ -20,8 +21,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 BATCH = 1024  # examples per call of the signature
-# A model with a WordPiece tokenizer inside needs TensorFlow Text's ops (lmt's logged
-# model lists it in its requirements).
+# What defines a WordPiece tokenizer's ops (FastBertNormalize, ...) beside TensorFlow.
 TEXT_REQUIREMENT = "tensorflow-text>=2.21,<2.22"
 
 
@@ -29,6 +29,10 @@ class SavedModelPredictor(mlflow.pyfunc.PythonModel):
     """Predicts with the serving signature of the SavedModel in ``saved_model``."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        # A subword tokenizer's ops (WordPiece) live in tensorflow-text: registered by
+        # its import, before the SavedModel that uses them loads.
+        with contextlib.suppress(ImportError):
+            import tensorflow_text  # noqa: F401
         import tensorflow as tf
 
         self._tf = tf
@@ -51,26 +55,21 @@ class SavedModelPredictor(mlflow.pyfunc.PythonModel):
 
 
 def _load(tf, directory: str):
-    """The SavedModel in ``directory``; one whose graph holds TensorFlow Text's ops (a
-    WordPiece tokenizer) once ``tensorflow_text`` has registered them.
+    """The SavedModel in ``directory``.
 
     Raises:
-      RuntimeError: in one line, if those ops are missing and TensorFlow Text is not
-        installed.
+      RuntimeError: in one line, if its graph holds an op TensorFlow does not define
+        (a WordPiece tokenizer's, without tensorflow-text installed).
     """
     try:
         return tf.saved_model.load(directory)
-    except Exception as e:  # TensorFlow's NotFoundError names the op
-        if "not registered" not in str(e):
+    except Exception as e:  # TensorFlow: "Op type not registered 'FastBertNormalize' in..."
+        message = str(e)
+        if "not registered" not in message or message.count("'") < 2:
             raise
-        op = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
-        try:
-            import tensorflow_text  # noqa: F401  (registers its ops with TensorFlow)
-        except ImportError:
-            raise RuntimeError(f"the SavedModel {directory} holds the op {op}, which "
-                               f"TensorFlow Text defines: pip install "
-                               f"'{TEXT_REQUIREMENT}'") from None
-        return tf.saved_model.load(directory)
-
+        op = message.split("'")[1]
+        raise RuntimeError(f"the SavedModel {directory} holds the op {op}, which TensorFlow "
+                           f"does not define: pip install '{TEXT_REQUIREMENT}' (a WordPiece "
+                           f"tokenizer's ops are TensorFlow Text's)") from None
 
 mlflow.models.set_model(SavedModelPredictor())

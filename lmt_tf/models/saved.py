@@ -1,12 +1,9 @@
 """A Keras model as a SavedModel on disk and back: what every export writes and every
-logged-model reader loads. A SavedModel whose graph holds ops of a library beside
-TensorFlow (TensorFlow Text's, for a WordPiece tokenizer inside the model) loads once
-that library has registered them: ``load_saved_model`` imports it, or says in one line
-what to install."""
+logged-model reader loads."""
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import importlib.metadata
 from pathlib import Path
 
@@ -15,8 +12,8 @@ import tf_keras as keras
 
 from lmt_tf.errors import LmtError
 
-# The libraries whose ops a SavedModel of lmt may hold: module and pip requirement.
-OP_LIBRARIES = {"tensorflow_text": "tensorflow-text>=2.21,<2.22"}
+# What defines a WordPiece tokenizer's ops (FastBertNormalize, ...) beside TensorFlow.
+TEXT_REQUIREMENT = "tensorflow-text>=2.21,<2.22"
 
 
 def directory_size(path: Path) -> int:
@@ -36,58 +33,68 @@ def load_saved_model(directory: Path) -> keras.Model:
     """Loads a SavedModel written by ``export_saved_model`` under the default strategy.
 
     Raises:
-      LmtError: if it holds ops that neither TensorFlow nor an installed library of
-        ``OP_LIBRARIES`` defines.
+      LmtError: if its graph holds ops outside TensorFlow's own that no installed
+        library defines (a WordPiece tokenizer's without tensorflow-text), in one line.
     """
-    register_ops(directory)
+    foreign = foreign_ops(directory)
+    if foreign:
+        _register_text_ops(directory, foreign)
     with tf.distribute.get_strategy().scope():
         return keras.models.load_model(str(directory), compile=False)
 
 
-def foreign_ops(directory: Path) -> set[str]:
-    """The ops of the SavedModel in ``directory`` that TensorFlow itself does not define
-    (a library's, such as TensorFlow Text's tokenizers)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(directory) / "saved_model.pb").read_bytes())
-    ops: set[str] = set()
-    for graph in proto.meta_graphs:
-        functions = graph.graph_def.library.function
-        nodes = [*graph.graph_def.node, *(n for f in functions for n in f.node_def)]
-        # A node may call a function of the graph's library by its name.
-        ops |= {n.op for n in nodes} - {f.signature.name for f in functions}
-    return {op for op in ops if not hasattr(tf.raw_ops, op)}
-
-
-def register_ops(directory: Path) -> list[str]:
-    """Imports the libraries that define the ops the SavedModel in ``directory`` holds
-    beyond TensorFlow's; returns their pip requirements, pinned to the installed
-    versions (those a served copy of it needs besides TensorFlow).
+def _register_text_ops(directory: Path, ops: set[str]) -> None:
+    """Registers the ops of tensorflow-text (a subword tokenizer's): a SavedModel that
+    uses them loads only after its import.
 
     Raises:
-      LmtError: naming the ops no installed library defines, and what to install.
+      LmtError: naming ``ops`` still undefined after it, and what to install.
     """
     from tensorflow.python.framework import op_def_registry
 
-    unexplained = foreign_ops(directory)
-    requirements = []
-    for module, requirement in OP_LIBRARIES.items():
-        if not unexplained:
-            break
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            continue
-        defined = {op for op in unexplained if op_def_registry.get(op) is not None}
-        if defined:  # the ops registered once it is imported are its own
-            distribution = requirement.split(">")[0].split("=")[0]
-            requirements.append(f"{distribution}=={importlib.metadata.version(distribution)}")
-            unexplained -= defined
-    missing = {op for op in unexplained if op_def_registry.get(op) is None}
+    with contextlib.suppress(ImportError):
+        import tensorflow_text  # noqa: F401
+    missing = sorted(op for op in ops if op_def_registry.get(op) is None)
     if missing:
-        install = " ".join(f"'{r}'" for r in OP_LIBRARIES.values())
         raise LmtError(f"the SavedModel {directory} holds ops TensorFlow {tf.__version__} "
-                       f"does not define ({', '.join(sorted(missing))}): pip install "
-                       f"{install} (a WordPiece tokenizer's are TensorFlow Text's)")
+                       f"does not define ({', '.join(missing)}): pip install "
+                       f"'{TEXT_REQUIREMENT}' (a WordPiece tokenizer's are TensorFlow "
+                       f"Text's)")
+
+
+def graph_ops(directory: Path) -> set[str]:
+    """The names of the ops in the SavedModel's graphs and functions (none without a
+    ``saved_model.pb``: loading it will say so); a call of a function of its library
+    by name is not an op."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    file = Path(directory) / "saved_model.pb"
+    if not file.is_file():
+        return set()
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString(file.read_bytes())
+    ops = set()
+    for graph in proto.meta_graphs:
+        functions = graph.graph_def.library.function
+        ops |= {node.op for node in graph.graph_def.node}
+        for function in functions:
+            ops |= {node.op for node in function.node_def}
+        ops -= {function.signature.name for function in functions}
+    return ops
+
+
+def foreign_ops(directory: Path) -> set[str]:
+    """The ops of the SavedModel that are not TensorFlow's own (``tf.raw_ops``), such as
+    a WordPiece tokenizer's from tensorflow-text."""
+    return {op for op in graph_ops(directory) if not hasattr(tf.raw_ops, op)}
+
+
+def serving_requirements(directory: Path) -> list[str]:
+    """The pip requirements of serving the SavedModel: this TensorFlow, and
+    tensorflow-text (this version) if the graph uses ops outside TensorFlow's own."""
+    requirements = [f"tensorflow=={tf.__version__}"]
+    if foreign_ops(directory):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            requirements.append(
+                f"tensorflow-text=={importlib.metadata.version('tensorflow-text')}")
     return requirements

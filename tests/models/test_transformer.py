@@ -6,6 +6,7 @@ float16 with loss scaling."""
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import tf_keras as keras
 
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.tokenization import Tokenizer
-from lmt_tf.models.saved import export_saved_model, register_ops
+from lmt_tf.models.saved import export_saved_model, serving_requirements
 from lmt_tf.models.transformer import (
     MaskedPooling,
     PositionEmbedding,
@@ -162,8 +163,10 @@ def test_the_saved_model_predicts_raw_strings_in_a_fresh_process(tmp_path: Path)
         np.save(tmp_path / f"{kind}.npy", model.predict(np.array(docs, object), verbose=0))
         export_saved_model(model, tmp_path / kind)
     (tmp_path / "docs.json").write_text(json.dumps(docs))
-    assert register_ops(tmp_path / "words") == []
-    assert register_ops(tmp_path / "wordpiece") == ["tensorflow-text==2.21.1"]
+    tensorflow = f"tensorflow=={tf.__version__}"
+    text = f"tensorflow-text=={importlib.metadata.version('tensorflow-text')}"
+    assert serving_requirements(tmp_path / "words") == [tensorflow]
+    assert serving_requirements(tmp_path / "wordpiece") == [tensorflow, text]
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-c", SUBPROCESS, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -177,7 +180,8 @@ def test_the_saved_model_predicts_raw_strings_in_a_fresh_process(tmp_path: Path)
         f"Text's)")
     assert out["served_error"] == (
         f"the SavedModel {tmp_path / 'wordpiece'} holds the op FastBertNormalize, which "
-        f"TensorFlow Text defines: pip install 'tensorflow-text>=2.21,<2.22'")
+        f"TensorFlow does not define: pip install 'tensorflow-text>=2.21,<2.22' (a "
+        f"WordPiece tokenizer's ops are TensorFlow Text's)")
 
 
 def test_a_clone_predicts_what_the_model_does() -> None:
