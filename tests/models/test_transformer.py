@@ -144,17 +144,19 @@ SUBPROCESS = textwrap.dedent("""
     docs = json.loads((directory / "docs.json").read_text())
     for kind in ("words", "wordpiece"):
         expected = np.load(directory / f"{kind}.npy")
-        lmt = load_saved_model(directory / kind).predict(np.array(docs, object), verbose=0)
-        raw = served(directory / kind).predict(None, docs)
-        out[kind] = [float(np.abs(lmt - expected).max()), float(np.abs(raw - expected).max())]
+        out[kind] = [float(np.abs(served(directory / kind).predict(None, docs)
+                                  - expected).max())]
+    lmt = load_saved_model(directory / "wordpiece").predict(np.array(docs, object), verbose=0)
+    out["wordpiece"].append(float(np.abs(lmt - expected).max()))
     print(json.dumps(out))
 """)
 
 
 def test_the_saved_model_predicts_raw_strings_in_a_fresh_process(tmp_path: Path) -> None:
-    """Words and WordPiece: the SavedModel, loaded by lmt and by the served MLflow model
-    (TensorFlow alone) in a new interpreter, predicts what the model in memory does; a
-    WordPiece one without TensorFlow Text is one line naming what to install."""
+    """Words and WordPiece: the SavedModel, loaded by the served MLflow model (TensorFlow
+    alone) in a new interpreter, and the WordPiece one by lmt, predicts what the model in
+    memory does; without TensorFlow Text, loading it is one line naming what to
+    install."""
     docs = ["oil crude barrel", "the bank said interest rates " * 12, "oilbarrelmoney",
             "Wheat, corn and jazz!", "stock"]
     for kind in ("words", "wordpiece"):
@@ -172,7 +174,7 @@ def test_the_saved_model_predicts_raw_strings_in_a_fresh_process(tmp_path: Path)
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["words"] == [0.0, 0.0] and out["wordpiece"] == [0.0, 0.0]
+    assert out["words"] == [0.0] and out["wordpiece"] == [0.0, 0.0]  # served; and lmt
     assert out["lmt_error"] == (
         f"the SavedModel {tmp_path / 'wordpiece'} holds ops TensorFlow {tf.__version__} "
         f"does not define (FastBertNormalize, FastWordpieceTokenizeWithOffsets): pip "
