@@ -11,7 +11,14 @@ import tensorflow as tf
 
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.data.text import documents
-from lmt_tf.data.tokenization import OOV, PAD, RESERVED, Tokenizer, tokenize_layer
+from lmt_tf.data.tokenization import (
+    OOV,
+    PAD,
+    RESERVED,
+    Tokenizer,
+    tokenize_layer,
+    trimmed,
+)
 from lmt_tf.errors import ConfigError
 
 # Four topics, each with its own words, and words every topic shares. No document holds
@@ -134,6 +141,14 @@ def test_a_vocabulary_too_small_for_the_characters_is_one_line() -> None:
                                           r"wordpiece: the training words hold \d+ "
                                           r"characters, which need \d+ ids"):
         fitted("wordpiece", vocabulary_size=20)
+
+
+def test_a_vocabulary_over_the_size_loses_its_rarest_pieces_not_characters() -> None:
+    # As the learner orders them: characters, then pieces by count (a ## character it
+    # had to add, unseen as a continuation, comes last with count 1).
+    learned = ["a", "b", "##a", "banana", "an", "##na", "ab", "##b"]
+    assert trimmed(learned, 6) == ["a", "b", "##a", "##b", "banana", "an"]
+    assert trimmed(learned, 8) == learned
 
 
 def test_the_layer_rebuilds_from_its_config() -> None:
