@@ -10,6 +10,7 @@ features (its preprocessing is inside it). This module imports nothing from lmt_
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Should anything in the serving process import Keras, it must be tf-keras (Keras 2),
@@ -20,16 +21,22 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 BATCH = 1024  # examples per call of the signature
+# What defines a WordPiece tokenizer's ops (FastBertNormalize, ...) beside TensorFlow.
+TEXT_REQUIREMENT = "tensorflow-text>=2.21,<2.22"
 
 
 class SavedModelPredictor(mlflow.pyfunc.PythonModel):
     """Predicts with the serving signature of the SavedModel in ``saved_model``."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        # A subword tokenizer's ops (WordPiece) live in tensorflow-text: registered by
+        # its import, before the SavedModel that uses them loads.
+        with contextlib.suppress(ImportError):
+            import tensorflow_text  # noqa: F401
         import tensorflow as tf
 
         self._tf = tf
-        self._loaded = tf.saved_model.load(context.artifacts["saved_model"])
+        self._loaded = _load(tf, context.artifacts["saved_model"])
         self._serve = self._loaded.signatures["serving_default"]
         ((self._input, spec),) = self._serve.structured_input_signature[1].items()
         self._shape = [-1 if d is None else int(d) for d in spec.shape]
@@ -46,5 +53,23 @@ class SavedModelPredictor(mlflow.pyfunc.PythonModel):
                    [self._output].numpy() for i in range(0, len(x), BATCH)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
 
+
+def _load(tf, directory: str):
+    """The SavedModel in ``directory``.
+
+    Raises:
+      RuntimeError: in one line, if its graph holds an op TensorFlow does not define
+        (a WordPiece tokenizer's, without tensorflow-text installed).
+    """
+    try:
+        return tf.saved_model.load(directory)
+    except Exception as e:  # TensorFlow: "Op type not registered 'FastBertNormalize' in..."
+        message = str(e)
+        if "not registered" not in message or message.count("'") < 2:
+            raise
+        op = message.split("'")[1]
+        raise RuntimeError(f"the SavedModel {directory} holds the op {op}, which TensorFlow "
+                           f"does not define: pip install '{TEXT_REQUIREMENT}' (a WordPiece "
+                           f"tokenizer's ops are TensorFlow Text's)") from None
 
 mlflow.models.set_model(SavedModelPredictor())

@@ -147,7 +147,7 @@ class FittedPreprocessing:
             kind = step["kind"]
             name = PREPROCESSING_PREFIX + kind
             if kind == "tokenize":
-                made.append(tokenization.layer_of(step, name))
+                made.append(tokenization.tokenize_layer(step, name=name))
             elif kind == "rescale":
                 made.append(keras.layers.Rescaling(step["scale"], name=name, dtype="float32"))
             elif kind == "impute":

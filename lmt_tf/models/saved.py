@@ -3,10 +3,17 @@ logged-model reader loads."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 from pathlib import Path
 
 import tensorflow as tf
 import tf_keras as keras
+
+from lmt_tf.errors import LmtError
+
+# What defines a WordPiece tokenizer's ops (FastBertNormalize, ...) beside TensorFlow.
+TEXT_REQUIREMENT = "tensorflow-text>=2.21,<2.22"
 
 
 def directory_size(path: Path) -> int:
@@ -23,6 +30,71 @@ def export_saved_model(model: keras.Model, directory: Path) -> int:
 
 
 def load_saved_model(directory: Path) -> keras.Model:
-    """Loads a SavedModel written by ``export_saved_model`` under the default strategy."""
+    """Loads a SavedModel written by ``export_saved_model`` under the default strategy.
+
+    Raises:
+      LmtError: if its graph holds ops outside TensorFlow's own that no installed
+        library defines (a WordPiece tokenizer's without tensorflow-text), in one line.
+    """
+    foreign = foreign_ops(directory)
+    if foreign:
+        _register_text_ops(directory, foreign)
     with tf.distribute.get_strategy().scope():
         return keras.models.load_model(str(directory), compile=False)
+
+
+def _register_text_ops(directory: Path, ops: set[str]) -> None:
+    """Registers the ops of tensorflow-text (a subword tokenizer's): a SavedModel that
+    uses them loads only after its import.
+
+    Raises:
+      LmtError: naming ``ops`` still undefined after it, and what to install.
+    """
+    from tensorflow.python.framework import op_def_registry
+
+    with contextlib.suppress(ImportError):
+        import tensorflow_text  # noqa: F401
+    missing = sorted(op for op in ops if op_def_registry.get(op) is None)
+    if missing:
+        raise LmtError(f"the SavedModel {directory} holds ops TensorFlow {tf.__version__} "
+                       f"does not define ({', '.join(missing)}): pip install "
+                       f"'{TEXT_REQUIREMENT}' (a WordPiece tokenizer's are TensorFlow "
+                       f"Text's)")
+
+
+def graph_ops(directory: Path) -> set[str]:
+    """The names of the ops in the SavedModel's graphs and functions (none without a
+    ``saved_model.pb``: loading it will say so); a call of a function of its library
+    by name is not an op."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    file = Path(directory) / "saved_model.pb"
+    if not file.is_file():
+        return set()
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString(file.read_bytes())
+    ops = set()
+    for graph in proto.meta_graphs:
+        functions = graph.graph_def.library.function
+        ops |= {node.op for node in graph.graph_def.node}
+        for function in functions:
+            ops |= {node.op for node in function.node_def}
+        ops -= {function.signature.name for function in functions}
+    return ops
+
+
+def foreign_ops(directory: Path) -> set[str]:
+    """The ops of the SavedModel that are not TensorFlow's own (``tf.raw_ops``), such as
+    a WordPiece tokenizer's from tensorflow-text."""
+    return {op for op in graph_ops(directory) if not hasattr(tf.raw_ops, op)}
+
+
+def serving_requirements(directory: Path) -> list[str]:
+    """The pip requirements of serving the SavedModel: this TensorFlow, and
+    tensorflow-text (this version) if the graph uses ops outside TensorFlow's own."""
+    requirements = [f"tensorflow=={tf.__version__}"]
+    if foreign_ops(directory):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            requirements.append(
+                f"tensorflow-text=={importlib.metadata.version('tensorflow-text')}")
+    return requirements

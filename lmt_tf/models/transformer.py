@@ -73,7 +73,9 @@ def build_transformer(input_shape: Sequence[Size], num_classes: Size,
         h = keras.layers.Dropout(dropout, name=f"block{i}_dropout")(h)
         x = keras.layers.Add(name=f"block{i}_residual2")([x, h])
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
-    x = MaskedPooling(pooling, name="pooling")([x, ids])
+    # In float32 under mixed precision, as layer norms and the softmax are: a sum over
+    # hundreds of positions in bfloat16 (8 significant bits) loses the small terms.
+    x = MaskedPooling(pooling, name="pooling", dtype="float32")([x, ids])
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                                  name="predictions")(x)
@@ -102,7 +104,7 @@ def build_bag_of_embeddings(input_shape: Sequence[Size], num_classes: Size,
     _sequence_length(input_shape, "build_bag_of_embeddings")
     ids = keras.Input(shape=(None,), dtype="int64", name="token_ids")
     x = keras.layers.Embedding(vocabulary_size, embed_dim, name="token_embedding")(ids)
-    x = MaskedPooling(pooling, name="pooling")([x, ids])
+    x = MaskedPooling(pooling, name="pooling", dtype="float32")([x, ids])  # (as above)
     for i, units in enumerate(hidden_units):
         x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
         x = keras.layers.Dense(int(units), activation="relu", name=f"dense_{i}")(x)

@@ -254,10 +254,10 @@ class TrackedRun:
         serves it with TensorFlow alone (``served_model.py``), with the signature
         of the raw ``example`` inputs and their ``outputs``; returns its URI."""
         import mlflow.pyfunc
-        import tensorflow as tf
         from mlflow.models import infer_signature
 
         from lmt_tf import served_model
+        from lmt_tf.models.saved import serving_requirements
 
         info = mlflow.pyfunc.log_model(
             name="model", python_model=served_model.__file__,
@@ -265,7 +265,7 @@ class TrackedRun:
             signature=infer_signature(example, outputs),
             metadata={"lmt.input": "raw features: the preprocessing is inside the model"},
             # Explicit, because inferring requirements re-loads the model in a subprocess.
-            pip_requirements=[f"tensorflow=={tf.__version__}"])
+            pip_requirements=serving_requirements(saved_model))
         return info.model_uri
 
     def end(self, status: str, error: BaseException | None = None) -> None:
