@@ -2,8 +2,9 @@
 workers can each read their own files (FILE sharding) or share out examples (DATA).
 
 A directory written by ``write_shards`` holds ``{split}-{i:05d}-of-{n:05d}.tfrecord``
-files and ``manifest.json`` (shape, dtypes, classes, per-file example counts). Every
-record carries the example's ``id`` (its index in its split), so sharding can be checked.
+files and ``manifest.json`` (shape, dtypes, classes and their names, per-file example
+counts). Every record carries the example's ``id`` (its index in its split), so sharding
+can be checked.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def write_shards(splits: Splits, directory: str | Path, shards: int,
     manifest = {"name": splits.name, "num_classes": splits.num_classes,
                 "example_shape": list(first.example_shape), "x_dtype": str(first.x.dtype),
                 "y_dtype": str(label_array(first.y).dtype), "features": list(splits.features),
-                "pixel_scale": splits.pixel_scale, "splits": {}}
+                "pixel_scale": splits.pixel_scale, "class_names": list(splits.class_names),
+                "splits": {}}
     for name in SPLITS:
         split = getattr(splits, name)
         files = [f"{name}-{i:05d}-of-{shards:05d}.tfrecord" for i in range(shards)]
@@ -242,7 +244,8 @@ def load_tfrecords(directory: str, verify: bool = True) -> Splits:
             verify_split(parts[split_name], classes)
     return Splits(f"tfrecord:{name}", parts["train"], parts["validation"], parts["test"],
                   classes, str(Path(directory).resolve()),
-                  tuple(manifest.get("features", ())), manifest.get("pixel_scale"))
+                  tuple(manifest.get("features", ())), manifest.get("pixel_scale"),
+                  tuple(str(c) for c in manifest.get("class_names") or ()))
 
 
 def verify_split(split: TFRecordSplit, num_classes: int) -> None:

@@ -169,3 +169,7 @@ def test_labels_outside_the_classes_are_an_error(shards: Path, tmp_path: Path) -
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"holds labels in \[0, 9\], outside \[0, 5\)"):
         load_tfrecords(str(copy))
+
+
+def test_shards_keep_the_class_names(shards: Path) -> None:
+    assert load_tfrecords(str(shards), verify=False).class_names == tuple("0123456789")
