@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,7 +99,8 @@ class Run(Protocol):
                     ) -> None:
         """Logs the run's data as an MLflow dataset input."""
 
-    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any,
+                         class_names: Sequence[str] = ()) -> str:
         """Logs a SavedModel as a served MLflow model; returns its URI."""
 
     def end(self, status: str, error: BaseException | None = None) -> None:
@@ -249,23 +250,42 @@ class TrackedRun:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
-    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any,
+                         class_names: Sequence[str] = ()) -> str:
         """Logs the SavedModel directory ``saved_model`` as an MLflow pyfunc model that
-        serves it with TensorFlow alone (``served_model.py``), with the signature
-        of the raw ``example`` inputs and their ``outputs``; returns its URI."""
+        serves it with TensorFlow alone (``served_model.py``); returns its URI.
+
+        Args:
+          saved_model: the SavedModel (raw features in).
+          example: a few raw examples (an array; documents: a list of str), logged as
+            the model's input example.
+          outputs: the model's outputs for them (a classifier's: a DataFrame with a
+            column per class); with ``example``, the signature.
+          class_names: a classifier's class names in output order (the model config
+            ``class_names`` and the metadata ``lmt.class_names``); empty otherwise.
+        """
         import mlflow.pyfunc
-        import tensorflow as tf
         from mlflow.models import infer_signature
 
         from lmt_tf import served_model
+        from lmt_tf.models.saved import serving_requirements
 
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=served_model.__file__,
-            artifacts={"saved_model": str(saved_model)},
-            signature=infer_signature(example, outputs),
-            metadata={"lmt.input": "raw features: the preprocessing is inside the model"},
-            # Explicit, because inferring requirements re-loads the model in a subprocess.
-            pip_requirements=[f"tensorflow=={tf.__version__}"])
+        metadata = {"lmt.input": "raw features: the preprocessing is inside the model"}
+        if class_names:
+            metadata["lmt.class_names"] = list(class_names)
+            metadata["lmt.output"] = ("class probabilities, a column per class named in "
+                                      "lmt.class_names, in output order")
+        # Every file of the SavedModel is copied into the model: no progress bar for that.
+        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=served_model.__file__,
+                artifacts={"saved_model": str(saved_model)},
+                signature=infer_signature(example, outputs), input_example=example,
+                model_config={served_model.CLASS_NAMES: list(class_names)},
+                metadata=metadata,
+                # Explicit, because inferring requirements re-loads the model in a
+                # subprocess.
+                pip_requirements=serving_requirements(saved_model))
         return info.model_uri
 
     def end(self, status: str, error: BaseException | None = None) -> None:
@@ -332,7 +352,8 @@ class NullRun:
                     ) -> None:
         pass
 
-    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any,
+                         class_names: Sequence[str] = ()) -> str:
         return ""  # logged nowhere
 
     def end(self, status: str, error: BaseException | None = None) -> None:
@@ -372,6 +393,21 @@ def _duplicate_key(error: BaseException) -> bool:
     text = str(error)
     return any(mark in text for mark in ("UniqueViolation", "duplicate key",
                                          "UNIQUE constraint failed", "Duplicate entry"))
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables set to ``values`` inside the context, as before after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _param_value(value: Any) -> str:
