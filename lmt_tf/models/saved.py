@@ -26,24 +26,30 @@ def export_saved_model(model: keras.Model, directory: Path) -> int:
 
 def load_saved_model(directory: Path) -> keras.Model:
     """Loads a SavedModel written by ``export_saved_model`` under the default strategy."""
-    _register_text_ops()
+    if foreign_ops(directory):
+        _register_text_ops()
     with tf.distribute.get_strategy().scope():
         return keras.models.load_model(str(directory), compile=False)
 
 
 def _register_text_ops() -> None:
     """Registers the ops of tensorflow-text (a subword tokenizer's), if installed: a
-    SavedModel that uses them loads only after its import."""
+    SavedModel that uses them loads only after its import (without it, TensorFlow's
+    error names the op that is not registered)."""
     with contextlib.suppress(ImportError):
         import tensorflow_text  # noqa: F401
 
 
 def graph_ops(directory: Path) -> set[str]:
-    """The names of the ops in the SavedModel's graphs and functions."""
+    """The names of the ops in the SavedModel's graphs and functions (none without a
+    ``saved_model.pb``: loading it will say so)."""
     from tensorflow.core.protobuf import saved_model_pb2
 
+    file = Path(directory) / "saved_model.pb"
+    if not file.is_file():
+        return set()
     proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((Path(directory) / "saved_model.pb").read_bytes())
+    proto.ParseFromString(file.read_bytes())
     ops = set()
     for graph in proto.meta_graphs:
         ops |= {node.op for node in graph.graph_def.node}
@@ -52,12 +58,17 @@ def graph_ops(directory: Path) -> set[str]:
     return ops
 
 
+def foreign_ops(directory: Path) -> set[str]:
+    """The ops of the SavedModel that are not TensorFlow's own (``tf.raw_ops``), such as
+    a WordPiece tokenizer's from tensorflow-text."""
+    return {op for op in graph_ops(directory) if not hasattr(tf.raw_ops, op)}
+
+
 def serving_requirements(directory: Path) -> list[str]:
     """The pip requirements of serving the SavedModel: this TensorFlow, and
-    tensorflow-text (this version) if the graph uses ops outside TensorFlow's own
-    (``tf.raw_ops``), such as a WordPiece tokenizer's."""
+    tensorflow-text (this version) if the graph uses ops outside TensorFlow's own."""
     requirements = [f"tensorflow=={tf.__version__}"]
-    if any(not hasattr(tf.raw_ops, op) for op in graph_ops(directory)):
+    if foreign_ops(directory):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             requirements.append(
                 f"tensorflow-text=={importlib.metadata.version('tensorflow-text')}")
