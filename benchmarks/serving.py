@@ -64,6 +64,13 @@ def wait_for_health(base: str, server: subprocess.Popen, timeout: float = 300) -
     raise RuntimeError(f"mlflow models serve did not answer within {timeout:.0f} s")
 
 
+def printed_lines(log: str) -> list[str]:
+    """What the server printed, but its access log (a line per request) and the
+    intermediate states of a progress bar (its last, 100%, is kept)."""
+    return [line[:300] for line in log.splitlines() if line.strip()
+            and "/invocations" not in line and not ("it/s]" in line and "100%" not in line)]
+
+
 def train(work: Path, epochs: int | None) -> tuple[str, dict[str, float], str, float]:
     """Runs the experiment with ``lmt run`` in ``work``; returns the run id, its
     metrics, what lmt printed and the seconds it took."""
@@ -160,9 +167,7 @@ def main() -> None:
                                           "p95": single[int(0.95 * len(single))]},
         "sample_answer": {"document": documents[0][:120] + "...", "label": labels[0],
                           "answer": answers[0]},
-        # What the server printed, but the access log (one line per request).
-        "server_printed": [line[:300] for line in served_log.splitlines()
-                           if "/invocations" not in line],
+        "server_printed": printed_lines(served_log),
         "requests_answered_200": served_log.count('"POST /invocations HTTP/1.1" 200'),
     }
     out = ROOT / "benchmarks" / "results" / args.output

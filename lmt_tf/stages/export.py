@@ -59,6 +59,8 @@ class Export(Stage):
                 names = class_names(context.splits)
                 example, outputs = served_example(load_saved_model(target),
                                                   context.splits.test.sample(4), names)
+                if not isinstance(outputs, pd.DataFrame):  # not one output per class
+                    names = ()
                 uri = run.log_served_model(target, example, outputs, names)
                 context.echo(f"lmt: MLflow model {uri}" + (
                     f" (answers a column per class: {_shown(names)})" if names else ""))
