@@ -5,7 +5,11 @@ serving signature with TensorFlow alone.
 So ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need neither lmt_tf nor
 Keras: a fresh interpreter, or the scoring server, loads it whatever Keras version is
 installed, and nothing prints a progress bar per request. The SavedModel takes raw
-features (its preprocessing is inside it). This module imports nothing from lmt_tf.
+features (its preprocessing is inside it): numbers, or documents (strings) for a model
+whose tokenizer is its first layer. A classifier answers a DataFrame whose columns are
+its class names in output order (the model config's ``class_names``), so the scoring
+server answers ``{"predictions": [{"earn": 0.97, ...}]}``. This module imports nothing
+from lmt_tf.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 BATCH = 1024  # examples per call of the signature
 # What defines a WordPiece tokenizer's ops (FastBertNormalize, ...) beside TensorFlow.
 TEXT_REQUIREMENT = "tensorflow-text>=2.21,<2.22"
+CLASS_NAMES = "class_names"  # the model config's key: each output column's class name
 
 
 class SavedModelPredictor(mlflow.pyfunc.PythonModel):
@@ -41,17 +47,39 @@ class SavedModelPredictor(mlflow.pyfunc.PythonModel):
         ((self._input, spec),) = self._serve.structured_input_signature[1].items()
         self._shape = [-1 if d is None else int(d) for d in spec.shape]
         self._dtype = spec.dtype.as_numpy_dtype
+        self._text = spec.dtype == tf.string
         (self._output,) = self._serve.structured_outputs
+        self._classes = [str(c) for c in (context.model_config or {}).get(CLASS_NAMES) or ()]
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input,
-                params: dict | None = None) -> np.ndarray:
-        """The model's outputs (class probabilities) for ``model_input``: an array or a
-        DataFrame of raw examples, flat or in the model's input shape."""
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict | None = None) -> pd.DataFrame | np.ndarray:
+        """The model's outputs for ``model_input``: raw examples, flat or in the model's
+        input shape, as an array or a DataFrame (documents: strings, one per row). A
+        classifier's class probabilities come as a DataFrame with a column per class,
+        named, in output order; other outputs as an array."""
         x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else model_input
-        x = np.asarray(x, self._dtype).reshape(self._shape)
+        x = _documents(x) if self._text else np.asarray(x, self._dtype).reshape(self._shape)
         outputs = [self._serve(**{self._input: self._tf.constant(x[i:i + BATCH])})
                    [self._output].numpy() for i in range(0, len(x), BATCH)]
-        return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+        width = len(self._classes) or 1
+        y = np.concatenate(outputs) if outputs else np.zeros((0, width), np.float32)
+        if self._classes and y.ndim == 2 and y.shape[1] == len(self._classes):
+            return pd.DataFrame(y, columns=self._classes)
+        return y
+
+
+def _documents(x: object) -> np.ndarray:
+    """Documents, one per row or item of ``x`` (a cell holding a list of documents, as
+    ``{"text": [...]}`` becomes, gives each of them), as a 1-D array of bytes."""
+    if isinstance(x, (str, bytes)):
+        x = [x]
+    docs: list[bytes] = []
+    for item in np.asarray(x, object).reshape(-1):
+        if isinstance(item, (list, tuple, np.ndarray)):
+            docs.extend(_documents(item))
+        else:
+            docs.append(item if isinstance(item, bytes) else str(item).encode("utf-8"))
+    return np.asarray(docs, object)
 
 
 def _load(tf, directory: str):
@@ -71,5 +99,6 @@ def _load(tf, directory: str):
         raise RuntimeError(f"the SavedModel {directory} holds the op {op}, which TensorFlow "
                            f"does not define: pip install '{TEXT_REQUIREMENT}' (a WordPiece "
                            f"tokenizer's ops are TensorFlow Text's)") from None
+
 
 mlflow.models.set_model(SavedModelPredictor())

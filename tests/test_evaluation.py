@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmt_tf.cli import main
-from lmt_tf.evaluation import calibration, class_report, robustness
+from lmt_tf.evaluation import calibration, class_keys, class_report, robustness
 from tests.conftest import TINY, all_runs, mlflow_client
 
 
@@ -97,3 +97,99 @@ def test_evaluate_stage_and_standalone_evaluation_of_a_logged_model(gin_file, in
     assert main(["evaluate", trained.info.run_id, other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes inputs of shape (8, 8), but data breast_cancer" in err[0]
+
+
+def test_class_keys_name_metrics_by_class_as_mlflow_allows() -> None:
+    assert class_keys(["earn", "money-fx", "T-shirt/top", "a:b"]) == [
+        "class_earn", "class_money-fx", "class_T-shirt_top", "class_a_b"]
+    assert class_keys(list("0123")) == ["class_0", "class_1", "class_2", "class_3"]
+    # Two names that become one key: every class by its id instead.
+    assert class_keys(["a/b", "a:b"]) == ["class_0", "class_1"]
+    report = class_report(np.array([0, 1, 1]), np.eye(2)[[0, 1, 0]], 2, ["spam", "ham"])
+    assert report.metrics()["recall/class_ham"] == 0.5
+    assert "| 1 | ham | 1.0000 | 0.5000 | 0.6667 | 2 |" in report.as_markdown()
+
+
+def test_accuracy_falls_as_words_are_dropped() -> None:
+    # A "model" that is right exactly when the document still holds its class's word.
+    words = np.array(["alpha", "beta"])
+    y = np.arange(200) % 2
+    docs = np.array([" ".join([words[c]] + ["filler"] * 3) for c in y], dtype=object)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.array([[float("alpha" in d), float("beta" in d)] for d in x])
+
+    curves = robustness(predict, docs, y, 1.0, (0.0, 1.0), (1,), seed=0,
+                        word_drops=(0.0, 0.5, 0.9))
+    assert set(curves) == {"word_drop"}  # no noise or shifts for documents
+    drop = curves["word_drop"]
+    assert drop[0.0] == 1.0 and 1.0 > drop[0.5] > drop[0.9] > 0.0
+
+
+TINY_TEXT = """
+include 'gin/data/reuters_r8.gin'
+include 'gin/preprocessing/words.gin'
+include 'gin/models/transformer.gin'
+include 'gin/strategies/default.gin'
+Tokenizer.vocabulary_size = 1000
+Tokenizer.sequence_length = 32
+build_transformer.embed_dim = 16
+build_transformer.num_heads = 2
+build_transformer.num_blocks = 1
+build_transformer.ff_dim = 32
+TrainConfig.optimizer = @keras.optimizers.Adam
+TrainConfig.epochs = 1
+TrainConfig.steps_per_epoch = 5
+TrainConfig.global_batch_size = 32
+TrainConfig.verbose = 0
+run_experiment.stages = [@train(), @export(), @evaluate()]
+evaluate.latency_runs = 3
+evaluate.word_drops = (0.0, 0.5)
+"""
+R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
+
+
+def test_evaluate_judges_a_text_model_on_raw_documents_by_class_name(gin_file, in_tmp: Path,
+                                                                      capsys) -> None:
+    import json
+    import warnings
+
+    exp = gin_file(TINY_TEXT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", exp]) == 0
+    printed = capsys.readouterr()
+    assert "latency per document" in printed.out
+    # Logging the MLflow model prints no warning of MLflow's (UserWarnings are shown to
+    # a user; its store's deprecations are not) and no progress bar.
+    shown = [str(w.message) for w in caught
+             if "mlflow" in w.filename and issubclass(w.category, UserWarning)]
+    assert not shown, shown
+    assert "Downloading artifacts" not in printed.err and "it/s]" not in printed.err
+    (trained,) = all_runs(in_tmp)
+    metrics = trained.data.metrics
+    # The raw test documents judged as served score what training's evaluation scored.
+    assert metrics["evaluate/accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert {f"evaluate/{m}/class_{name}" for m in ("precision", "recall", "f1")
+            for name in R8} <= set(metrics)
+    assert metrics["evaluate/accuracy_word_drop_0"] == metrics["evaluate/accuracy"]
+    assert not any("noise" in k or "shift" in k for k in metrics)
+    assert 0 <= metrics["evaluate/ece"] <= 1 and metrics["evaluate/latency_ms_batch_1"] > 0
+    client = mlflow_client(in_tmp)
+    run_id = trained.info.run_id
+    document = json.loads(Path(client.download_artifacts(
+        run_id, "evaluate/evaluation.json")).read_text())
+    assert tuple(document["class_names"]) == R8
+    # Names by id: R8's test split has 1,083 'earn' and 696 'acq' stories (Cachopo).
+    table = Path(client.download_artifacts(run_id, "evaluate/per_class.md")).read_text()
+    assert any(line.startswith("| 2 | earn |") and line.endswith("| 1083 |")
+               for line in table.splitlines())
+    assert any(line.startswith("| 0 | acq |") and line.endswith("| 696 |")
+               for line in table.splitlines())
+
+    # lmt evaluate on the logged model: the same judgement in a new run.
+    assert main(["evaluate", f"runs:/{run_id}/model", exp, "--gin_param",
+                 "evaluate.word_drops = (0.0,)"]) == 0
+    (standalone,) = [r for r in all_runs(in_tmp) if r.info.run_id != run_id]
+    for key in ("evaluate/accuracy", "evaluate/ece", "evaluate/f1/class_earn"):
+        assert standalone.data.metrics[key] == pytest.approx(metrics[key], abs=1e-6), key

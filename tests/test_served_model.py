@@ -1,9 +1,11 @@
 """The logged model serves the way users deploy it: MNIST (as trained, compressed by QAT,
-federated, transferred), a CSV file with missing cells and a categorical column, and the
-corrupted breast-cancer data, each trained with its preprocessing inside the model. The
-MLflow model then takes raw examples and answers as the run's own model does:
-in-process, in a fresh interpreter that never imported lmt_tf (through
-``mlflow.pyfunc``), and through ``mlflow models serve``."""
+federated, transferred), a CSV file with missing cells and a categorical column, the
+corrupted breast-cancer data, and Reuters R8 newswire (a tiny transformer with its
+tokenizer inside), each trained with its preprocessing inside the model. The MLflow model
+then takes raw examples (documents: strings) and answers as the run's own model does,
+a column per class named by the class in output order: in-process, in a fresh
+interpreter that never imported lmt_tf (through ``mlflow.pyfunc``), and through
+``mlflow models serve``."""
 
 from __future__ import annotations
 
@@ -61,7 +63,23 @@ few_shot.per_class = 5
 run_experiment.model = @build_transfer
 build_transfer.source = '{mnist}'
 """,
+    "text": """include 'gin/data/reuters_r8.gin'
+include 'gin/preprocessing/words.gin'
+include 'gin/models/transformer.gin'
+Tokenizer.vocabulary_size = 2000
+Tokenizer.sequence_length = 48
+build_transformer.embed_dim = 16
+build_transformer.num_heads = 2
+build_transformer.num_blocks = 1
+build_transformer.ff_dim = 32
+TrainConfig.steps_per_epoch = 10
+""",
 }
+R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
+# Each run's class names, in output order.
+CLASSES = {"mnist": tuple("0123456789"), "compressed": tuple("0123456789"),
+           "federated": tuple("0123456789"), "transferred": tuple("0123456789"),
+           "csv": ("0", "1"), "cancer": ("malignant", "benign"), "text": R8}
 
 
 def _write_table(path: Path) -> None:
@@ -111,12 +129,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _raw_test_examples(name: str, root: Path) -> np.ndarray:
-    from lmt_tf.data import files, sources
+    from lmt_tf.data import files, sources, text
 
     splits = {"mnist": sources.load_mnist, "compressed": sources.load_mnist,
               "transferred": sources.load_mnist, "federated": sources.load_digits,
               "csv": lambda: files.load_csv(str(root / "table.csv")),
-              "cancer": lambda: sources.load_breast_cancer(0.1, 0.02)}[name]()
+              "cancer": lambda: sources.load_breast_cancer(0.1, 0.02),
+              "text": text.load_reuters}[name]()
+    if name == "text":
+        return splits.test.x[:300].astype(str)  # documents as a user holds them
     x = splits.test.x[:8].astype(np.float32)
     if name in ("csv", "cancer"):
         assert np.isnan(x).any(), "the raw examples include missing values"
@@ -129,8 +150,32 @@ def test_the_logged_model_answers_as_the_run_in_process(served: dict) -> None:
     for name, run in served["runs"].items():
         with _tracking(served["store"]):
             model = mlflow.pyfunc.load_model(run["uri"])
-        np.testing.assert_allclose(model.predict(run["x"]), run["expected"], rtol=1e-5,
+        answer = model.predict(run["x"])
+        # A column per class, named by the class, in the model's output order.
+        assert tuple(answer.columns) == CLASSES[name], name
+        assert tuple(model.metadata.metadata["lmt.class_names"]) == CLASSES[name], name
+        assert [c.name for c in model.metadata.get_output_schema().inputs] == \
+            list(CLASSES[name])
+        np.testing.assert_allclose(answer.to_numpy(), run["expected"], rtol=1e-5,
                                    atol=1e-6, err_msg=name)
+
+
+def test_a_text_model_takes_documents_in_every_form_a_user_holds_them(served: dict) -> None:
+    """A list of str, an array, a Series, a DataFrame of one column, one string: the
+    same answers (the signature's one string column takes them all)."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    run = served["runs"]["text"]
+    docs = [str(doc) for doc in run["x"][:5]]
+    with _tracking(served["store"]):
+        model = mlflow.pyfunc.load_model(run["uri"])
+    assert str(model.metadata.get_input_schema()) == "[string (required)]"
+    for form in (docs, np.array(docs, object), pd.Series(docs), pd.DataFrame({"text": docs})):
+        np.testing.assert_allclose(model.predict(form).to_numpy(), run["expected"][:5],
+                                   rtol=1e-5, atol=1e-6, err_msg=type(form).__name__)
+    np.testing.assert_allclose(model.predict(docs[0]).to_numpy(), run["expected"][:1],
+                               rtol=1e-5, atol=1e-6)
 
 
 class _tracking:
@@ -157,7 +202,7 @@ arrays = dict(np.load(sys.argv[1]))
 out = {}
 for name in sys.argv[2:]:
     model = mlflow.pyfunc.load_model(arrays.pop(name + "/uri").item())
-    out[name] = model.predict(arrays[name + "/x"])
+    out[name] = model.predict(arrays[name + "/x"]).to_numpy()
 assert not any(m.split(".")[0] == "lmt_tf" for m in sys.modules), "lmt_tf was imported"
 np.savez(sys.argv[1] + ".out.npz", **out)
 """
@@ -184,7 +229,7 @@ def test_a_fresh_interpreter_loads_every_logged_model_without_lmt_tf(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mnist", "csv", "cancer"])
+@pytest.mark.parametrize("name", ["mnist", "csv", "cancer", "text"])
 def test_mlflow_models_serve_answers_raw_examples_as_the_run(served: dict, name: str,
                                                              tmp_path: Path) -> None:
     run, port = served["runs"][name], _free_port()
@@ -206,13 +251,17 @@ def test_mlflow_models_serve_answers_raw_examples_as_the_run(served: dict, name:
         except AssertionError:
             raise AssertionError(log.read_text()[-3000:]) from None
         # Raw examples as a user posts them; the breast-cancer rows carry NaN for the
-        # missing values (Python's JSON writes it, MLflow's server reads it).
+        # missing values (Python's JSON writes it, MLflow's server reads it); documents
+        # are a JSON list of strings.
         body = json.dumps({"inputs": run["x"].tolist()}).encode()
         for _ in range(2):  # two requests: neither prints a progress bar
             request = urllib.request.Request(f"{base}/invocations", data=body,
                                              headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=60) as reply:
-                answer = np.asarray(json.load(reply)["predictions"], np.float32)
+                records = json.load(reply)["predictions"]
+            # One record per example: each class's probability under its name, in order.
+            assert all(tuple(record) == CLASSES[name] for record in records)
+            answer = np.asarray([list(record.values()) for record in records], np.float32)
             np.testing.assert_allclose(answer, run["expected"], rtol=1e-5, atol=1e-6)
     finally:
         server.terminate()

@@ -4,13 +4,14 @@ value checked where it is read (the file, the line or index, the column and the 
 from __future__ import annotations
 
 import csv as csv_module
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmt_tf.data.splits import Fraction, Seed, Split, Splits, hold_out, not_class_ids, three_way
-from lmt_tf.errors import DataError
+from lmt_tf.errors import ConfigError, DataError
 
 MISSING = ("", "na", "nan", "null", "?")  # CSV cells read as a missing value (NaN)
 
@@ -21,7 +22,8 @@ def load_npz(path: str, validation_fraction: Fraction = 0.1, test_fraction: Frac
 
     The file holds either ``x`` and ``y`` (divided here with seeded hold-outs), or
     ``x_train``, ``y_train``, ``x_test``, ``y_test`` (validation held out of train).
-    Labels are integers from 0.
+    Labels are integers from 0; an optional ``class_names`` array names them (label i
+    is ``class_names[i]``).
 
     Raises:
       DataError: if the file is missing or holds neither set of keys.
@@ -31,21 +33,37 @@ def load_npz(path: str, validation_fraction: Fraction = 0.1, test_fraction: Frac
         raise DataError(f"npz file not found: {file}")
     with np.load(file) as arrays:
         keys = set(arrays.files)
+        names = _npz_class_names(arrays, file) if "class_names" in keys else ()
         if {"x_train", "y_train", "x_test", "y_test"} <= keys:
             train = Split(_npz_features(arrays, "x_train", file),
                           _npz_labels(arrays, "y_train", file))
             test = Split(_npz_features(arrays, "x_test", file),
                          _npz_labels(arrays, "y_test", file))
-            classes = int(max(train.y.max(), test.y.max())) + 1
+            classes = len(names) or int(max(train.y.max(), test.y.max())) + 1
             train, val = hold_out(train, validation_fraction, seed)
-            return Splits(f"npz:{file.stem}", train, val, test, classes, str(file))
+            return Splits(f"npz:{file.stem}", train, val, test, classes, str(file),
+                          class_names=names)
         if {"x", "y"} <= keys:
             y = _npz_labels(arrays, "y", file)
             x = _npz_features(arrays, "x", file)
-            return three_way(Split(x, y), f"npz:{file.stem}", int(y.max()) + 1,
-                              validation_fraction, test_fraction, seed, str(file))
+            return three_way(Split(x, y), f"npz:{file.stem}", len(names) or int(y.max()) + 1,
+                              validation_fraction, test_fraction, seed, str(file),
+                              class_names=names)
     raise DataError(f"{file} holds {sorted(keys)}; expected x, y or x_train, y_train, "
                     f"x_test, y_test")
+
+
+def _npz_class_names(arrays: Any, file: Path) -> tuple[str, ...]:
+    """The class names under ``class_names``: a 1-D array of strings.
+
+    Raises:
+      DataError: naming the file if they are not.
+    """
+    names = np.asarray(arrays["class_names"])
+    if names.ndim != 1 or names.dtype.kind not in "US" or not len(names):
+        raise DataError(f"{file}: class_names must be a 1-D array of strings (label i is "
+                        f"class_names[i]), got {names.dtype} of shape {names.shape}")
+    return tuple(str(n.decode() if isinstance(n, bytes) else n) for n in names)
 
 
 def _npz_features(arrays: Any, key: str, file: Path) -> np.ndarray:
@@ -82,10 +100,12 @@ def _npz_labels(arrays: Any, key: str, file: Path) -> np.ndarray:
 
 
 def load_csv(path: str, label_column: str = "label", validation_fraction: Fraction = 0.1,
-             test_fraction: Fraction = 0.1, seed: Seed = 0) -> Splits:
+             test_fraction: Fraction = 0.1, seed: Seed = 0,
+             class_names: Sequence[str] = ()) -> Splits:
     """A CSV file with a header row: numeric feature columns and an integer label column.
     Empty cells and NA, NaN, null or ? are missing values (NaN): impute them with
-    ``Preprocessing.impute``. The feature columns keep their names (``Splits.features``).
+    ``Preprocessing.impute``. The feature columns keep their names (``Splits.features``);
+    ``class_names`` names the labels 0, 1, ... in order (empty: their ids name them).
 
     Raises:
       DataError: if the file or the label column is missing, or a value is not numeric.
@@ -126,8 +146,12 @@ def load_csv(path: str, label_column: str = "label", validation_fraction: Fracti
     y = labels.astype(np.int64)
     x = np.delete(table, label_at, axis=1).astype(np.float32)
     features = tuple(name for i, name in enumerate(header) if i != label_at)
-    return three_way(Split(x, y), f"csv:{file.stem}", int(y.max()) + 1,
-                      validation_fraction, test_fraction, seed, str(file), features)
+    names = tuple(str(n) for n in class_names)
+    if names and len(names) <= y.max():
+        raise ConfigError(f"load_csv.class_names has {len(names)} names, but {file} has "
+                          f"labels up to {int(y.max())}: name every class 0..{int(y.max())}")
+    return three_way(Split(x, y), f"csv:{file.stem}", len(names) or int(y.max()) + 1,
+                      validation_fraction, test_fraction, seed, str(file), features, names)
 
 
 def _refuse_cell(file: Path, header: list[str], numbered: list[tuple[int, list[str]]],

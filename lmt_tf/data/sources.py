@@ -27,6 +27,10 @@ MNIST_SHA256 = {
     "test_labels": "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
 }
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DIGITS = tuple("0123456789")  # MNIST's and scikit-learn's digits: label i is digit i
+# Zalando's names of the Fashion-MNIST labels 0-9 (github.com/zalandoresearch/fashion-mnist)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
 _IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -85,7 +89,7 @@ def load_mnist(validation_size: Count = 5000, seed: Seed = 0) -> Splits:
     a = read_mnist_arrays()
     train, val = hold_out(Split(a["train_images"], a["train_labels"]), validation_size, seed)
     return Splits("mnist", train, val, Split(a["test_images"], a["test_labels"]), 10,
-                  str(_mnist_archive()))
+                  str(_mnist_archive()), class_names=DIGITS)
 
 
 def load_fashion_mnist(
@@ -108,8 +112,11 @@ def load_fashion_mnist(
         )
     a = {key: read_idx(root / name) for key, name in _IDX_FILES.items()}
     train, val = hold_out(Split(a["train_images"], a["train_labels"]), validation_size, seed)
-    name = "fashion_mnist" if root == Path(FASHION_MNIST_DIR) else f"idx:{root.name}"
-    return Splits(name, train, val, Split(a["test_images"], a["test_labels"]), 10, str(root))
+    fashion = root == Path(FASHION_MNIST_DIR)
+    # Another directory of IDX files (MNIST's own) holds classes this loader cannot name.
+    return Splits("fashion_mnist" if fashion else f"idx:{root.name}", train, val,
+                  Split(a["test_images"], a["test_labels"]), 10, str(root),
+                  class_names=FASHION_MNIST_CLASSES if fashion else ())
 
 
 def load_digits(validation_fraction: Fraction = 0.15, test_fraction: Fraction = 0.2,
@@ -135,10 +142,10 @@ def load_digits(validation_fraction: Fraction = 0.15, test_fraction: Fraction = 
         framed[:, 4:24, 4:24] = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
         return three_way(Split(framed, bunch.target.astype(np.int64)), "digits-28x28", 10,
                           validation_fraction, test_fraction, seed,
-                          "sklearn.datasets.load_digits")
+                          "sklearn.datasets.load_digits", class_names=DIGITS)
     splits = three_way(Split(bunch.images.astype(np.float32), bunch.target.astype(np.int64)),
                         "digits", 10, validation_fraction, test_fraction, seed,
-                        "sklearn.datasets.load_digits")
+                        "sklearn.datasets.load_digits", class_names=DIGITS)
     return dataclasses.replace(splits, pixel_scale=1 / 16)
 
 
@@ -171,7 +178,8 @@ def load_breast_cancer(missing_fraction: Fraction = 0.0, outlier_fraction: Fract
     name = "breast_cancer" + ("-corrupted" if missing_fraction or outlier_fraction else "")
     return three_way(Split(x, bunch.target.astype(np.int64)), name, 2, validation_fraction,
                       test_fraction, seed, "sklearn.datasets.load_breast_cancer",
-                      tuple(str(f) for f in bunch.feature_names))
+                      tuple(str(f) for f in bunch.feature_names),
+                      tuple(str(c) for c in bunch.target_names))
 
 
 MOVIELENS_PACKAGE = "recbole"

@@ -133,6 +133,10 @@ class Splits:
         if self.class_names and len(self.class_names) != self.num_classes:
             raise DataError(f"data {self.name}: {len(self.class_names)} class names for "
                             f"{self.num_classes} classes")
+        twice = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
+        if twice:  # they name the served model's output columns
+            raise DataError(f"data {self.name}: class name {twice[0]!r} names more than one "
+                            f"class")
         return self
 
     def class_name(self, label: int) -> str:
@@ -247,7 +251,7 @@ def hold_out(train: Split, size: int | float, seed: int) -> tuple[Split, Split]:
 
 def three_way(data: Split, name: str, num_classes: int, validation_fraction: float,
               test_fraction: float, seed: int, source: str = "",
-              features: tuple[str, ...] = ()) -> Splits:
+              features: tuple[str, ...] = (), class_names: tuple[str, ...] = ()) -> Splits:
     """``data`` divided into train, validation and test splits by seeded hold-outs of
     the given fractions of all examples."""
     for label, value in (("validation_fraction", validation_fraction),
@@ -257,4 +261,5 @@ def three_way(data: Split, name: str, num_classes: int, validation_fraction: flo
     n = len(data)
     rest, test = hold_out(data, int(round(test_fraction * n)), seed)
     train, val = hold_out(rest, int(round(validation_fraction * n)), seed + 1)
-    return Splits(name, train, val, test, num_classes, source, features)
+    return Splits(name, train, val, test, num_classes, source, features,
+                  class_names=class_names)

@@ -280,7 +280,7 @@ def load_tfrecords(directory: str, verify: bool = True) -> Splits:
     return Splits(f"tfrecord:{name}", parts["train"], parts["validation"], parts["test"],
                   classes, str(Path(directory).resolve()),
                   tuple(manifest.get("features", ())), manifest.get("pixel_scale"),
-                  tuple(manifest.get("class_names", ())))
+                  tuple(str(c) for c in manifest.get("class_names") or ()))
 
 
 def verify_split(split: TFRecordSplit, num_classes: int) -> None:

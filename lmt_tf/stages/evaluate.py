@@ -1,6 +1,7 @@
 """The ``evaluate`` stage: the current model, or one logged by an earlier run, judged on
-the test split beyond its accuracy: per-class scores, confusion matrix, calibration,
-robustness and efficiency, all logged under ``evaluate/``."""
+the test split beyond its accuracy: per-class scores (by class name), confusion matrix,
+calibration, robustness and efficiency, all logged under ``evaluate/``. Numbers and
+documents (raw strings) alike."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tf_keras as keras
 
 from lmt_tf import evaluation
 from lmt_tf.checks import Annotated, Range, check_arguments
+from lmt_tf.data.splits import is_text
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext, Stage
 
@@ -24,8 +26,8 @@ class Evaluate(Stage):
 
     Args:
       model: what to evaluate; None for this run's model.
-      calibration_bins, noise_levels, shifts, latency_runs, max_examples, seed: see
-        ``evaluation.EvaluationConfig``.
+      calibration_bins, noise_levels, shifts, latency_runs, max_examples, seed,
+        word_drops: see ``evaluation.EvaluationConfig``.
     """
 
     name = "evaluate"
@@ -39,12 +41,14 @@ class Evaluate(Stage):
                  shifts: Sequence[Annotated[int, Range(ge=0)]] = (0, 1, 2, 3),
                  latency_runs: Annotated[int, Range(ge=1)] = 50,
                  max_examples: Annotated[int, Range(ge=1)] | None = None,
-                 seed: Annotated[int, Range(ge=0)] = 0):
+                 seed: Annotated[int, Range(ge=0)] = 0,
+                 word_drops: Sequence[Annotated[float, Range(ge=0, lt=1)]]
+                 = (0.0, 0.1, 0.25, 0.5)):
         check_arguments(self.name, type(self), locals())
         self.model = model
         self.config = evaluation.EvaluationConfig(
-            calibration_bins, tuple(noise_levels), tuple(shifts), latency_runs, max_examples,
-            seed)
+            calibration_bins, tuple(noise_levels), tuple(shifts), tuple(word_drops),
+            latency_runs, max_examples, seed)
 
     @property
     def needs_trained_model(self) -> bool:
@@ -65,20 +69,23 @@ class Evaluate(Stage):
         if self.config.max_examples:
             x, y = x[: self.config.max_examples], y[: self.config.max_examples]
         directory = context.stage_dir(self.name).path
-        results = judge(model, x, y, context.splits.num_classes, self.config,
+        splits = context.splits
+        names = [splits.class_name(c) for c in range(splits.num_classes)]
+        results = judge(model, x, y, splits.num_classes, self.config,
                         feature_scale(context), context.setup.plan.global_batch_size,
                         context.session.own.export / "saved_model" if self.model is None
-                        else None)
+                        else None, names)
         run = context.run
         metrics = results.pop("metrics")
         run.log_metrics({f"evaluate/{k}": v for k, v in metrics.items()}, step=0)
-        evaluation.plot_confusion(results["confusion"], directory / "confusion_matrix.png")
+        evaluation.plot_confusion(results["confusion"], directory / "confusion_matrix.png",
+                                  names if splits.class_names else ())
         evaluation.plot_reliability(results["calibration"], directory / "reliability.png")
         evaluation.plot_robustness(results["robustness"], directory / "robustness.png")
         for name in ("confusion_matrix.png", "reliability.png", "robustness.png"):
             run.log_artifact(directory / name, "evaluate")
         run.log_text(results["report"].as_markdown(), "evaluate/per_class.md")
-        document = {**results, "report": results["report"].metrics(),
+        document = {**results, "class_names": names, "report": results["report"].metrics(),
                     "calibration": results["calibration"].__dict__,
                     "confusion": results["confusion"].tolist()}
         run.log_text(json.dumps(document, indent=1, default=str), "evaluate/evaluation.json")
@@ -88,10 +95,13 @@ class Evaluate(Stage):
             source = source_run_id(self.model, context.setup.configs.tracking.tracking_uri)
             run.set_tags({"lmt.evaluated_model": self.model,
                           **({"lmt.evaluated_run": source} if source else {})})
+        worst = int(np.argmin(results["report"].f1))
+        what = "document" if is_text(x) else "example"
         context.echo(
             f"lmt: evaluate: accuracy {metrics['accuracy']:.4f}, macro F1 "
-            f"{metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}; latency per example "
-            f"{metrics['latency_ms_batch_1']:.3f} ms at batch 1; plots in {directory}")
+            f"{metrics['macro_f1']:.4f} (lowest: {names[worst]} "
+            f"{results['report'].f1[worst]:.4f}), ECE {metrics['ece']:.4f}; latency per "
+            f"{what} {metrics['latency_ms_batch_1']:.3f} ms at batch 1; plots in {directory}")
 
     def _model(self, context: RunContext) -> keras.Model:
         """The model to judge, outside any distribution strategy."""
@@ -115,33 +125,41 @@ class Evaluate(Stage):
 
 
 def feature_scale(context: RunContext) -> float:
-    """The standard deviation of the raw training features (the unit of the noise)."""
+    """The standard deviation of the raw training features (the unit of the noise; 1 for
+    documents, which get no noise)."""
     split = context.splits.train
     x = split.x[:10_000] if hasattr(split, "x") else context.test_arrays()[0]
+    if is_text(x):
+        return 1.0
     return float(np.nanstd(np.asarray(x, np.float64))) or 1.0
 
 
 def judge(model: keras.Model, x: np.ndarray, y: np.ndarray, num_classes: int,
           config: evaluation.EvaluationConfig, scale: float, batch_size: int,
-          saved_model: Any = None) -> dict[str, Any]:
+          saved_model: Any = None, names: Sequence[str] = ()) -> dict[str, Any]:
     """Everything ``evaluate`` measures of ``model`` on (``x``, ``y``): the flat metrics
-    under ``metrics`` and the objects the plots and reports are made of."""
+    under ``metrics`` and the objects the plots and reports are made of; ``names``: each
+    class's name."""
     def predict(inputs: np.ndarray) -> np.ndarray:
+        if inputs is x:  # the clean inputs (noise 0, shift 0, no word dropped)
+            return probabilities
         return model.predict(inputs, batch_size=1024, verbose=0)
 
-    probabilities = predict(x)
-    report = evaluation.class_report(y, probabilities, num_classes)
+    probabilities = model.predict(x, batch_size=1024, verbose=0)
+    report = evaluation.class_report(y, probabilities, num_classes, names)
     calibration = evaluation.calibration(y, probabilities, config.calibration_bins)
     curves = evaluation.robustness(predict, x, y, scale, config.noise_levels, config.shifts,
-                                   config.seed)
+                                   config.seed, config.word_drops)
     speed = evaluation.efficiency(model, x, [1, batch_size], config.latency_runs,
                                   saved_model)
     metrics = {**report.metrics(), "ece": calibration.ece,
                "parameters": speed.parameters, "model_bytes": speed.model_bytes}
     metrics.update({f"accuracy_noise_{level:g}": value
-                    for level, value in curves["noise"].items()})
+                    for level, value in curves.get("noise", {}).items()})
     metrics.update({f"accuracy_shift_{shift}": value
-                    for shift, value in curves["shift"].items()})
+                    for shift, value in curves.get("shift", {}).items()})
+    metrics.update({f"accuracy_word_drop_{level:g}": value
+                    for level, value in curves.get("word_drop", {}).items()})
     for size, times in speed.latency_ms.items():
         metrics[f"latency_ms_batch_{size}"] = times["mean"]
         metrics[f"latency_ms_p95_batch_{size}"] = times["p95"]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+import pandas as pd
 import tensorflow as tf
+import tf_keras as keras
 
 from lmt_tf.checks import check_arguments
 from lmt_tf.data.pipeline import to_model_input
+from lmt_tf.data.splits import Splits
 from lmt_tf.models.saved import export_saved_model, load_saved_model
 from lmt_tf.stages.context import RunContext, Stage
 
@@ -14,8 +20,9 @@ class Export(Stage):
     """Writes the current model as a SavedModel, servable without lmt_tf, and logs it as
     the artifact ``saved_model/`` and as an MLflow pyfunc model that serves it with
     TensorFlow alone (``mlflow.pyfunc.load_model``, ``mlflow models serve``), with a
-    signature. Both take raw features. Every task saves (saving may need all workers);
-    only the chief logs.
+    signature and an input example. Both take raw features (documents: strings). The
+    MLflow model of a classifier answers a column per class, named by the class in output
+    order. Every task saves (saving may need all workers); only the chief logs.
 
     Args:
       allow_untrained: export the model even if no stage before trains it (the model as
@@ -49,9 +56,43 @@ class Export(Stage):
                 run.log_metrics({"export.saved_model_bytes": size}, step=0)
                 context.echo(f"lmt: SavedModel {target} ({size / 1e6:.1f} MB)")
             if config.mlflow_model:
-                # Raw examples; the outputs of the SavedModel re-loaded outside any
-                # strategy, which also checks that the export loads.
-                example = to_model_input(tf.constant(context.splits.test.sample(4))).numpy()
-                outputs = load_saved_model(target).predict(example, verbose=0)
-                uri = run.log_served_model(target, example, outputs)
-                context.echo(f"lmt: MLflow model {uri}")
+                names = class_names(context.splits)
+                example, outputs = served_example(load_saved_model(target),
+                                                  context.splits.test.sample(4), names)
+                if not isinstance(outputs, pd.DataFrame):  # not one output per class
+                    names = ()
+                uri = run.log_served_model(target, example, outputs, names)
+                context.echo(f"lmt: MLflow model {uri}" + (
+                    f" (answers a column per class: {_shown(names)})" if names else ""))
+
+
+def class_names(splits: Splits) -> tuple[str, ...]:
+    """A classifier's class names in output order (its label ids where the data names
+    none); nothing for a regression."""
+    if splits.num_classes < 2:
+        return ()
+    return tuple(splits.class_name(c) for c in range(splits.num_classes))
+
+
+def served_example(model: keras.Model, raw: np.ndarray, names: tuple[str, ...]
+                   ) -> tuple[Any, Any]:
+    """The input example of the MLflow model and its outputs, as the served model takes
+    and answers them: raw examples (documents: a list of str, which the scoring server
+    takes as ``{"inputs": [...]}``), and ``model``'s outputs for them (a classifier's: a
+    DataFrame with a column per class). ``model`` is the SavedModel re-loaded outside any
+    strategy, which also checks that the export loads."""
+    inputs = to_model_input(tf.constant(raw)).numpy()
+    outputs = model.predict(inputs, verbose=0)
+    if inputs.dtype.kind in "OSU":  # documents, as JSON carries them
+        example: Any = [doc.decode("utf-8") if isinstance(doc, bytes) else str(doc)
+                        for doc in inputs]
+    else:
+        example = inputs
+    if names and outputs.ndim == 2 and outputs.shape[1] == len(names):
+        outputs = pd.DataFrame(outputs, columns=list(names))
+    return example, outputs
+
+
+def _shown(names: tuple[str, ...]) -> str:
+    """Class names for one line: the first eight."""
+    return ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")

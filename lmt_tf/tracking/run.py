@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,7 +99,8 @@ class Run(Protocol):
                     ) -> None:
         """Logs the run's data as an MLflow dataset input."""
 
-    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any,
+                         class_names: Sequence[str] = ()) -> str:
         """Logs a SavedModel as a served MLflow model; returns its URI."""
 
     def end(self, status: str, error: BaseException | None = None) -> None:
@@ -249,24 +250,13 @@ class TrackedRun:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
-    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any,
+                         class_names: Sequence[str] = ()) -> str:
         """Logs the SavedModel directory ``saved_model`` as an MLflow pyfunc model that
-        serves it with TensorFlow alone (``served_model.py``), with the signature
-        of the raw ``example`` inputs and their ``outputs``; returns its URI."""
-        import mlflow.pyfunc
-        from mlflow.models import infer_signature
+        serves it with TensorFlow alone; returns its URI (see ``served.log_served``)."""
+        from lmt_tf.tracking.served import log_served
 
-        from lmt_tf import served_model
-        from lmt_tf.models.saved import serving_requirements
-
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=served_model.__file__,
-            artifacts={"saved_model": str(saved_model)},
-            signature=infer_signature(example, outputs),
-            metadata={"lmt.input": "raw features: the preprocessing is inside the model"},
-            # Explicit, because inferring requirements re-loads the model in a subprocess.
-            pip_requirements=serving_requirements(saved_model))
-        return info.model_uri
+        return log_served(saved_model, example, outputs, class_names)
 
     def end(self, status: str, error: BaseException | None = None) -> None:
         """Ends the run as FINISHED, FAILED or KILLED; a failure's message becomes the
@@ -332,7 +322,8 @@ class NullRun:
                     ) -> None:
         pass
 
-    def log_served_model(self, saved_model: Path, example: Any, outputs: Any) -> str:
+    def log_served_model(self, saved_model: Path, example: Any, outputs: Any,
+                         class_names: Sequence[str] = ()) -> str:
         return ""  # logged nowhere
 
     def end(self, status: str, error: BaseException | None = None) -> None:

@@ -79,6 +79,7 @@ def test_idx_directory_source_reads_standard_files(tmp_path: Path, mnist) -> Non
     splits = sources.load_fashion_mnist(str(tmp_path), validation_size=100)
     assert splits.sizes() == {"train": 500, "validation": 100, "test": 100}
     np.testing.assert_array_equal(splits.test.x, mnist["test_images"][:100])
+    assert splits.class_names == ()  # not Fashion-MNIST's: its names would be wrong here
 
 
 def test_missing_fashion_mnist_directory_names_the_fix(tmp_path: Path) -> None:
@@ -92,6 +93,7 @@ def test_fashion_mnist_from_debian_package() -> None:
     splits = sources.load_fashion_mnist()
     assert splits.sizes() == {"train": 55000, "validation": 5000, "test": 10000}
     assert np.bincount(splits.test.y).tolist() == [1000] * 10
+    assert splits.class_name(0) == "T-shirt/top" and splits.class_name(9) == "Ankle boot"
 
 
 def test_digits_three_way_split() -> None:
@@ -176,3 +178,46 @@ def test_movielens_100k_from_recbole() -> None:
     ratings = np.concatenate([splits.train.y, splits.validation.y, splits.test.y])
     assert sorted(set(ratings.tolist())) == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert splits.num_classes == 1
+
+
+def test_every_packaged_classifier_names_its_classes_in_label_order() -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    cancer = sources.load_breast_cancer()
+    # scikit-learn's target 0 is a malignant tumour: the first output column says so.
+    assert cancer.class_names == ("malignant", "benign")
+    assert [cancer.class_name(c) for c in (0, 1)] == list(load_breast_cancer().target_names)
+    assert sources.load_digits().class_names == tuple("0123456789")
+    assert sources.load_digits(mnist_like=True).class_names == tuple("0123456789")
+    assert sources.few_shot(sources.load_digits, 2).class_names == tuple("0123456789")
+    assert sources.FASHION_MNIST_CLASSES[0] == "T-shirt/top"
+    assert sources.FASHION_MNIST_CLASSES[9] == "Ankle boot"
+    assert sources.load_movielens().class_names == ()  # a regression: no classes
+
+
+def test_a_users_files_may_name_their_classes(tmp_path: Path) -> None:
+    rows = ["a,b,label"] + [f"{i},{i * 2},{i % 2}" for i in range(30)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    named = files.load_csv(str(tmp_path / "d.csv"), class_names=("no", "yes")).validate()
+    assert named.class_names == ("no", "yes") and named.class_name(1) == "yes"
+    assert files.load_csv(str(tmp_path / "d.csv")).class_name(1) == "1"  # the id
+    # Three names for labels 0 and 1: the third class has no examples, but is a class.
+    assert files.load_csv(str(tmp_path / "d.csv"), class_names=("a", "b", "c")).num_classes == 3
+    with pytest.raises(ConfigError, match="load_csv.class_names has 1 names, but .*d.csv has "
+                                          "labels up to 1"):
+        files.load_csv(str(tmp_path / "d.csv"), class_names=("only",))
+    np.savez(tmp_path / "p.npz", x=np.zeros((20, 2)), y=np.arange(20) % 2,
+             class_names=np.array(["cat", "dog"]))
+    assert files.load_npz(str(tmp_path / "p.npz")).validate().class_names == ("cat", "dog")
+    np.savez(tmp_path / "q.npz", x=np.zeros((20, 2)), y=np.arange(20) % 2,
+             class_names=np.array([3, 4]))
+    with pytest.raises(DataError, match="q.npz: class_names must be a 1-D array of strings"):
+        files.load_npz(str(tmp_path / "q.npz"))
+
+
+def test_two_classes_of_one_name_are_refused() -> None:
+    import dataclasses
+
+    splits = dataclasses.replace(sources.load_digits(), class_names=tuple("0123456780"))
+    with pytest.raises(DataError, match="class name '0' names more than one class"):
+        splits.validate()

@@ -246,3 +246,7 @@ def test_bucketing_is_refused_for_examples_read_from_files(shards: Path, gin_fil
     assert capsys.readouterr().err.strip().splitlines() == [
         "lmt: error: InputConfig.bucket_by_length sorts documents in memory by length; the "
         "training examples are read from files: set it to 0"]
+
+
+def test_shards_keep_the_class_names(shards: Path) -> None:
+    assert load_tfrecords(str(shards), verify=False).class_names == tuple("0123456789")
