@@ -33,6 +33,14 @@ class QAT(FineTune):
         scheme = {None: "QAT", "sparsity": "PQAT", "clusters": "CQAT"}[self.preserve]
         return f"qat ({scheme}, {self.epochs} epoch(s))"
 
+    def check(self, context: RunContext) -> None:
+        # Every layer quantizable, before anything trains; a stage before it that trains a
+        # new model (a student) leaves that to the transform's own check.
+        stages = list(context.setup.stages)
+        before = stages[:stages.index(self)] if self in stages else []
+        if not any(getattr(stage, "fresh_model", False) for stage in before):
+            QuantizationAware(self.preserve).check(context.model)
+
     def transform(self, context: RunContext) -> QuantizationAware:
         return QuantizationAware(self.preserve)
 
