@@ -29,7 +29,11 @@ def logit_function(model: keras.Model) -> Logits:
     probabilities."""
     last = model.layers[-1]
     if isinstance(last, keras.layers.Dense) and last.activation is keras.activations.softmax:
-        body = keras.Model(model.inputs, last.input)
+        # What feeds it in this model's graph: a layer shared with the models it was
+        # cloned from (a pruned model, stripped) has a node in each.
+        (features,) = [last.get_input_at(i) for i in range(len(last.inbound_nodes))
+                       if last.get_output_at(i) is model.outputs[0]]
+        body = keras.Model(model.inputs, features)
 
         def logits(x: tf.Tensor, training: bool = False) -> tf.Tensor:
             z = tf.matmul(tf.cast(body(x, training=training), last.kernel.dtype), last.kernel)

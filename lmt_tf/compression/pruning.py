@@ -4,6 +4,7 @@ plain model with zeros in it."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ import numpy as np
 import tf_keras as keras
 
 from lmt_tf.compression import tfmot
+from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX
 from lmt_tf.errors import ConfigError
 from lmt_tf.optim.model_transforms import ModelTransform
 
@@ -81,17 +83,26 @@ class Pruning(ModelTransform):
 
 def pruned_layers(model: keras.Model, layers: Sequence[str] = ()) -> list[str]:
     """The layers of ``model`` that pruning ``layers`` (empty: every prunable one) prunes.
+    An entry of ``layers`` is a layer's name or a shell-style pattern (``block*_ffn*``):
+    a pattern takes the prunable layers it matches.
 
     Raises:
-      ConfigError: for a name that is not a layer of ``model`` or a layer that cannot be
-        pruned.
+      ConfigError: for a name that is not a layer of ``model``, a layer that cannot be
+        pruned, or a pattern that matches no prunable layer.
     """
+    names = [layer.name for layer in model.layers]
     prunable = [layer.name for layer in model.layers if _prunable(layer)]
-    unknown = sorted(set(layers) - {layer.name for layer in model.layers})
-    if unknown:
-        raise ConfigError(f"prune.layers names {unknown}, not layers of {model.name!r} "
+    patterns = [entry for entry in layers if _is_pattern(entry)]
+    exact = [entry for entry in layers if not _is_pattern(entry)]
+    unknown = sorted(set(exact) - set(names))
+    unmatched = [p for p in patterns if not fnmatch.filter(prunable, p)]
+    if unknown or unmatched:
+        what = (f"names {unknown}, not layers" if unknown
+                else f"pattern {unmatched[0]!r} matches no prunable layer")
+        raise ConfigError(f"prune.layers {what} of {model.name!r} "
                           f"(prunable: {', '.join(prunable) or 'none'})")
-    chosen = set(layers or prunable)
+    chosen = set(exact) | {n for p in patterns for n in fnmatch.filter(prunable, p)}
+    chosen = chosen if layers else set(prunable)
     not_prunable = sorted(chosen - set(prunable))
     if not_prunable or not chosen:
         raise ConfigError(f"prune cannot prune {not_prunable or 'anything'} in "
@@ -99,20 +110,107 @@ def pruned_layers(model: keras.Model, layers: Sequence[str] = ()) -> list[str]:
     return sorted(chosen)
 
 
-def _prunable(layer: keras.layers.Layer) -> bool:
-    """A layer with weights that TF-MOT knows how to prune (Dense, Conv, ...)."""
+def check_m_by_n(model: keras.Model, layers: Sequence[str]) -> None:
+    """Raises ConfigError if a kernel of ``layers`` is not 2-D (Dense, Embedding) or 4-D
+    (Conv2D): TF-MOT's m-by-n masks take no other (an attention projection is 3-D)."""
+    for name in layers:
+        for weight in prunable_weights(model.get_layer(name)):
+            if len(weight.shape) not in (2, 4):
+                raise ConfigError(
+                    f"prune.m_by_n prunes 2-D (Dense) and 4-D (Conv2D) kernels; {weight.name} "
+                    f"of {name} is {len(weight.shape)}-D {tuple(weight.shape)}: leave {name} "
+                    f"out of prune.layers")
+
+
+def _is_pattern(entry: str) -> bool:
+    return any(c in entry for c in "*?[")
+
+
+def prunable_weights(layer: keras.layers.Layer) -> list[Any]:
+    """The weights TF-MOT prunes in ``layer`` (a Dense layer's kernel; the query, key,
+    value and output kernels of a MultiHeadAttention); none for a layer it cannot prune."""
     from tensorflow_model_optimization.python.core.sparsity.keras.prune_registry import (
         PruneRegistry,
     )
 
-    return bool(layer.weights) and (isinstance(layer, _sparsity().PrunableLayer)
-                                    or PruneRegistry.supports(layer))
+    if not layer.weights:
+        return []
+    if isinstance(layer, _sparsity().PrunableLayer) or hasattr(layer, "get_prunable_weights"):
+        return list(layer.get_prunable_weights())
+    if PruneRegistry.supports(layer):
+        # What PruneLowMagnitude does to the layer it wraps: the registry gives it
+        # get_prunable_weights.
+        return list(PruneRegistry.make_prunable(layer).get_prunable_weights())
+    return []
+
+
+def _prunable(layer: keras.layers.Layer) -> bool:
+    """A layer with weights that TF-MOT prunes: Dense, Conv, Embedding, MultiHeadAttention;
+    not LayerNormalization or BatchNormalization (the registry lists no weight of theirs)
+    nor a layer it does not know (a custom layer)."""
+    return bool(prunable_weights(layer))
+
+
+def left_dense(model: keras.Model, pruned: Sequence[str]) -> str:
+    """What pruning ``pruned`` leaves dense in ``model`` and why, as one phrase: the layers
+    with weights it does not prune (and the preprocessing, which has none), grouped by
+    reason and kind, then the biases."""
+    pruned = set(pruned)
+    groups: dict[str, dict[str, list[str]]] = {}  # reason -> kind -> layer names
+    for layer in model.layers:
+        if layer.name in pruned:
+            continue
+        if not layer.weights:
+            if not layer.name.startswith(PREPROCESSING_PREFIX):
+                continue
+            reason = "no weights"
+        elif _prunable(layer):
+            reason = "not in prune.layers"
+        elif _registered(layer):
+            reason = "TF-MOT prunes no weight of this kind"
+        else:
+            reason = "not in TF-MOT's prune registry"
+        groups.setdefault(reason, {}).setdefault(type(layer).__name__, []).append(layer.name)
+    parts = [", ".join(f"{', '.join(names)} ({kind})" for kind, names in kinds.items())
+             + f": {reason}" for reason, kinds in groups.items()]
+    if any(len(model.get_layer(name).weights) > len(prunable_weights(model.get_layer(name)))
+           for name in pruned):
+        parts.append("the pruned layers' biases: TF-MOT prunes kernels only")
+    return "; ".join(parts) or "nothing"
+
+
+def pruning_plan(model: keras.Model, pruned: Sequence[str]) -> str:
+    """One line: the layers ``pruned`` prunes in ``model`` (an attention layer's
+    projections by name), and what stays dense and why (``left_dense``)."""
+    described = []
+    for name in pruned:
+        weights = prunable_weights(model.get_layer(name))
+        parts = [w.name.split("/")[-2] for w in weights]
+        described.append(f"{name} ({', '.join(parts)} kernels)" if len(weights) > 1
+                         else name)
+    return f"pruning {', '.join(described)}; left dense: {left_dense(model, pruned)}"
+
+
+def _registered(layer: keras.layers.Layer) -> bool:
+    from tensorflow_model_optimization.python.core.sparsity.keras.prune_registry import (
+        PruneRegistry,
+    )
+
+    return PruneRegistry.supports(layer)
 
 
 def kernel_sparsity(model: keras.Model, layers: Sequence[str]) -> dict[str, float]:
-    """Fraction of zeros in the kernel of each of ``layers`` of a (stripped) model."""
+    """Fraction of zeros in the pruned weights of each of ``layers`` of a (stripped)
+    model: its kernel, or all four projection kernels of an attention layer."""
     result = {}
     for name in layers:
-        kernel = model.get_layer(name).kernel.numpy()
-        result[name] = float(np.mean(kernel == 0))
+        weights = [w.numpy() for w in prunable_weights(model.get_layer(name))]
+        result[name] = float(sum(np.sum(w == 0) for w in weights)
+                             / sum(w.size for w in weights))
     return result
+
+
+def pruned_size(model: keras.Model, layers: Sequence[str]) -> dict[str, int]:
+    """The number of pruned weights of each of ``layers``."""
+    return {name: sum(int(np.prod(w.shape)) for w in prunable_weights(model.get_layer(name)))
+            for name in layers}

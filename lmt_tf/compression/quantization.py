@@ -27,14 +27,38 @@ class QuantizationAware(ModelTransform):
                               f"got {preserve!r}")
         self.preserve = preserve
 
+    def scheme(self) -> Any:
+        """The TF-MOT quantize scheme: default 8-bit, or its PQAT or CQAT variant."""
+        combine = tfmot().experimental.combine
+        return (tfmot().quantization.keras.default_8bit.Default8BitQuantizeScheme()
+                if self.preserve is None
+                else combine.Default8BitPrunePreserveQuantizeScheme()
+                if self.preserve == "sparsity"
+                else combine.Default8BitClusterPreserveQuantizeScheme())
+
+    def check(self, model: keras.Model) -> None:
+        """Raises ConfigError naming every layer of ``model`` that the scheme cannot
+        quantize (TF-MOT would stop at the first, after whatever trained before it).
+        BatchNormalization is let through: TF-MOT folds it into a Conv or Dense before."""
+        registry = self.scheme().get_quantize_registry()
+        unsupported: dict[str, list[str]] = {}
+        for layer in model.layers:
+            if (isinstance(layer, (keras.layers.InputLayer, keras.layers.BatchNormalization))
+                    or layer.name.startswith(PREPROCESSING_PREFIX)
+                    or registry.supports(layer)):
+                continue
+            unsupported.setdefault(type(layer).__name__, []).append(layer.name)
+        if unsupported:
+            named = ", ".join(f"{_some(names)} ({kind})" for kind, names in unsupported.items())
+            raise ConfigError(f"qat cannot quantize {model.name!r}: TF-MOT "
+                              f"{tfmot().__version__}'s 8-bit QAT has no quantization for "
+                              f"{named}; for an int8 model of it use post-training "
+                              f"quantization (tflite.modes = ['int8'])")
+
     def wrap(self, model: keras.Model) -> keras.Model:
+        self.check(model)
         quantize = tfmot().quantization.keras
         try:
-            combine = tfmot().experimental.combine
-            scheme = (None if self.preserve is None
-                      else combine.Default8BitPrunePreserveQuantizeScheme()
-                      if self.preserve == "sparsity"
-                      else combine.Default8BitClusterPreserveQuantizeScheme())
             front = [layer.name for layer in model.layers
                      if layer.name.startswith(PREPROCESSING_PREFIX)]
 
@@ -48,8 +72,7 @@ class QuantizationAware(ModelTransform):
                 keras.models.clone_model(model, clone_function=annotate))
             with quantize.quantize_scope({"NoQuantization": type(no_quantization()),
                                           **_preprocessing_layers()}):
-                wrapped = quantize.quantize_apply(annotated, scheme) if scheme \
-                    else quantize.quantize_apply(annotated)
+                wrapped = quantize.quantize_apply(annotated, self.scheme())
             if front:
                 _raw_input_unquantized(wrapped)
             return wrapped
@@ -93,6 +116,12 @@ def _no_quantization_class() -> type:
             return {"quantize_output": self.quantize_output}
 
     return NoQuantization
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """Up to ``shown`` names, and how many more."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def no_quantization(quantize_output: bool = False) -> Any:

@@ -13,12 +13,13 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX
+from lmt_tf.data.tokenization import Tokenize
 from lmt_tf.errors import ConfigError
 
 # float: no quantization. dynamic: int8 weights, float activations. float16: float16
 # weights. int8: int8 weights and activations throughout (calibrated on a
-# representative dataset), float input and output; a tabular preprocessing front stays
-# float (see ``float_front``).
+# representative dataset), float input and output; a tabular preprocessing front and
+# attention's masked softmax stay float (see ``float_scopes``).
 MODES = ("float", "dynamic", "float16", "int8")
 
 
@@ -28,7 +29,8 @@ def convert(model: keras.Model, mode: str, representative: np.ndarray | None = N
     Args:
       model: a Keras model (a QAT model converts to int8 with any mode but ``float``).
       mode: one of ``MODES``.
-      representative: model-ready inputs (float32) to calibrate ``int8`` activations.
+      representative: model-ready inputs (float32, or token ids) to calibrate ``int8``
+        activations.
 
     Raises:
       ConfigError: for an unknown mode, or ``int8`` without representative inputs.
@@ -44,27 +46,73 @@ def convert(model: keras.Model, mode: str, representative: np.ndarray | None = N
         if representative is None or not len(representative):
             raise ConfigError("tflite int8 needs representative inputs to calibrate with")
 
+        dtype = _input_dtype(model)
+
         def samples() -> Iterator[list[np.ndarray]]:
             for x in representative:
-                yield [x[None].astype(np.float32)]
+                yield [x[None].astype(dtype)]
 
         converter.representative_dataset = samples
-        front = float_front(model)
-        if front:
+        scopes = float_scopes(model)
+        if scopes:
             # Selective quantization: TFLite's documented way to keep named ops float.
-            # The debugger runs tf.lite.Interpreter inside, which warns of its own
-            # deprecation, and converts with float inputs, for which it warns that no
-            # input statistics were given: neither is the user's to act on.
+            # The debugger calibrates once; the ops are named as in its calibrated model
+            # (another conversion may name them otherwise: softmax_2 for softmax). It runs
+            # tf.lite.Interpreter inside, which warns of its own deprecation, and
+            # converts with float inputs, for which it warns that no input statistics
+            # were given: neither is the user's to act on.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*tf.lite.Interpreter is deprecated")
                 warnings.filterwarnings("ignore", "Statistics for quantized inputs")
                 debugger = tf.lite.experimental.QuantizationDebugger(
-                    converter=converter, debug_dataset=samples,
-                    debug_options=tf.lite.experimental.QuantizationDebugOptions(
-                        denylisted_nodes=front))
+                    converter=converter, debug_dataset=samples)
+                debugger.options = tf.lite.experimental.QuantizationDebugOptions(
+                    denylisted_nodes=_in_scopes(_op_names(debugger.calibrated_model),
+                                                scopes))
                 return debugger.get_nondebug_quantized_model()
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    with warnings.catch_warnings():
+        # Token ids are integers: there is no input range to give them.
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+        return converter.convert()
+
+
+def _input_dtype(model: keras.Model) -> np.dtype:
+    """What the model takes: float32 features, or integer token ids."""
+    dtype = tf.as_dtype(model.inputs[0].dtype)
+    return np.dtype(dtype.as_numpy_dtype if dtype.is_integer else np.float32)
+
+
+def after_tokenizer(model: keras.Model) -> keras.Model | None:
+    """The network behind ``model``'s tokenizer, on token ids: a model whose input is
+    (batch, sequence_length) int64 ids (the tokenizer's dtype) padded with 0, and the
+    same layers and weights after the tokenizer. String ops are not TFLite builtins, so
+    this is what converts; the padding is inert (attention and pooling mask it). None if
+    ``model`` takes no text."""
+    tokenizers = [layer for layer in model.layers if isinstance(layer, Tokenize)]
+    if not tokenizers:
+        return None
+    (tokenize,) = tokenizers
+    # The tokenizer's output in this model's graph: a layer shared with the models it
+    # was cloned from (pruning, clustering) has a node in each.
+    (output,) = [tokenize.get_output_at(i) for i in range(len(tokenize.inbound_nodes))
+                 if tokenize.get_input_at(i) is model.inputs[0]]
+    ids = keras.Input((tokenize.sequence_length,), dtype="int64", name="token_ids")
+    body = keras.Model(output, model.output)
+    return keras.Model(ids, body.call(ids), name=model.name)
+
+
+def token_ids(model: keras.Model, documents: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """``documents`` as ``model``'s own tokenizer makes them, padded with 0 to its
+    sequence length: the input of ``after_tokenizer(model)`` (int64)."""
+    (tokenize,) = [layer for layer in model.layers if isinstance(layer, Tokenize)]
+    length = tokenize.sequence_length
+    out = np.zeros((len(documents), length), np.int64)
+    for start in range(0, len(documents), batch):
+        chunk = np.asarray(documents[start:start + batch])
+        ids = tokenize(tf.constant(chunk.astype(bytes))).numpy()
+        out[start:start + len(chunk), :ids.shape[1]] = ids
+    return out
 
 
 def float32_model(model: keras.Model) -> keras.Model:
@@ -83,25 +131,46 @@ def float32_model(model: keras.Model) -> keras.Model:
     return clone
 
 
+def float_scopes(model: keras.Model) -> list[str]:
+    """The name scopes of the ops that an int8 model of ``model`` keeps float.
+
+    - Its tabular preprocessing layers (``/preprocess_scale/``, ...). Activations are
+      quantized with one scale per tensor, so quantizing the raw input would give every
+      feature the scale of the widest (on the breast-cancer data, areas in the thousands
+      next to ratios below 0.3: 41% test accuracy against 93% in float). Images have one
+      range for all pixels, so a ``Rescaling`` front is quantized; so is a QAT model,
+      whose fake quantization already starts after its preprocessing.
+    - The masked softmax of each ``MultiHeadAttention`` (``/block0_attention/softmax``):
+      Keras adds -1e9 to the scores of padded keys, and one int8 scale for that sum
+      rounds every real score to the same value (the R8 transformer: 14.8% test accuracy
+      in int8 against 96.4% in float).
+    """
+    front = [f"/{layer.name}/" for layer in model.layers
+             if layer.name.startswith(PREPROCESSING_PREFIX)
+             and not isinstance(layer, keras.layers.Rescaling)]
+    attention = [f"/{layer.name}/softmax" for layer in model.layers
+                 if isinstance(layer, keras.layers.MultiHeadAttention)]
+    return front + attention
+
+
 def float_front(model: keras.Model) -> list[str]:
-    """The TFLite ops (by output tensor name) of ``model``'s tabular preprocessing layers,
-    which an int8 model keeps float. Activations are quantized with one scale per tensor,
-    so quantizing the raw input would give every feature the scale of the widest (on the
-    breast-cancer data, areas in the thousands next to ratios below 0.3: 41% test
-    accuracy against 93% in float). Images have one range for all pixels, so a
-    ``Rescaling`` front is quantized; so is a QAT model, whose fake quantization already
-    starts after its preprocessing."""
-    layers = [layer.name for layer in model.layers
-              if layer.name.startswith(PREPROCESSING_PREFIX)
-              and not isinstance(layer, keras.layers.Rescaling)]
-    if not layers:
-        return []
-    runner = interpreter(convert(model, "float"))
-    names = [runner._get_tensor_details(index, 0)["name"]
-             for op in runner._get_ops_details() for index in op["outputs"]]
+    """The TFLite ops (by output tensor name, in a float conversion) of ``model``'s tabular
+    preprocessing layers, which an int8 model keeps float (see ``float_scopes``)."""
+    front = [scope for scope in float_scopes(model) if PREPROCESSING_PREFIX in scope]
+    return _in_scopes(_op_names(convert(model, "float")), front) if front else []
+
+
+def _op_names(model: bytes) -> list[str]:
+    """The output tensor name of every op of a ``.tflite`` model."""
+    runner = interpreter(model)
+    return [runner._get_tensor_details(index, 0)["name"]
+            for op in runner._get_ops_details() for index in op["outputs"]]
+
+
+def _in_scopes(names: list[str], scopes: list[str]) -> list[str]:
     # A fused op's name lists each op it fused: "mlp/preprocess_scale/truediv;...".
     return [name for name in names
-            if any(f"/{layer}/" in part for part in name.split(";") for layer in layers)]
+            if any(scope in part for part in name.split(";") for scope in scopes)]
 
 
 @dataclass(frozen=True)
@@ -128,9 +197,9 @@ def predict(model: bytes, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """Outputs of the ``.tflite`` model for model-ready inputs ``x``, in batches."""
     outputs = []
     for start in range(0, len(x), batch):
-        part = x[start:start + batch].astype(np.float32)
-        runner = interpreter(model, len(part))
-        runner.set_tensor(runner.get_input_details()[0]["index"], part)
+        runner = interpreter(model, min(batch, len(x) - start))
+        (entry,) = runner.get_input_details()
+        runner.set_tensor(entry["index"], x[start:start + batch].astype(entry["dtype"]))
         runner.invoke()
         outputs.append(runner.get_tensor(runner.get_output_details()[0]["index"]).copy())
     return np.concatenate(outputs)
@@ -141,8 +210,9 @@ def measure(model: bytes, x: np.ndarray, y: np.ndarray,
     """Accuracy over (``x``, ``y``) and latency at batch 1, in the LiteRT interpreter."""
     accuracy = float(np.mean(np.argmax(predict(model, x), axis=-1) == y))
     runner = interpreter(model, 1)
-    index = runner.get_input_details()[0]["index"]
-    samples = x[:latency_examples].astype(np.float32)
+    (entry,) = runner.get_input_details()
+    index = entry["index"]
+    samples = x[:latency_examples].astype(entry["dtype"])
     runner.set_tensor(index, samples[:1])
     runner.invoke()  # the first call allocates; not timed
     start = time.perf_counter()

@@ -33,6 +33,7 @@ class Distill(FineTune):
     name = "distill"
 
     untrained_remedy = "set distill.teacher"
+    fresh_model = True
 
     def __init__(self, teacher: str | None = None,
                  alpha: Annotated[float, Range(ge=0, le=1)] = 0.1,

@@ -32,6 +32,7 @@ class FineTune(Stage):
     compresses = True  # prune, cluster, qat, distill: each a row of the report
     needs_trained_model = True  # fine-tuning: distill, which trains a fresh model, may not
     trains = True
+    fresh_model = False  # it trains a new model (distill's student), not the current one
     # Log the gzipped weights before and after (``weights_gzip_bytes``, ...): for stages
     # whose zeros or shared values make the model smaller.
     measures_size = False

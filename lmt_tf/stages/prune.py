@@ -13,8 +13,11 @@ from lmt_tf.compression.pruning import (
     SCHEDULES,
     Pruning,
     PruningSchedule,
+    check_m_by_n,
     kernel_sparsity,
     pruned_layers,
+    pruned_size,
+    pruning_plan,
 )
 from lmt_tf.errors import ConfigError
 from lmt_tf.stages.context import RunContext
@@ -32,7 +35,8 @@ class Prune(FineTune):
       schedule: ``polynomial`` (from ``initial_sparsity`` up, cubic) or ``constant``.
       initial_sparsity: polynomial schedule's start.
       frequency: steps between mask updates; None: about 20 updates over the stage.
-      layers: names of the layers to prune; empty: every prunable layer.
+      layers: names of the layers to prune, or shell-style patterns of names
+        (``block*_ffn*``); empty: every layer TF-MOT can prune.
       m_by_n: e.g. (2, 4): at most 2 non-zero weights in every 4 consecutive input
         weights (structured sparsity; replaces the schedule: 50% from the start).
     """
@@ -69,7 +73,17 @@ class Prune(FineTune):
             raise ConfigError("prune cannot run under ParameterServerStrategy: TF-MOT's "
                               "UpdatePruningStep is a batch-level callback, which Keras "
                               "does not allow there (use multi-worker mirrored)")
-        pruned_layers(context.model, self.layers)  # the layers, named before any training
+        # The layers, named before any training.
+        chosen = pruned_layers(context.model, self.layers)
+        if self.m_by_n:
+            check_m_by_n(context.model, chosen)
+
+    def work(self, context: RunContext) -> None:
+        # What is pruned and what stays dense, in one line, printed and logged.
+        line = pruning_plan(context.model, pruned_layers(context.model, self.layers))
+        context.echo(f"lmt: prune: {line}")
+        context.run.log_text(line + "\n", "prune/layers.txt")
+        super().work(context)
 
     def transform(self, context: RunContext) -> Pruning:
         steps = self.epochs * context.setup.plan.steps_per_epoch
@@ -81,8 +95,7 @@ class Prune(FineTune):
                log: Any) -> str:
         stripped = context.model
         sparsity = kernel_sparsity(stripped, transform.pruned)
-        sizes = {name: stripped.get_layer(name).kernel.shape.num_elements()
-                 for name in transform.pruned}
+        sizes = pruned_size(stripped, transform.pruned)
         overall = sum(sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
         log({"sparsity": overall, **{f"sparsity/{n}": v for n, v in sparsity.items()}},
             self.epochs)

@@ -10,7 +10,7 @@ from pathlib import Path
 from lmt_tf.checks import Annotated, OneOf, Range, check, check_arguments
 from lmt_tf.compression.quantization import QuantizationAware
 from lmt_tf.compression.report import tflite_row
-from lmt_tf.compression.tflite import MODES, convert, measure
+from lmt_tf.compression.tflite import MODES, after_tokenizer, convert, measure, token_ids
 from lmt_tf.models.saved import export_saved_model, load_saved_model
 from lmt_tf.stages.context import RunContext, Stage, model_ready, prefixed
 from lmt_tf.stages.fine_tune import Epochs, FineTune
@@ -33,13 +33,22 @@ class QAT(FineTune):
         scheme = {None: "QAT", "sparsity": "PQAT", "clusters": "CQAT"}[self.preserve]
         return f"qat ({scheme}, {self.epochs} epoch(s))"
 
+    def check(self, context: RunContext) -> None:
+        # Every layer quantizable, before anything trains; a stage before it that trains a
+        # new model (a student) leaves that to the transform's own check.
+        stages = list(context.setup.stages)
+        before = stages[:stages.index(self)] if self in stages else []
+        if not any(getattr(stage, "fresh_model", False) for stage in before):
+            QuantizationAware(self.preserve).check(context.model)
+
     def transform(self, context: RunContext) -> QuantizationAware:
         return QuantizationAware(self.preserve)
 
 
 class TFLite(Stage):
     """Converts the current model to TFLite once per mode and measures each file in the
-    LiteRT interpreter: test accuracy, mean latency per example at batch 1, bytes.
+    LiteRT interpreter: test accuracy, mean latency per example at batch 1, bytes. A text
+    model converts without its tokenizer: the ``.tflite`` takes token ids.
     Logged as ``tflite/<mode>/...`` metrics and ``tflite/model_<mode>.tflite`` artifacts.
 
     Args:
@@ -84,19 +93,35 @@ class TFLite(Stage):
             model = load_saved_model(saved)
         x, y = context.test_arrays()
         representative = model_ready(context.splits.train, self.representative_examples)[0]
+        network = after_tokenizer(model)
+        if network is not None:
+            # String ops are not TFLite builtins: the network after the tokenizer
+            # converts, fed (and calibrated) with the ids the model's own tokenizer makes.
+            x, representative = token_ids(model, x), token_ids(model, representative)
+            model = network
+            context.echo(f"lmt: tflite: the .tflite files take token ids ({x.shape[1]} int64 "
+                         f"per document, padded with 0), made by the model's tokenizer, "
+                         f"which stays in the SavedModel")
         weights = model.get_weights()
+        keras_accuracy = context.test_metrics.get("accuracy")
+        sizes = {}
         for mode in self.modes:
             flat = convert(model, mode, representative)
             path = own.path / f"model_{mode}.tflite"
             path.write_bytes(flat)
             result = measure(flat, x, y, self.latency_examples)
+            sizes[mode] = result.bytes
             context.run.log_metrics(prefixed({"test_accuracy": result.accuracy,
                                               "latency_ms": result.latency_ms,
                                               "bytes": result.bytes}, f"{self.name}/{mode}"),
                                     step=0)
             context.report.add(tflite_row(f"tflite:{mode}", flat, result.accuracy,
                                              result.latency_ms, weights))
-            context.echo(f"lmt: tflite {mode}: test accuracy {result.accuracy:.4f} (LiteRT), "
-                         f"{result.bytes / 1e6:.2f} MB, {result.latency_ms:.3f} ms per example")
+            against = f"; Keras {keras_accuracy:.4f}" if keras_accuracy is not None else ""
+            smaller = (f" ({sizes['float'] / result.bytes:.1f}x smaller than float)"
+                       if "float" in sizes and mode != "float" else "")
+            context.echo(f"lmt: tflite {mode}: test accuracy {result.accuracy:.4f} (LiteRT"
+                         f"{against}), {result.bytes / 1e6:.2f} MB{smaller}, "
+                         f"{result.latency_ms:.3f} ms per example")
         if context.run.logs:
             context.run.log_artifacts(own.path, self.name)

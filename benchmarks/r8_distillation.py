@@ -1,0 +1,159 @@
+"""Distillation on Reuters R8: how much of the gap between a student trained from scratch
+and the transformer teacher does the ``distill`` stage close?
+
+The teacher (``experiments/r8_transformer.gin``'s transformer: 2 blocks, embed 64, 2
+epochs, Adam 0.0005, batch 32) is trained once and exported. Each student is trained
+twice from the same initial weights and data order, behind the same tokenizer: on the
+labels alone, and with the ``distill`` stage. The fraction of the gap closed is
+(distilled - scratch) / (teacher - scratch); there is no gap to close where the student
+from scratch is at least as good as the teacher.
+
+    python benchmarks/r8_distillation.py [--students NAME ...] [--seed 0]
+
+Prints a table and writes benchmarks/results/r8_distillation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lmt_tf
+from lmt_tf.runtime.env import import_tensorflow
+
+import_tensorflow()
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from lmt_tf import experiment  # noqa: E402
+from lmt_tf.data.preprocessing import Preprocessing  # noqa: E402
+from lmt_tf.data.text import load_reuters  # noqa: E402
+from lmt_tf.data.tokenization import Tokenizer  # noqa: E402
+from lmt_tf.invocation import Configs, ExportConfig, RunOptions  # noqa: E402
+from lmt_tf.models.transformer import build_bag_of_embeddings, build_transformer  # noqa: E402
+from lmt_tf.stages import Export, Train  # noqa: E402
+from lmt_tf.stages.distill import Distill  # noqa: E402
+from lmt_tf.tracking.config import TrackingConfig  # noqa: E402
+from lmt_tf.training.train_config import TrainConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER_EPOCHS, TEACHER_RATE = 2, 0.0005  # as experiments/r8_transformer.gin trains it
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student and how it is trained (the same for scratch and distilled)."""
+
+    name: str
+    kind: str  # bag: build_bag_of_embeddings; transformer: one block
+    embed_dim: int
+    learning_rate: float
+    epochs: int
+    alpha: float
+    temperature: float
+
+    def build(self, **kwargs) -> keras.Model:
+        if self.kind == "bag":
+            return build_bag_of_embeddings(embed_dim=self.embed_dim, dropout=0.1, **kwargs)
+        return build_transformer(embed_dim=self.embed_dim, num_heads=4, num_blocks=1,
+                                 ff_dim=2 * self.embed_dim, dropout=0.1, **kwargs)
+
+
+STUDENTS = {s.name: s for s in [
+    # Held to the teacher's rate and about its epochs: the bag of embeddings underfits.
+    Student("bag16-teacher-rate", "bag", 16, 0.0005, 3, 0.1, 10.0),
+    # At a rate that suits it (10x the transformer's) the bag learns R8 on its own.
+    Student("bag64", "bag", 64, 0.005, 3, 0.1, 1.0),
+    Student("bag16", "bag", 16, 0.005, 3, 0.1, 1.0),
+    # One block of embed 32 (the teacher: two of 64), the teacher's rate and epochs.
+    Student("transformer32", "transformer", 32, 0.0005, 2, 0.5, 2.0),
+]}
+
+
+def run(work: Path, name: str, model, stages, epochs: int, rate: float,
+        seed: int, splits) -> experiment.RunResult:
+    configs = Configs(
+        train=TrainConfig(epochs=epochs, global_batch_size=32, verbose=0,
+                          optimizer=lambda: keras.optimizers.Adam(rate)),
+        tracking=TrackingConfig(tracking_uri=f"sqlite:///{work / 'mlruns.db'}",
+                                artifact_root=str(work / "mlartifacts")),
+        export=ExportConfig(mlflow_model=False),
+        preprocess=Preprocessing(tokenizer=Tokenizer(vocabulary_size=20000,
+                                                     sequence_length=256)))
+    return experiment.run_experiment(lambda: splits, model, name=name, seed=seed,
+                                     work_dir=str(work / "lmt_work"), stages=stages,
+                                     configs=configs, options=RunOptions(echo=lambda _: None))
+
+
+def teacher_model(**kwargs) -> keras.Model:
+    return build_transformer(embed_dim=64, num_heads=4, num_blocks=2, ff_dim=128,
+                             dropout=0.1, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--students", nargs="*", default=list(STUDENTS),
+                        choices=list(STUDENTS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="r8_distillation.json",
+                        help="file name under benchmarks/results/")
+    args = parser.parse_args()
+    splits = load_reuters()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        teacher = run(work, "teacher", teacher_model, [Train(), Export()], TEACHER_EPOCHS,
+                      TEACHER_RATE, args.seed, splits)
+        teacher_accuracy = teacher.test_metrics["accuracy"]
+        teacher_path = str(teacher.run_dir / "export" / "saved_model")
+        print(f"teacher: test accuracy {teacher_accuracy:.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        for name in args.students:
+            student = STUDENTS[name]
+            start = time.perf_counter()
+            scratch = run(work, f"{name}-scratch", student.build, [Train()], student.epochs,
+                          student.learning_rate, args.seed, splits)
+            distilled = run(work, f"{name}-distilled", student.build,
+                            [Distill(teacher=teacher_path, alpha=student.alpha,
+                                     temperature=student.temperature,
+                                     epochs=student.epochs)],
+                            student.epochs, student.learning_rate, args.seed, splits)
+            s, d = scratch.test_metrics["accuracy"], distilled.test_metrics["accuracy"]
+            gap = teacher_accuracy - s
+            row = {**asdict(student), "scratch": s, "distilled": d,
+                   "gap_closed": (d - s) / gap if gap > 0 else None,
+                   "seconds": time.perf_counter() - start}
+            rows.append(row)
+            closed = f"{row['gap_closed']:.0%}" if gap > 0 else "no gap"
+            print(f"{name}: scratch {s:.4f}, distilled {d:.4f}, gap closed {closed}",
+                  flush=True)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "tensorflow": tf.__version__, "lmt_tf": lmt_tf.__version__,
+                    "gpus": len(tf.config.list_physical_devices("GPU"))},
+        "setup": {"teacher": f"build_transformer (2 blocks, embed 64), {TEACHER_EPOCHS} "
+                             f"epochs, Adam {TEACHER_RATE}, batch 32",
+                  "tokenizer": "words, vocabulary 20,000, 256 tokens",
+                  "data": "Reuters R8 4,937/548/2,189", "seed": args.seed},
+        "teacher_test_accuracy": teacher_accuracy,
+        "students": rows,
+    }
+    print(f"{'student':<24}{'scratch':>10}{'distilled':>11}{'gap closed':>12}")
+    for row in rows:
+        closed = f"{row['gap_closed']:.0%}" if row["gap_closed"] is not None else "no gap"
+        print(f"{row['name']:<24}{row['scratch']:>10.4f}{row['distilled']:>11.4f}"
+              f"{closed:>12}")
+    out = ROOT / "benchmarks" / "results" / args.output
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
