@@ -100,7 +100,7 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
                           f"{type(splits).__name__}")
     splits.validate()
     # Fitted on the training split only; its layers go in front of every model built.
-    preprocessing = configs.preprocess.fit(splits)
+    preprocessing = configs.preprocess.fit(splits, experiment.model)
     trainer = Trainer(configs.train, strategy, configs.input)
     plan = trainer.plan(splits.train)
     echo(f"lmt: {info.name}, {info.replicas} replica(s) on {', '.join(info.devices)}; "
@@ -109,7 +109,7 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
          f"{plan.steps_per_epoch} steps per epoch")
     echo(f"lmt: data {splits.name}: "
          + ", ".join(f"{k} {v:,}" for k, v in splits.sizes().items()))
-    if preprocessing.steps:
+    if preprocessing.steps or preprocessing.carried:
         echo(f"lmt: preprocessing in the model: {preprocessing.describe()}")
     return Setup(name, strategy, info, role_of(strategy), splits, preprocessing,
                  preprocessing.wrap(experiment.model), trainer, plan, experiment.seed,
