@@ -19,7 +19,7 @@ from lmt_tf.config import run_parsed
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import few_shot, load_digits
 from lmt_tf.data.splits import Split, Splits
-from lmt_tf.data.text import load_20newsgroups
+from lmt_tf.data.text import load_20newsgroups, load_reuters
 from lmt_tf.data.tokenization import Tokenizer
 from lmt_tf.errors import DataError
 from lmt_tf.experiment import RunResult, run_experiment
@@ -58,6 +58,17 @@ def test_few_shot_draws_exactly_n_of_each_class_the_same_for_the_same_seed() -> 
     smallest = int(np.bincount(whole.train.y).min())
     with pytest.raises(DataError, match=f"per_class {smallest + 1} exceeds the {smallest}"):
         few_shot(load_digits, per_class=smallest + 1)
+
+
+def test_few_shot_documents_keep_all_of_a_smaller_class_only_if_allowed() -> None:
+    r8 = functools.partial(load_reuters, validation_fraction=0.1)
+    with pytest.raises(DataError, match=r"per_class 50 exceeds the 37 training examples of "
+                                        r"class 3 \(grain\) in reuters-r8 \(few_shot.allow"):
+        few_shot(r8, per_class=50)
+    drawn = few_shot(r8, per_class=50, allow_fewer=True)
+    assert np.bincount(drawn.train.y).tolist() == [50, 50, 50, 37, 50, 50, 50, 50]
+    assert drawn.train.x.dtype == object and all(isinstance(d, str) for d in drawn.train.x)
+    assert drawn.class_names[3] == "grain" and len(drawn.test) == 2189
 
 
 def test_digits_as_mnist_stores_them() -> None:
