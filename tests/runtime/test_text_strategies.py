@@ -78,7 +78,7 @@ include 'gin/preprocessing/words.gin'
 include 'gin/models/transformer.gin'
 run_experiment.data = @few_shot
 few_shot.data = @load_reuters
-few_shot.per_class = 2
+few_shot.per_class = 4
 load_reuters.validation_fraction = 0.0
 Tokenizer.vocabulary_size = 200
 Tokenizer.sequence_length = 32
@@ -87,36 +87,38 @@ build_transformer.num_heads = 2
 build_transformer.num_blocks = 1
 build_transformer.ff_dim = 32
 build_transformer.dropout = 0.0
-TrainConfig.optimizer = @keras.optimizers.SGD
-keras.optimizers.SGD.learning_rate = 0.1
+TrainConfig.optimizer = @keras.optimizers.Adam
+keras.optimizers.Adam.learning_rate = 0.01
 TrainConfig.epochs = 2
-TrainConfig.global_batch_size = 8
+TrainConfig.global_batch_size = 32
 TrainConfig.verbose = 0
 run_experiment.stages = [@train()]
 """
+STRATEGIES = {"MultiWorkerMirroredStrategy": "multi_worker_mirrored_strategy",
+              "ParameterServerStrategy": "parameter_server_strategy"}
 
 
 @pytest.mark.slow
-def test_multi_worker_and_parameter_server_jobs_train_text_as_one_device(
-        gin_file, in_tmp: Path) -> None:
-    exp = gin_file(TEXT)
-    jobs = {"MultiWorkerMirroredStrategy": ["--workers", "2", "--gin_param",
-                                            "run_experiment.strategy = "
-                                            "@multi_worker_mirrored_strategy"],
+def test_multi_worker_and_parameter_server_jobs_train_text_as_one_device(in_tmp: Path) -> None:
+    jobs = {"MultiWorkerMirroredStrategy": ["--workers", "2"],
             # One worker: its steps run one after the other, as on one device.
-            "ParameterServerStrategy": ["--workers", "1", "--ps", "1", "--gin_param",
-                                        "run_experiment.strategy = "
-                                        "@parameter_server_strategy"]}
+            "ParameterServerStrategy": ["--workers", "1", "--ps", "1"]}
+    launches = {}
+    for strategy, args in jobs.items():  # both at once, each in its own directory
+        directory = in_tmp / strategy
+        directory.mkdir()
+        (directory / "exp.gin").write_text(TEXT + "run_experiment.strategy = "
+                                           f"@{STRATEGIES[strategy]}\n")
+        launches[strategy] = Launch([*args, "--timeout", "240", "exp.gin"], directory)
     losses = {}
-    for strategy, args in jobs.items():
-        launch = Launch([*args, "--timeout", "240", exp], in_tmp)
+    for strategy, launch in launches.items():
         assert launch.wait(300) == 0, launch.output
-        (run,) = [r for r in all_runs(in_tmp) if r.data.tags["lmt.strategy"] == strategy]
+        (run,) = all_runs(in_tmp / strategy)  # one MLflow run, whatever its tasks
         assert run.info.status == "FINISHED", launch.output
-        history = mlflow_client(in_tmp).get_metric_history(run.info.run_id, "loss")
+        assert run.data.tags["lmt.strategy"] == strategy
+        history = mlflow_client(in_tmp / strategy).get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2] and history[1].value < history[0].value
         losses[strategy] = run.data.metrics["test_loss"]
-    assert len(all_runs(in_tmp)) == 2  # one MLflow run for each job, whatever its tasks
     # Both equal one device's training: 2 replicas in sync, or one worker's steps in turn.
     assert losses["ParameterServerStrategy"] == pytest.approx(
         losses["MultiWorkerMirroredStrategy"], rel=1e-4)
