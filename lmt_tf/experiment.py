@@ -101,7 +101,7 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
                           f"{type(splits).__name__}")
     splits.validate()
     # Fitted on the training split only; its layers go in front of every model built.
-    preprocessing = configs.preprocess.fit(splits)
+    preprocessing = configs.preprocess.fit(splits, experiment.model)
     trainer = Trainer(configs.train, strategy, configs.input)
     plan = trainer.plan(splits.train)
     echo(f"lmt: {info.name}, {info.replicas} replica(s) on {', '.join(info.devices)}; "
@@ -110,7 +110,7 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
          f"{plan.steps_per_epoch} steps per epoch")
     echo(f"lmt: data {splits.name}: "
          + ", ".join(f"{k} {v:,}" for k, v in splits.sizes().items()))
-    if preprocessing.steps:
+    if preprocessing.steps or preprocessing.carried:
         echo(f"lmt: preprocessing in the model: {preprocessing.describe()}")
     bucket_lengths(splits.train, configs.input.bucket_by_length)  # refuses non-documents
     padded = _padding(splits, plan, experiment.seed, configs, preprocessing.steps)

@@ -5,15 +5,28 @@ nearest class mean; and the mistakes a user makes are one line each."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tf_keras as keras
 
+from lmt_tf import config
 from lmt_tf.cli import main
+from lmt_tf.config import run_parsed
+from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import few_shot, load_digits
+from lmt_tf.data.splits import Split, Splits
+from lmt_tf.data.text import load_20newsgroups, load_reuters
+from lmt_tf.data.tokenization import Tokenizer
 from lmt_tf.errors import DataError
+from lmt_tf.experiment import RunResult, run_experiment
+from lmt_tf.invocation import Configs, ExportConfig, RunOptions
+from lmt_tf.models.saved import export_saved_model
+from lmt_tf.models.transformer import build_transformer
+from lmt_tf.training.train_config import TrainConfig
 from lmt_tf.transfer import prototype_predictions
 from tests.conftest import TINY, all_runs
 
@@ -45,6 +58,17 @@ def test_few_shot_draws_exactly_n_of_each_class_the_same_for_the_same_seed() -> 
     smallest = int(np.bincount(whole.train.y).min())
     with pytest.raises(DataError, match=f"per_class {smallest + 1} exceeds the {smallest}"):
         few_shot(load_digits, per_class=smallest + 1)
+
+
+def test_few_shot_documents_keep_all_of_a_smaller_class_only_if_allowed() -> None:
+    r8 = functools.partial(load_reuters, validation_fraction=0.1)
+    with pytest.raises(DataError, match=r"per_class 50 exceeds the 37 training examples of "
+                                        r"class 3 \(grain\) in reuters-r8 \(few_shot.allow"):
+        few_shot(r8, per_class=50)
+    drawn = few_shot(r8, per_class=50, allow_fewer=True)
+    assert np.bincount(drawn.train.y).tolist() == [50, 50, 50, 37, 50, 50, 50, 50]
+    assert drawn.train.x.dtype == object and all(isinstance(d, str) for d in drawn.train.x)
+    assert drawn.class_names[3] == "grain" and len(drawn.test) == 2189
 
 
 def test_digits_as_mnist_stores_them() -> None:
@@ -117,5 +141,97 @@ def test_transfer_mistakes_are_one_line(gin_file, in_tmp: Path, capsys) -> None:
     for binding, message in cases:
         exp = gin_file(TRANSFER + binding + "\n", "bad.gin")
         assert main(["run", exp]) == 2, binding
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (binding, err)
+
+
+def _small_20newsgroups() -> Splits:
+    """300 training posts of 20 Newsgroups (15 of each group) and 200 test posts."""
+    splits = few_shot(functools.partial(load_20newsgroups, validation_fraction=0.0), 15)
+    return dataclasses.replace(splits, test=Split(splits.test.x[:200], splits.test.y[:200]))
+
+
+def _text_source(echoed: list[str]) -> RunResult:
+    """A tiny transformer trained a few steps on 20 Newsgroups, exported: the source."""
+    configs = Configs(
+        train=TrainConfig(epochs=1, steps_per_epoch=3, global_batch_size=32, verbose=0),
+        preprocess=Preprocessing(tokenizer=Tokenizer(vocabulary_size=500,
+                                                     sequence_length=32)),
+        export=ExportConfig(mlflow_model=False))
+    model = functools.partial(build_transformer, embed_dim=16, num_heads=2, num_blocks=1,
+                              ff_dim=32)
+    return run_experiment(_small_20newsgroups, model, name="source", configs=configs,
+                          options=RunOptions(echo=echoed.append))
+
+
+# The source carried to R8 with one document of each class; its embeddings kept frozen.
+TEXT_TRANSFER = """
+run_experiment.data = @few_shot
+few_shot.data = @load_reuters
+few_shot.per_class = 1
+load_reuters.validation_fraction = 0.0
+run_experiment.model = @build_transfer
+build_transfer.freeze = ('token_embedding',)
+run_experiment.stages = [@prototypes(), @train()]
+TrainConfig.epochs = 2
+TrainConfig.global_batch_size = 8
+TrainConfig.verbose = 0
+"""
+
+
+def _run(exp: str, echoed: list[str]) -> RunResult:
+    config.parse([exp], [])
+    return run_parsed(options=RunOptions(config_files=[exp], echo=echoed.append))
+
+
+def test_a_text_model_carries_its_tokenizer_to_few_shot_r8(gin_file, in_tmp: Path,
+                                                           capsys) -> None:
+    echoed: list[str] = []
+    source = _text_source(echoed)
+    exp = gin_file(TEXT_TRANSFER + f"build_transfer.source = '{source.run_id}'\n")
+    target = _run(exp, echoed)
+    assert "lmt: preprocessing in the model: tokenize (the model's own tokenizer, fitted " \
+        "where it was trained)" in echoed
+    assert any("prototypes (nearest class mean of 8 training embeddings)" in line
+               for line in echoed)
+    (run,) = [r for r in all_runs(in_tmp) if r.info.run_id == target.run_id]
+    assert run.info.status == "FINISHED" and run.data.params["derived.train_examples"] == "8"
+    assert 0 <= run.data.metrics["prototypes/test_accuracy"] <= 1
+    before, after = source.model, target.model
+    # The target tokenizes with the source's vocabulary (fitted on 20 Newsgroups), in
+    # front of the source's embeddings (frozen: exactly as trained).
+    tokenizer = after.get_layer("preprocess_tokenize")
+    assert tokenizer.vocabulary == before.get_layer("preprocess_tokenize").vocabulary
+    assert len(tokenizer.vocabulary) == 498 and "god" in tokenizer.vocabulary
+    np.testing.assert_array_equal(after.get_layer("token_embedding").get_weights()[0],
+                                  before.get_layer("token_embedding").get_weights()[0])
+    assert not np.array_equal(after.get_layer("block0_ffn1").get_weights()[0],
+                              before.get_layer("block0_ffn1").get_weights()[0])  # tuned
+    # The head is new and has R8's 8 classes; the source's 20-way softmax is gone.
+    assert after.layers[-1].name == "transfer_head" and after.output_shape == (None, 8)
+    assert "predictions" not in [layer.name for layer in after.layers]
+    assert before.output_shape == (None, 20)
+    # Raw documents in, one probability per R8 class out.
+    probabilities = after.predict(np.array(["oil prices rose", "the bank cut its rate"],
+                                           object), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+    # A tokenizer fitted here would give the source's embeddings other ids; a source
+    # without one cannot take documents. One line each.
+    inputs = keras.Input((8, 8))
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(inputs))
+    export_saved_model(keras.Model(inputs, outputs), in_tmp / "image_model")
+    cases = [
+        (f"build_transfer.source = '{source.run_id}'\n"
+         "include 'gin/preprocessing/words.gin'",
+         "Preprocessing.tokenizer must not be set: run_experiment.model build_transfer "
+         "tokenizes documents with its source's tokenizer"),
+        (f"build_transfer.source = '{in_tmp / 'image_model'}'",
+         "has no tokenizer (it takes inputs of shape (8, 8)), but the data is documents"),
+    ]
+    capsys.readouterr()
+    for binding, message in cases:
+        bad = gin_file(TEXT_TRANSFER + binding + "\n", "bad.gin")
+        assert main(["run", bad]) == 2, binding
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (binding, err)

@@ -14,7 +14,7 @@ import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -32,6 +32,7 @@ SCALE = ("standard", "minmax")
 SELECT = ("variance", "mutual_info", "l1")
 PREPROCESSING_PREFIX = "preprocess_"  # the names of the layers in front of the model
 Quantile = Annotated[float, Range(ge=0, le=1)]
+Builder = TypeVar("Builder", bound=Callable[..., Any])
 
 
 @dataclass
@@ -75,16 +76,25 @@ class Preprocessing:
         """Whether any tabular step is configured."""
         return bool(self.impute or self.clip or self.categorical or self.select or self.scale)
 
-    def fit(self, splits: Splits) -> FittedPreprocessing:
+    def fit(self, splits: Splits, model_fn: Callable[..., Any] | None = None
+            ) -> FittedPreprocessing:
         """Fits every configured step on ``splits.train`` (and nothing else).
+
+        Args:
+          splits: the data.
+          model_fn: the model builder; one that brings its own tokenizer
+            (``tokenizing_builder``) gets documents as they are.
 
         Raises:
           ConfigError: for steps that do not fit the data (images, file-backed splits,
-            unknown columns, more features asked for than there are).
+            unknown columns, more features asked for than there are), or a tokenizer
+            where the model brings its own.
         """
         split = splits.train
         dtype = np.dtype(getattr(split, "x_dtype", None) or split.x.dtype)
         shape = tuple(splits.input_shape)
+        if dtype.kind in "OUS" and tokenizes(model_fn):
+            return self._leave_text(splits, model_fn)
         if dtype.kind in "OUS" or self.tokenizer is not None:
             return self._fit_text(splits)
         if not self.impute:
@@ -105,6 +115,22 @@ class Preprocessing:
               f"{unknown} not among the columns of {splits.name}: {names}")
         return _Fitter(self, np.asarray(split.x, np.float64), np.asarray(split.y),
                        names).run()
+
+    def _leave_text(self, splits: Splits, model_fn: Callable[..., Any]) -> FittedPreprocessing:
+        """Nothing fitted: the model takes the documents and tokenizes them itself.
+
+        Raises:
+          ConfigError: if a tokenizer or a tabular step is configured all the same.
+        """
+        name = getattr(getattr(model_fn, "__wrapped__", model_fn), "__name__", "the model")
+        check(self.tokenizer is None, "Preprocessing.tokenizer",
+              f"must not be set: run_experiment.model {name} tokenizes documents with its "
+              f"source's tokenizer, whose ids its embeddings were trained on (a vocabulary "
+              f"fitted on {splits.name} would give them other ids)")
+        check(not self.tabular, "Preprocessing",
+              f"imputation, clipping, encoding, selection and scaling work on numbers; "
+              f"data {splits.name} is text")
+        return FittedPreprocessing((), (), (), [], carried=True)
 
     def _fit_text(self, splits: Splits) -> FittedPreprocessing:
         """The tokenizer fitted on the training documents.
@@ -139,6 +165,8 @@ class FittedPreprocessing:
     output_shape: tuple[int, ...]
     features: tuple[str, ...]  # names of the output features (tabular data)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    # Documents the model tokenizes itself (``tokenizing_builder``): nothing fitted here
+    carried: bool = False
 
     def layers(self) -> list[keras.layers.Layer]:
         """New Keras layers applying the steps, float32 whatever the precision policy."""
@@ -183,6 +211,8 @@ class FittedPreprocessing:
 
     def describe(self) -> str:
         """One line: what the model does to its raw input."""
+        if self.carried:
+            return "tokenize (the model's own tokenizer, fitted where it was trained)"
         if not self.steps:
             return "none"
         if self.text:
@@ -195,6 +225,19 @@ class FittedPreprocessing:
         """``model_fn`` building on the preprocessed features, with the steps in front
         (itself when there are none)."""
         return PreprocessedModel(model_fn, self) if self.steps else model_fn
+
+
+def tokenizing_builder(builder: Builder) -> Builder:
+    """Marks a model builder whose models, on text, take the documents and tokenize them
+    with a tokenizer they bring (``build_transfer``: its text source's). A run with such
+    a builder fits no tokenizer of its own, and refuses one configured all the same."""
+    builder.brings_tokenizer = True
+    return builder
+
+
+def tokenizes(model_fn: Callable[..., Any] | None) -> bool:
+    """Whether ``model_fn`` (maybe as gin wraps it) brings its own tokenizer."""
+    return bool(getattr(model_fn, "brings_tokenizer", False))
 
 
 class PreprocessedModel:

@@ -222,18 +222,21 @@ def load_movielens(validation_fraction: Fraction = 0.1, test_fraction: Fraction 
 
 
 def few_shot(data: Callable[[], Splits], per_class: Annotated[int, Range(ge=1)],
-             seed: Seed = 0) -> Splits:
-    """``data`` with a training split of exactly ``per_class`` examples of each class,
-    drawn per class with ``seed`` (the same seed, the same examples); validation and test
-    stay whole.
+             seed: Seed = 0, allow_fewer: bool = False) -> Splits:
+    """``data`` with a training split of exactly ``per_class`` examples of each class
+    (with ``allow_fewer``, all of a class that has fewer), drawn per class with ``seed``
+    (the same seed, the same examples); validation and test stay whole.
 
     Args:
       data: a data source, e.g. ``@load_digits`` in gin.
       per_class: training examples kept of each class.
       seed: seed of the draw.
+      allow_fewer: a class with fewer than ``per_class`` training examples keeps all of
+        them (R8's grain has 37 for N = 50) instead of being an error.
 
     Raises:
-      DataError: if a class has fewer than ``per_class`` training examples.
+      DataError: if a class has fewer than ``per_class`` training examples (and
+        ``allow_fewer`` is off).
     """
     if not isinstance(per_class, int) or per_class < 1:
         raise ConfigError(f"few_shot.per_class must be an integer >= 1, got {per_class!r}")
@@ -243,12 +246,15 @@ def few_shot(data: Callable[[], Splits], per_class: Annotated[int, Range(ge=1)],
         raise ConfigError(f"few_shot draws from data in memory; {splits.name} is read from "
                           f"files")
     counts = np.bincount(train.y, minlength=splits.num_classes)
-    if per_class > counts.min():
+    if per_class > counts.min() and not allow_fewer:
+        smallest = int(counts.argmin())
+        named = f" ({splits.class_names[smallest]})" if splits.class_names else ""
         raise DataError(f"few_shot.per_class {per_class} exceeds the {counts.min()} training "
-                        f"examples of class {int(counts.argmin())} in {splits.name}")
+                        f"examples of class {smallest}{named} in {splits.name} (few_shot."
+                        f"allow_fewer = True keeps all of a smaller class)")
     rng = np.random.default_rng(seed)
     chosen = np.sort(np.concatenate([
-        rng.choice(np.flatnonzero(train.y == c), per_class, replace=False)
+        rng.choice(np.flatnonzero(train.y == c), min(per_class, counts[c]), replace=False)
         for c in range(splits.num_classes)]))
     return dataclasses.replace(splits, name=f"{splits.name}-{per_class}-shot",
                                train=Split(train.x[chosen], train.y[chosen]))
