@@ -23,6 +23,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.checks import Annotated, OneOf, Range, check_types
+from lmt_tf.data.pipeline import encoded
 from lmt_tf.errors import ConfigError
 
 TOKENIZERS = ("words", "wordpiece", "tf_idf")
@@ -95,7 +96,7 @@ class Tokenizer:
             max_tokens=self.vocabulary_size,
             standardize=None if self.standardize == "none" else self.standardize,
             output_mode="int")
-        vectorizer.adapt(tf.data.Dataset.from_tensor_slices(train.astype(bytes)).batch(1024))
+        vectorizer.adapt(tf.data.Dataset.from_tensor_slices(encoded(train)).batch(1024))
         # Ids 0 and 1 are padding and out-of-vocabulary; then words by frequency.
         return [str(w) for w in vectorizer.get_vocabulary()[2:]]
 
