@@ -39,11 +39,14 @@ class QuantizationAware(ModelTransform):
     def check(self, model: keras.Model) -> None:
         """Raises ConfigError naming every layer of ``model`` that the scheme cannot
         quantize (TF-MOT would stop at the first, after whatever trained before it).
-        BatchNormalization is let through: TF-MOT folds it into a Conv or Dense before."""
+        Let through as TF-MOT takes them: BatchNormalization (folded into a Conv or Dense
+        before it) and Lambda (left float, with TF-MOT's warning)."""
         registry = self.scheme().get_quantize_registry()
         unsupported: dict[str, list[str]] = {}
+        let_through = (keras.layers.InputLayer, keras.layers.BatchNormalization,
+                       keras.layers.Lambda)
         for layer in model.layers:
-            if (isinstance(layer, (keras.layers.InputLayer, keras.layers.BatchNormalization))
+            if (isinstance(layer, let_through)
                     or layer.name.startswith(PREPROCESSING_PREFIX)
                     or registry.supports(layer)):
                 continue
