@@ -219,7 +219,7 @@ def _row_lengths(tokenize: Any, documents: np.ndarray, batch: int = 4096) -> np.
     """Tokens in each document before truncation, by ``tokenize`` (strings to ragged)."""
     out = []
     for start in range(0, len(documents), batch):
-        chunk = tf.constant(np.asarray(documents[start:start + batch]).astype(bytes))
+        chunk = tf.constant(encoded(documents[start:start + batch]))
         out.append(tokenize(chunk).row_lengths().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
@@ -237,29 +237,29 @@ def describe(step: dict[str, Any]) -> str:
             f"{step['sequence_length']} tokens (truncated: {cut or 'none'})")
 
 
-@keras.utils.register_keras_serializable(package="lmt_tf")
-class Tokenize(keras.layers.Layer):
-    """Documents (a batch of strings) to token ids, (batch, length) int64: the batch
-    padded with 0 to its longest document, at most ``sequence_length`` tokens."""
+class SequenceTokenizer(keras.layers.Layer):
+    """Documents (a batch of strings) to ids, (batch, length) int64: the batch padded with
+    0 to its longest document, at most ``sequence_length`` ids. A subclass says how a
+    document becomes its ids (``pieces``)."""
 
-    def __init__(self, vocabulary: list[str], sequence_length: int,
-                 standardize: str = "lower_and_strip_punctuation", **kwargs: Any):
+    def __init__(self, vocabulary: list[str], sequence_length: int, standardize: str,
+                 **kwargs: Any):
         kwargs.pop("dtype", None)
         super().__init__(dtype="int64", **kwargs)
         self.vocabulary = list(vocabulary)
         self.sequence_length = int(sequence_length)
         self.standardize = standardize
-        self.vectorizer = keras.layers.TextVectorization(
-            standardize=None if standardize == "none" else standardize,
-            vocabulary=self.vocabulary, output_mode="int", ragged=True,
-            name="vectorize")
+
+    def pieces(self, documents: tf.Tensor) -> tf.RaggedTensor:
+        """Each document's ids, untruncated: (batch, ids)."""
+        raise NotImplementedError
 
     def call(self, documents: tf.Tensor) -> tf.Tensor:
-        return _padded(self.vectorizer(tf.reshape(documents, [-1])), self.sequence_length)
+        return _padded(self.pieces(documents), self.sequence_length)
 
     def lengths(self, documents: np.ndarray) -> np.ndarray:
-        """Tokens in each document before truncation."""
-        return _row_lengths(self.vectorizer, documents)
+        """Ids of each document before truncation."""
+        return _row_lengths(self.pieces, documents)
 
     def compute_output_shape(self, input_shape: Any) -> tf.TensorShape:
         return tf.TensorShape([input_shape[0], None])
@@ -270,7 +270,24 @@ class Tokenize(keras.layers.Layer):
 
 
 @keras.utils.register_keras_serializable(package="lmt_tf")
-class WordPieceTokenize(keras.layers.Layer):
+class Tokenize(SequenceTokenizer):
+    """Words (whitespace-separated after standardization) to ids: 0 pads, 1 is a word
+    outside the vocabulary."""
+
+    def __init__(self, vocabulary: list[str], sequence_length: int,
+                 standardize: str = "lower_and_strip_punctuation", **kwargs: Any):
+        super().__init__(vocabulary, sequence_length, standardize, **kwargs)
+        self.vectorizer = keras.layers.TextVectorization(
+            standardize=None if standardize == "none" else standardize,
+            vocabulary=self.vocabulary, output_mode="int", ragged=True,
+            name="vectorize")
+
+    def pieces(self, documents: tf.Tensor) -> tf.RaggedTensor:
+        return self.vectorizer(tf.reshape(documents, [-1]))
+
+
+@keras.utils.register_keras_serializable(package="lmt_tf")
+class WordPieceTokenize(SequenceTokenizer):
     """Documents (a batch of strings) to WordPiece ids, (batch, length) int64: the batch
     padded with 0 to its longest document, at most ``sequence_length`` pieces. Id 0 is
     ``[PAD]``, 1 ``[UNK]`` (a word with a character outside the vocabulary), the
@@ -280,11 +297,7 @@ class WordPieceTokenize(keras.layers.Layer):
 
     def __init__(self, vocabulary: list[str], sequence_length: int,
                  standardize: str = "lower", **kwargs: Any):
-        kwargs.pop("dtype", None)
-        super().__init__(dtype="int64", **kwargs)
-        self.vocabulary = list(vocabulary)
-        self.sequence_length = int(sequence_length)
-        self.standardize = standardize
+        super().__init__(vocabulary, sequence_length, standardize, **kwargs)
         # The flatbuffer model of the vocabulary is a constant of the traced graph.
         self.tokenizer = text_ops().FastBertTokenizer(
             vocab=[*RESERVED, *self.vocabulary], token_out_type=tf.int64,
@@ -295,20 +308,6 @@ class WordPieceTokenize(keras.layers.Layer):
         """Each document's piece ids, untruncated: (batch, pieces)."""
         documents = _strip_punctuation(tf.reshape(documents, [-1]), self.standardize)
         return self.tokenizer.tokenize(documents).merge_dims(1, -1)
-
-    def call(self, documents: tf.Tensor) -> tf.Tensor:
-        return _padded(self.pieces(documents), self.sequence_length)
-
-    def lengths(self, documents: np.ndarray) -> np.ndarray:
-        """Pieces in each document before truncation."""
-        return _row_lengths(self.pieces, documents)
-
-    def compute_output_shape(self, input_shape: Any) -> tf.TensorShape:
-        return tf.TensorShape([input_shape[0], None])
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "vocabulary": self.vocabulary,
-                "sequence_length": self.sequence_length, "standardize": self.standardize}
 
 
 @keras.utils.register_keras_serializable(package="lmt_tf")
