@@ -211,7 +211,6 @@ class ClickSoftmax(keras.layers.Layer):
 class ClickFeatures:
     """The validated settings of the hashed features, shared by both builders."""
 
-    name: str  # the builder's name, in messages
     num_dense: int
     buckets: tuple[int, ...]  # per categorical feature
     shared_buckets: int | None
@@ -271,14 +270,15 @@ def _features(name: str, input_shape: Sequence[int], num_classes: int, num_dense
     """
     num_dense = _positive(name, "num_dense", num_dense)
     shape = tuple(input_shape)
-    if len(shape) != 1 or not isinstance(shape[0], int) or shape[0] <= num_dense:
+    if len(shape) != 1 or not isinstance(shape[0], int | np.integer) \
+            or shape[0] <= num_dense:
         raise ConfigError(f"{name} needs rows of num_dense={num_dense} counts then at "
                           f"least one categorical id (shape ({num_dense} + K,)), got "
                           f"input shape {shape}")
     if num_classes != 2:
         raise ConfigError(f"{name} predicts click / no click (num_classes 2), got "
                           f"num_classes={num_classes}")
-    k = shape[0] - num_dense
+    k = int(shape[0]) - num_dense
     if isinstance(buckets, int | np.integer):
         per_feature = (_positive(name, "buckets", buckets),) * k
     else:
@@ -306,12 +306,12 @@ def _features(name: str, input_shape: Sequence[int], num_classes: int, num_dense
     std = _per_dense(name, "dense_std", dense_std, num_dense, 1.0)
     if min(std) <= 0:
         raise ConfigError(f"{name}.dense_std must be > 0, got {min(std)}")
-    return ClickFeatures(name, num_dense, per_feature, shared_buckets, tuple(pairs),
+    return ClickFeatures(num_dense, per_feature, shared_buckets, tuple(pairs),
                          _positive(name, "cross_buckets", cross_buckets), mean, std)
 
 
-def _inputs(features: ClickFeatures) -> tuple[keras.KerasTensor, keras.KerasTensor,
-                                              keras.KerasTensor, keras.KerasTensor | None]:
+def _inputs(features: ClickFeatures
+            ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor | None]:
     """The raw row, its standardised counts, its hashed ids and its crosses' buckets."""
     d = features.num_dense
     raw = keras.Input((d + features.num_categorical,), dtype="int64", name="features")
@@ -324,9 +324,9 @@ def _inputs(features: ClickFeatures) -> tuple[keras.KerasTensor, keras.KerasTens
     return raw, dense, hashed, crossed
 
 
-def _embedded(features: ClickFeatures, hashed: keras.KerasTensor,
-              crossed: keras.KerasTensor | None, dim: int,
-              initializer: str = "uniform") -> keras.KerasTensor:
+def _embedded(features: ClickFeatures, hashed: tf.Tensor,
+              crossed: tf.Tensor | None, dim: int,
+              initializer: str = "uniform") -> tf.Tensor:
     """The embedding vectors of every feature then every cross: [batch, K + C, dim].
 
     Each lookup is a gather on its table (row-sparse gradients): per feature
