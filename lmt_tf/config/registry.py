@@ -26,7 +26,7 @@ from lmt_tf.federated.partition import PartitionConfig
 from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, ServerMomentum
 from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.invocation import Configs, ExportConfig
-from lmt_tf.models import cnn, mlp, recommender, transformer
+from lmt_tf.models import cnn, dlrm, mlp, recommender, transformer
 from lmt_tf.optim import schedules, transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Export, Train
@@ -53,7 +53,8 @@ _PROJECT = {
     "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer, transformer.build_transformer,
-                   transformer.build_bag_of_embeddings],
+                   transformer.build_bag_of_embeddings, dlrm.build_dlrm,
+                   dlrm.build_wide],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
                        strategy.parameter_server_strategy],
