@@ -17,11 +17,11 @@ import tf_keras as keras
 from lmt_tf import experiment
 from lmt_tf.cli import main
 from lmt_tf.compression.pruning import check_m_by_n, pruned_layers
-from lmt_tf.compression.tflite import inner_dtypes, predict, token_ids
+from lmt_tf.compression.tflite import inner_dtypes, interpreter, predict, tokenized, tokenizer
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.data.text import load_reuters
-from lmt_tf.data.tokenization import Tokenize, Tokenizer
+from lmt_tf.data.tokenization import BagOfWords, Tokenize, Tokenizer, WordPieceTokenize
 from lmt_tf.errors import ConfigError
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.transformer import build_bag_of_embeddings, build_transformer
@@ -33,8 +33,8 @@ from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import TFLite
 from lmt_tf.training.train_config import TrainConfig
 from tests.conftest import all_runs, mlflow_client
+from tests.tiny_text import TOKENS, tiny_r8, tiny_text_model, tiny_tokenizer
 
-TOKENS = 32  # the tokenizer's sequence length
 PROJECTIONS = ("query", "key", "value", "attention_output")
 
 
@@ -157,7 +157,7 @@ def test_the_tflite_model_takes_token_ids_and_their_padding_is_inert(text_run) -
     flat = (directory / "lmt_work").glob("text/*/stages/tflite/model_float.tflite")
     flat = next(flat).read_bytes()
     documents = _tiny_r8().test.x
-    ids = token_ids(pruned, documents)
+    ids = tokenized(pruned, documents)
     assert ids.shape == (len(documents), TOKENS) and ids.dtype == np.int64
     lite = predict(flat, ids)
     # Each short document alone in Keras (no padding at all) against its ids padded
@@ -224,3 +224,42 @@ def test_qat_refuses_the_transformer_in_one_line_before_training(gin_file, in_tm
         assert named in err[0], (named, err[0])
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FAILED" and "loss" not in run.data.metrics  # nothing trained
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "tf_idf"])
+def test_a_wordpiece_or_bag_of_words_model_converts_behind_its_tokenizer(
+        kind: str, in_tmp: Path) -> None:
+    """WordPiece ids, like words', go to the network after the tokenizer, which converts;
+    a bag of words' TF-IDF vectors likewise (its string ops are not TFLite builtins
+    either). The ``.tflite`` answers on them as the Keras model does on the documents."""
+    echoed: list[str] = []
+    configs = Configs(
+        train=TrainConfig(epochs=1, steps_per_epoch=3, global_batch_size=32, verbose=0),
+        export=ExportConfig(mlflow_model=False),
+        preprocess=Preprocessing(tokenizer=tiny_tokenizer(kind)))
+    result = experiment.run_experiment(
+        tiny_r8, tiny_text_model(kind), name=kind, strategy=default_strategy,
+        stages=[Train(), TFLite(modes=("float",))], configs=configs,
+        options=RunOptions(echo=echoed.append))
+    model = result.model
+    tokenize = tokenizer(model)
+    documents = tiny_r8().test.x
+    x = tokenized(model, documents)
+    if kind == "wordpiece":
+        assert isinstance(tokenize, WordPieceTokenize)
+        assert x.dtype == np.int64 and x.shape == (len(documents), TOKENS)
+        takes = f"take token ids ({TOKENS} int64 per document, padded with 0)"
+    else:
+        assert isinstance(tokenize, BagOfWords)
+        width = len(tokenize.vocabulary) + 1
+        assert x.dtype == np.float32 and x.shape == (len(documents), width)
+        takes = f"take TF-IDF vectors ({width} float32 per document)"
+    assert any(takes in line for line in echoed), echoed
+    flat = (result.run_dir / "stages" / "tflite" / "model_float.tflite").read_bytes()
+    (entry,) = interpreter(flat).get_input_details()
+    assert entry["dtype"] == x.dtype and entry["shape"][1] == x.shape[1]
+    np.testing.assert_allclose(predict(flat, x), model.predict(documents, verbose=0),
+                               atol=1e-5)
+    (run,) = all_runs(in_tmp)
+    assert run.data.metrics["tflite/float/test_accuracy"] == pytest.approx(
+        result.test_metrics["accuracy"], abs=1e-6)
