@@ -26,11 +26,16 @@ from lmt_tf.errors import DataError
 from lmt_tf.experiment import RunResult, run_experiment
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.saved import export_saved_model
-from lmt_tf.models.transformer import build_transformer
 from lmt_tf.training.train_config import TrainConfig
 from lmt_tf.transfer import prototype_predictions
 from tests.conftest import TINY, all_runs
-from tests.tiny_text import tiny_r8, tiny_text_model, tiny_tokenizer
+from tests.tiny_text import (
+    r8_few_shot_gin,
+    tiny_r8,
+    tiny_text_configs,
+    tiny_text_model,
+    tiny_transformer,
+)
 
 TRANSFER = """
 include 'gin/strategies/default.gin'
@@ -160,18 +165,12 @@ def _text_source(echoed: list[str]) -> RunResult:
         preprocess=Preprocessing(tokenizer=Tokenizer(vocabulary_size=500,
                                                      sequence_length=32)),
         export=ExportConfig(mlflow_model=False))
-    model = functools.partial(build_transformer, embed_dim=16, num_heads=2, num_blocks=1,
-                              ff_dim=32)
-    return run_experiment(_small_20newsgroups, model, name="source", configs=configs,
+    return run_experiment(_small_20newsgroups, tiny_transformer, name="source", configs=configs,
                           options=RunOptions(echo=echoed.append))
 
 
 # The source carried to R8 with one document of each class; its embeddings kept frozen.
-TEXT_TRANSFER = """
-run_experiment.data = @few_shot
-few_shot.data = @load_reuters
-few_shot.per_class = 1
-load_reuters.validation_fraction = 0.0
+TEXT_TRANSFER = r8_few_shot_gin(1) + """
 run_experiment.model = @build_transfer
 build_transfer.freeze = ('token_embedding',)
 run_experiment.stages = [@prototypes(), @train()]
@@ -251,11 +250,8 @@ def test_a_wordpiece_or_bag_of_words_source_carries_its_tokenizer(kind: str, gin
     to the new task as one of words does: the same vocabulary, the same output for the
     same text, in front of the source's trained layers."""
     echoed: list[str] = []
-    configs = Configs(
-        train=TrainConfig(epochs=1, steps_per_epoch=3, global_batch_size=32, verbose=0),
-        preprocess=Preprocessing(tokenizer=tiny_tokenizer(kind)),
-        export=ExportConfig(mlflow_model=False))
-    source = run_experiment(tiny_r8, tiny_text_model(kind), name="source", configs=configs,
+    source = run_experiment(tiny_r8, tiny_text_model(kind), name="source",
+                            configs=tiny_text_configs(kind),
                             options=RunOptions(echo=echoed.append))
     exp = gin_file(TEXT_TRANSFER + f"build_transfer.source = '{source.run_id}'\n"
                                    f"build_transfer.freeze = ('{FROZEN[kind]}',)\n")

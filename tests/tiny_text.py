@@ -11,12 +11,15 @@ from typing import Any
 
 import tf_keras as keras
 
+from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import few_shot
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.data.text import load_reuters
 from lmt_tf.data.tokenization import Tokenizer
+from lmt_tf.invocation import Configs, ExportConfig
 from lmt_tf.models.mlp import build_mlp
 from lmt_tf.models.transformer import build_transformer
+from lmt_tf.training.train_config import TrainConfig
 
 # R8's class names, in id order.
 R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
@@ -43,9 +46,9 @@ def r8_few_shot(per_class: int) -> Splits:
     return few_shot(functools.partial(load_reuters, validation_fraction=0.0), per_class)
 
 
-def tiny_transformer(**kwargs: Any) -> keras.Model:
+def tiny_transformer(*args: Any, **kwargs: Any) -> keras.Model:
     """``build_transformer`` of the tiny size; ``kwargs`` add to (or override) it."""
-    return build_transformer(**{**TRANSFORMER, **kwargs})
+    return build_transformer(*args, **{**TRANSFORMER, **kwargs})
 
 
 def tiny_tokenizer(kind: str) -> Tokenizer:
@@ -61,6 +64,15 @@ def tiny_text_model(kind: str) -> Callable[..., keras.Model]:
     if kind == "tf_idf":
         return functools.partial(build_mlp, hidden_units=(16,))
     return tiny_transformer
+
+
+def tiny_text_configs(kind: str) -> Configs:
+    """Three steps of 32 documents behind ``tiny_tokenizer(kind)``; a SavedModel export,
+    no MLflow model."""
+    return Configs(
+        train=TrainConfig(epochs=1, steps_per_epoch=3, global_batch_size=32, verbose=0),
+        preprocess=Preprocessing(tokenizer=tiny_tokenizer(kind)),
+        export=ExportConfig(mlflow_model=False))
 
 
 def tiny_text_gin(vocabulary_size: int, sequence_length: int) -> str:
