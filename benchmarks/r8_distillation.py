@@ -16,35 +16,26 @@ Prints a table and writes benchmarks/results/r8_distillation.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lmt_tf
-from lmt_tf.runtime.env import import_tensorflow
+from harness import adam_training, machine, scratch_and_distilled, train_teacher, write_result
 
-import_tensorflow()
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+from lmt_tf.data.preprocessing import Preprocessing
+from lmt_tf.data.text import load_reuters
+from lmt_tf.data.tokenization import Tokenizer
+from lmt_tf.models.transformer import build_bag_of_embeddings, build_transformer
+from lmt_tf.stages.distill import Distill
 
-from lmt_tf import experiment  # noqa: E402
-from lmt_tf.data.preprocessing import Preprocessing  # noqa: E402
-from lmt_tf.data.text import load_reuters  # noqa: E402
-from lmt_tf.data.tokenization import Tokenizer  # noqa: E402
-from lmt_tf.invocation import Configs, ExportConfig, RunOptions  # noqa: E402
-from lmt_tf.models.transformer import build_bag_of_embeddings, build_transformer  # noqa: E402
-from lmt_tf.stages import Export, Train  # noqa: E402
-from lmt_tf.stages.distill import Distill  # noqa: E402
-from lmt_tf.tracking.config import TrackingConfig  # noqa: E402
-from lmt_tf.training.train_config import TrainConfig  # noqa: E402
+if TYPE_CHECKING:  # imported by harness, after lmt_tf has selected tf-keras
+    import tf_keras as keras
 
-ROOT = Path(__file__).resolve().parent.parent
 TEACHER_EPOCHS, TEACHER_RATE = 2, 0.0005  # as experiments/r8_transformer.gin trains it
+BATCH = 32  # documents a step, teacher and students
 
 
 @dataclass(frozen=True)
@@ -77,21 +68,6 @@ STUDENTS = {s.name: s for s in [
 ]}
 
 
-def run(work: Path, name: str, model, stages, epochs: int, rate: float,
-        seed: int, splits) -> experiment.RunResult:
-    configs = Configs(
-        train=TrainConfig(epochs=epochs, global_batch_size=32, verbose=0,
-                          optimizer=lambda: keras.optimizers.Adam(rate)),
-        tracking=TrackingConfig(tracking_uri=f"sqlite:///{work / 'mlruns.db'}",
-                                artifact_root=str(work / "mlartifacts")),
-        export=ExportConfig(mlflow_model=False),
-        preprocess=Preprocessing(tokenizer=Tokenizer(vocabulary_size=20000,
-                                                     sequence_length=256)))
-    return experiment.run_experiment(lambda: splits, model, name=name, seed=seed,
-                                     work_dir=str(work / "lmt_work"), stages=stages,
-                                     configs=configs, options=RunOptions(echo=lambda _: None))
-
-
 def teacher_model(**kwargs) -> keras.Model:
     return build_transformer(embed_dim=64, num_heads=4, num_blocks=2, ff_dim=128,
                              dropout=0.1, **kwargs)
@@ -106,32 +82,22 @@ def main() -> None:
                         help="file name under benchmarks/results/")
     args = parser.parse_args()
     splits = load_reuters()
+    words = Preprocessing(tokenizer=Tokenizer(vocabulary_size=20000, sequence_length=256))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        start = time.perf_counter()
-        teacher = run(work, "teacher", teacher_model, [Train(), Export()], TEACHER_EPOCHS,
-                      TEACHER_RATE, 0, splits)
-        teacher_accuracy = teacher.test_metrics["accuracy"]
-        teacher_path = str(teacher.run_dir / "export" / "saved_model")
-        print(f"teacher: test accuracy {teacher_accuracy:.4f} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        teacher_accuracy, teacher_path = train_teacher(
+            work, teacher_model, splits, adam_training(TEACHER_EPOCHS, BATCH, TEACHER_RATE),
+            words)
         for name in args.students:
             student = STUDENTS[name]
             start = time.perf_counter()
-            seeds = []
-            for seed in range(args.seeds):
-                scratch = run(work, f"{name}-scratch{seed}", student.build, [Train()],
-                              student.epochs, student.learning_rate, seed, splits)
-                distilled = run(work, f"{name}-distilled{seed}", student.build,
-                                [Distill(teacher=teacher_path, alpha=student.alpha,
-                                         temperature=student.temperature,
-                                         epochs=student.epochs)],
-                                student.epochs, student.learning_rate, seed, splits)
-                seeds.append({"seed": seed, "scratch": scratch.test_metrics["accuracy"],
-                              "distilled": distilled.test_metrics["accuracy"]})
-                print(f"{name} seed {seed}: scratch {seeds[-1]['scratch']:.4f}, distilled "
-                      f"{seeds[-1]['distilled']:.4f}", flush=True)
+            seeds = [scratch_and_distilled(
+                work, student.build, Distill(teacher=teacher_path, alpha=student.alpha,
+                                             temperature=student.temperature,
+                                             epochs=student.epochs),
+                seed, splits, adam_training(student.epochs, BATCH, student.learning_rate),
+                words, name) for seed in range(args.seeds)]
             s = statistics.mean(r["scratch"] for r in seeds)
             d = statistics.mean(r["distilled"] for r in seeds)
             gap = teacher_accuracy - s
@@ -140,9 +106,7 @@ def main() -> None:
                          "gap_closed": (d - s) / gap if gap > 0 else None,
                          "seconds": time.perf_counter() - start})
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "tensorflow": tf.__version__, "lmt_tf": lmt_tf.__version__,
-                    "gpus": len(tf.config.list_physical_devices("GPU"))},
+        "machine": machine(),
         "setup": {"teacher": f"build_transformer (2 blocks, embed 64), {TEACHER_EPOCHS} "
                              f"epochs, Adam {TEACHER_RATE}, batch 32",
                   "tokenizer": "words, vocabulary 20,000, 256 tokens",
@@ -156,9 +120,7 @@ def main() -> None:
         closed = f"{row['gap_closed']:.0%}" if row["gap_closed"] is not None else "no gap"
         print(f"{row['name']:<24}{row['scratch_mean']:>10.4f}{row['distilled_mean']:>11.4f}"
               f"{closed:>12}")
-    out = ROOT / "benchmarks" / "results" / args.output
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.output, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,28 +15,12 @@ Prints a table and writes benchmarks/results/text_transfer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-import lmt_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
-from lmt_tf import config
-from lmt_tf.invocation import RunOptions
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(file: str, bindings: list[str]) -> dict:
-    config.parse([str(ROOT / "experiments" / file)],
-                 [*bindings, "TrainConfig.verbose = 0", "ExportConfig.mlflow_model = False"])
-    result = config.run_parsed(options=RunOptions(echo=lambda _: None))
-    from lmt_tf.tracking.read import find_run
-
-    return {"run_id": result.run_id, **find_run(result.run_id).data.metrics}
+from harness import few_shot_rows, run_file, scratch_store, write_result
 
 
 def _spread(values: list[float]) -> float:
@@ -55,11 +39,8 @@ def main() -> None:
                         help="the store of --source (default: a new one in a temporary "
                              "directory)")
     args = parser.parse_args()
-    rows, source_info = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        os.environ["MLFLOW_TRACKING_URI"] = (args.tracking_uri
-                                             or f"sqlite:///{Path(tmp) / 'mlruns.db'}")
+    source_info = {}
+    with scratch_store(args.tracking_uri):
         source, started = args.source, time.time()
         if source is not None:
             from lmt_tf.tracking.read import find_run
@@ -68,8 +49,8 @@ def main() -> None:
             source_info = {"run": source, "epochs": int(given.params["TrainConfig.epochs"]),
                            "test_accuracy": given.metrics["test_accuracy"]}
         else:
-            trained = _run("20ng_transformer.gin",
-                           [f"TrainConfig.epochs = {args.source_epochs}"])
+            trained = run_file("20ng_transformer.gin",
+                               [f"TrainConfig.epochs = {args.source_epochs}"])
             source = trained["run_id"]
             source_info = {"epochs": args.source_epochs,
                            "test_accuracy": trained["test_accuracy"],
@@ -77,20 +58,9 @@ def main() -> None:
             print(f"source: transformer on 20 Newsgroups, {args.source_epochs} epochs, test "
                   f"accuracy {trained['test_accuracy']:.4f} ({source_info['seconds']} s)",
                   flush=True)
-        for shots in args.shots:
-            for seed in range(args.seeds):
-                common = [f"few_shot.per_class = {shots}", f"few_shot.seed = {seed}",
-                          f"run_experiment.seed = {seed}"]
-                transfer = _run("r8_from_20ng.gin",
-                                [*common, f"build_transfer.source = '{source}'"])
-                scratch = _run("r8_few_shot.gin", common)
-                row = {"shots": shots, "seed": seed,
-                       "transfer": transfer["test_accuracy"],
-                       "scratch": scratch["test_accuracy"],
-                       "prototypes": transfer["prototypes/test_accuracy"]}
-                rows.append(row)
-                print(f"N={shots} seed {seed}: transfer {row['transfer']:.4f}, scratch "
-                      f"{row['scratch']:.4f}, prototypes {row['prototypes']:.4f}", flush=True)
+        rows = few_shot_rows(args.shots, args.seeds,
+                             ("r8_from_20ng.gin", [f"build_transfer.source = '{source}'"]),
+                             ("r8_few_shot.gin", []))
     table = []
     print(f"\nReuters R8 test accuracy, mean (standard deviation) of {args.seeds} seeds\n")
     print("| N per class | transfer from 20 Newsgroups | from scratch | prototypes |")
@@ -104,12 +74,11 @@ def main() -> None:
                       "transfer_wins": sum(r["transfer"] > r["scratch"] for r in mine)})
         print("| " + " | ".join([str(shots)] + [f"{m:.2%} ({s:.2%})"
                                                 for m, s in stats.values()]) + " |")
-    out = ROOT / "benchmarks" / "results" / "text_transfer.json"
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                               "source": source_info,
-                               "experiments": ["r8_from_20ng.gin", "r8_few_shot.gin"],
-                               "rows": rows, "means": table}, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result("text_transfer.json",
+                 {"machine": platform.platform(), "cpus": os.cpu_count(),
+                  "source": source_info,
+                  "experiments": ["r8_from_20ng.gin", "r8_few_shot.gin"],
+                  "rows": rows, "means": table}, indent=1)
 
 
 if __name__ == "__main__":

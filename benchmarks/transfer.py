@@ -15,29 +15,15 @@ Prints a table and writes benchmarks/results/transfer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-import lmt_tf  # noqa: F401  (selects tf-keras before TensorFlow is imported)
-from lmt_tf import config
+from harness import few_shot_rows, run_file, scratch_store, write_result
+
 from lmt_tf.data.sources import FASHION_MNIST_DIR
-from lmt_tf.invocation import RunOptions
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _run(file: str, bindings: list[str]) -> dict:
-    config.parse([str(ROOT / "experiments" / file)],
-                 [*bindings, "TrainConfig.verbose = 0", "ExportConfig.mlflow_model = False"])
-    result = config.run_parsed(options=RunOptions(echo=lambda _: None))
-    from lmt_tf.tracking.read import find_run
-
-    return {"run_id": result.run_id, **find_run(result.run_id).data.metrics}
 
 
 def main() -> None:
@@ -49,31 +35,17 @@ def main() -> None:
     args = parser.parse_args()
     fashion = Path(FASHION_MNIST_DIR).is_dir()
     file = "fashion_transfer.gin" if fashion else "digits_transfer.gin"
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlruns.db'}"
+    with scratch_store():
         source, started = args.source, time.time()
         if source is None:
-            trained = _run("quickstart.gin", [])
+            trained = run_file("quickstart.gin", [])
             source = trained["run_id"]
             print(f"source: quickstart CNN on MNIST, test accuracy "
                   f"{trained['test_accuracy']:.4f} ({time.time() - started:.0f} s)", flush=True)
-        for shots in args.shots:
-            for seed in range(args.seeds):
-                common = [f"few_shot.per_class = {shots}", f"few_shot.seed = {seed}",
-                          f"run_experiment.seed = {seed}",
-                          f"TrainConfig.global_batch_size = {min(50, 10 * shots)}"]
-                transfer = _run(file, [*common, f"build_transfer.source = '{source}'"])
-                scratch = _run(file, [*common, "run_experiment.model = @build_cnn",
-                                      "run_experiment.stages = [@train()]"])
-                row = {"shots": shots, "seed": seed,
-                       "transfer": transfer["test_accuracy"],
-                       "scratch": scratch["test_accuracy"],
-                       "prototypes": transfer["prototypes/test_accuracy"]}
-                rows.append(row)
-                print(f"N={shots} seed {seed}: transfer {row['transfer']:.4f}, scratch "
-                      f"{row['scratch']:.4f}, prototypes {row['prototypes']:.4f}", flush=True)
+        rows = few_shot_rows(
+            args.shots, args.seeds, (file, [f"build_transfer.source = '{source}'"]),
+            (file, ["run_experiment.model = @build_cnn", "run_experiment.stages = [@train()]"]),
+            per_shots=lambda shots: [f"TrainConfig.global_batch_size = {min(50, 10 * shots)}"])
     table = []
     print(f"\nnew task: {'Fashion-MNIST' if fashion else 'digits 28x28'}; "
           f"mean of {args.seeds} seeds\n")
@@ -86,12 +58,9 @@ def main() -> None:
         table.append({"shots": shots, **means})
         print(f"| {shots} | {means['transfer']:.2%} | {means['scratch']:.2%} | "
               f"{means['prototypes']:.2%} |")
-    out = ROOT / "benchmarks" / "results" / "transfer.json"
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                               "task": "fashion_mnist" if fashion else "digits_28x28",
-                               "experiment": file, "rows": rows, "means": table},
-                              indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result("transfer.json", {"machine": platform.platform(), "cpus": os.cpu_count(),
+                                   "task": "fashion_mnist" if fashion else "digits_28x28",
+                                   "experiment": file, "rows": rows, "means": table}, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import tf_keras as keras
 
 from lmt_tf.checks import Annotated, Range
 from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX, tokenizing_builder
-from lmt_tf.data.tokenization import Tokenize
+from lmt_tf.data.tokenization import TOKENIZER_LAYERS
 from lmt_tf.errors import ConfigError
 
 
@@ -56,7 +56,7 @@ def build_transfer(input_shape: Sequence[int], num_classes: int, source: str = "
     layers = [layer for layer in loaded.layers if not isinstance(layer, keras.layers.InputLayer)]
     front = [layer for layer in layers if layer.name.startswith(PREPROCESSING_PREFIX)]
     body = layers[len(front):]
-    if any(isinstance(layer, Tokenize) for layer in front):
+    if any(isinstance(layer, TOKENIZER_LAYERS) for layer in front):
         return _transfer_text(loaded, body, tuple(input_shape), num_classes, source, head,
                               freeze)
     if tuple(input_shape) == ():

@@ -13,6 +13,7 @@ import pytest
 from lmt_tf.cli import main
 from lmt_tf.evaluation import calibration, class_keys, class_report, robustness
 from tests.conftest import TINY, all_runs, mlflow_client
+from tests.tiny_text import R8, tiny_text_gin
 
 
 def test_per_class_scores_equal_scikit_learns_classification_report() -> None:
@@ -126,17 +127,8 @@ def test_accuracy_falls_as_words_are_dropped() -> None:
     assert drop[0.0] == 1.0 and 1.0 > drop[0.5] > drop[0.9] > 0.0
 
 
-TINY_TEXT = """
-include 'gin/data/reuters_r8.gin'
-include 'gin/preprocessing/words.gin'
-include 'gin/models/transformer.gin'
+TINY_TEXT = "include 'gin/data/reuters_r8.gin'\n" + tiny_text_gin(1000, 32) + """
 include 'gin/strategies/default.gin'
-Tokenizer.vocabulary_size = 1000
-Tokenizer.sequence_length = 32
-build_transformer.embed_dim = 16
-build_transformer.num_heads = 2
-build_transformer.num_blocks = 1
-build_transformer.ff_dim = 32
 TrainConfig.optimizer = @keras.optimizers.Adam
 TrainConfig.epochs = 1
 TrainConfig.steps_per_epoch = 5
@@ -146,7 +138,6 @@ run_experiment.stages = [@train(), @export(), @evaluate()]
 evaluate.latency_runs = 3
 evaluate.word_drops = (0.0, 0.5)
 """
-R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
 
 
 def test_evaluate_judges_a_text_model_on_raw_documents_by_class_name(gin_file, in_tmp: Path,

@@ -24,6 +24,7 @@ from lmt_tf import config
 from lmt_tf.config import run_parsed
 from lmt_tf.invocation import RunOptions
 from tests.test_processes import _free_port, _reap, wait_for_health
+from tests.tiny_text import R8, tiny_text_gin
 
 COMMON = """
 include 'gin/strategies/default.gin'
@@ -63,19 +64,9 @@ few_shot.per_class = 5
 run_experiment.model = @build_transfer
 build_transfer.source = '{mnist}'
 """,
-    "text": """include 'gin/data/reuters_r8.gin'
-include 'gin/preprocessing/words.gin'
-include 'gin/models/transformer.gin'
-Tokenizer.vocabulary_size = 2000
-Tokenizer.sequence_length = 48
-build_transformer.embed_dim = 16
-build_transformer.num_heads = 2
-build_transformer.num_blocks = 1
-build_transformer.ff_dim = 32
-TrainConfig.steps_per_epoch = 10
-""",
+    "text": "include 'gin/data/reuters_r8.gin'\n" + tiny_text_gin(2000, 48)
+            + "TrainConfig.steps_per_epoch = 10\n",
 }
-R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
 # Each run's class names, in output order.
 CLASSES = {"mnist": tuple("0123456789"), "compressed": tuple("0123456789"),
            "federated": tuple("0123456789"), "transferred": tuple("0123456789"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf import config
@@ -20,15 +21,21 @@ from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.sources import few_shot, load_digits
 from lmt_tf.data.splits import Split, Splits
 from lmt_tf.data.text import load_20newsgroups, load_reuters
-from lmt_tf.data.tokenization import Tokenizer
+from lmt_tf.data.tokenization import OOV, BagOfWords, Tokenizer, WordPieceTokenize
 from lmt_tf.errors import DataError
 from lmt_tf.experiment import RunResult, run_experiment
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
 from lmt_tf.models.saved import export_saved_model
-from lmt_tf.models.transformer import build_transformer
 from lmt_tf.training.train_config import TrainConfig
 from lmt_tf.transfer import prototype_predictions
 from tests.conftest import TINY, all_runs
+from tests.tiny_text import (
+    r8_few_shot_gin,
+    tiny_r8,
+    tiny_text_configs,
+    tiny_text_model,
+    tiny_transformer,
+)
 
 TRANSFER = """
 include 'gin/strategies/default.gin'
@@ -158,18 +165,12 @@ def _text_source(echoed: list[str]) -> RunResult:
         preprocess=Preprocessing(tokenizer=Tokenizer(vocabulary_size=500,
                                                      sequence_length=32)),
         export=ExportConfig(mlflow_model=False))
-    model = functools.partial(build_transformer, embed_dim=16, num_heads=2, num_blocks=1,
-                              ff_dim=32)
-    return run_experiment(_small_20newsgroups, model, name="source", configs=configs,
+    return run_experiment(_small_20newsgroups, tiny_transformer, name="source", configs=configs,
                           options=RunOptions(echo=echoed.append))
 
 
 # The source carried to R8 with one document of each class; its embeddings kept frozen.
-TEXT_TRANSFER = """
-run_experiment.data = @few_shot
-few_shot.data = @load_reuters
-few_shot.per_class = 1
-load_reuters.validation_fraction = 0.0
+TEXT_TRANSFER = r8_few_shot_gin(1) + """
 run_experiment.model = @build_transfer
 build_transfer.freeze = ('token_embedding',)
 run_experiment.stages = [@prototypes(), @train()]
@@ -235,3 +236,43 @@ def test_a_text_model_carries_its_tokenizer_to_few_shot_r8(gin_file, in_tmp: Pat
         assert main(["run", bad]) == 2, binding
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (binding, err)
+
+
+# The layer a transferred model keeps frozen: a sequence model's token embedding, a bag of
+# words model's first dense layer.
+FROZEN = {"wordpiece": "token_embedding", "tf_idf": "dense_0"}
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "tf_idf"])
+def test_a_wordpiece_or_bag_of_words_source_carries_its_tokenizer(kind: str, gin_file,
+                                                                   in_tmp: Path) -> None:
+    """A source that tokenizes into WordPiece ids or a bag of words carries its tokenizer
+    to the new task as one of words does: the same vocabulary, the same output for the
+    same text, in front of the source's trained layers."""
+    echoed: list[str] = []
+    source = run_experiment(tiny_r8, tiny_text_model(kind), name="source",
+                            configs=tiny_text_configs(kind),
+                            options=RunOptions(echo=echoed.append))
+    exp = gin_file(TEXT_TRANSFER + f"build_transfer.source = '{source.run_id}'\n"
+                                   f"build_transfer.freeze = ('{FROZEN[kind]}',)\n")
+    target = _run(exp, echoed)
+    assert "lmt: preprocessing in the model: tokenize (the model's own tokenizer, fitted " \
+        "where it was trained)" in echoed
+    before, after = source.model, target.model
+    theirs, ours = before.get_layer("preprocess_tokenize"), after.get_layer("preprocess_tokenize")
+    assert type(ours) is type(theirs) is {"wordpiece": WordPieceTokenize,
+                                          "tf_idf": BagOfWords}[kind]
+    assert ours.vocabulary == theirs.vocabulary and ours.get_config() == theirs.get_config()
+    documents = tf.constant(["Oil prices rose, OPEC said.", "the bank cut its rate",
+                             "oilbarrelmoney"])
+    made = ours(documents).numpy()
+    np.testing.assert_array_equal(made, theirs(documents).numpy())
+    if kind == "wordpiece":
+        # A word the source never saw: pieces of its vocabulary, not [UNK].
+        pieces = made[2][made[2] != 0]
+        assert len(pieces) > 1 and OOV not in pieces, made[2]
+    np.testing.assert_array_equal(after.get_layer(FROZEN[kind]).get_weights()[0],
+                                  before.get_layer(FROZEN[kind]).get_weights()[0])
+    assert after.layers[-1].name == "transfer_head" and after.output_shape == (None, 8)
+    (run,) = [r for r in all_runs(in_tmp) if r.info.run_id == target.run_id]
+    assert run.info.status == "FINISHED" and 0 <= run.data.metrics["test_accuracy"] <= 1

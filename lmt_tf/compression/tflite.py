@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.data.preprocessing import PREPROCESSING_PREFIX
-from lmt_tf.data.tokenization import Tokenize
+from lmt_tf.data.tokenization import TOKENIZER_LAYERS, SequenceTokenizer
 from lmt_tf.errors import ConfigError
 
 # float: no quantization. dynamic: int8 weights, float activations. float16: float16
@@ -83,31 +83,42 @@ def _input_dtype(model: keras.Model) -> np.dtype:
     return np.dtype(dtype.as_numpy_dtype if dtype.is_integer else np.float32)
 
 
-def after_tokenizer(model: keras.Model) -> keras.Model | None:
-    """The network behind ``model``'s tokenizer, on token ids: a model whose input is
-    (batch, sequence_length) int64 ids (the tokenizer's dtype) padded with 0, and the
-    same layers and weights after the tokenizer. String ops are not TFLite builtins, so
-    this is what converts; the padding is inert (attention and pooling mask it). None if
-    ``model`` takes no text."""
-    tokenizers = [layer for layer in model.layers if isinstance(layer, Tokenize)]
-    if not tokenizers:
+def tokenizer(model: keras.Model) -> keras.layers.Layer | None:
+    """``model``'s tokenizer: its layer that takes documents (words or WordPiece ids, or
+    a bag of words); None if ``model`` takes no text."""
+    found = [layer for layer in model.layers if isinstance(layer, TOKENIZER_LAYERS)]
+    if not found:
         return None
-    (tokenize,) = tokenizers
+    (layer,) = found
+    return layer
+
+
+def after_tokenizer(model: keras.Model) -> keras.Model | None:
+    """The network behind ``model``'s tokenizer, on what the tokenizer makes: a model whose
+    input is (batch, sequence_length) int64 ids padded with 0 (words, WordPiece), or
+    (batch, vocabulary + 1) float32 TF-IDF vectors (a bag of words), and the same layers
+    and weights after the tokenizer. String ops are not TFLite builtins, so this is what
+    converts; the padding is inert (attention and pooling mask it). None if ``model``
+    takes no text."""
+    tokenize = tokenizer(model)
+    if tokenize is None:
+        return None
     # The tokenizer's output in this model's graph: a layer shared with the models it
     # was cloned from (pruning, clustering) has a node in each.
     (output,) = [tokenize.get_output_at(i) for i in range(len(tokenize.inbound_nodes))
                  if tokenize.get_input_at(i) is model.inputs[0]]
-    ids = keras.Input((tokenize.sequence_length,), dtype="int64", name="token_ids")
+    name = "token_ids" if isinstance(tokenize, SequenceTokenizer) else "tf_idf"
+    ids = keras.Input((tokenize.width,), dtype=tokenize.dtype, name=name)
     body = keras.Model(output, model.output)
     return keras.Model(ids, body.call(ids), name=model.name)
 
 
-def token_ids(model: keras.Model, documents: np.ndarray, batch: int = 1024) -> np.ndarray:
-    """``documents`` as ``model``'s own tokenizer makes them, padded with 0 to its
-    sequence length: the input of ``after_tokenizer(model)`` (int64)."""
-    (tokenize,) = [layer for layer in model.layers if isinstance(layer, Tokenize)]
-    length = tokenize.sequence_length
-    out = np.zeros((len(documents), length), np.int64)
+def tokenized(model: keras.Model, documents: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """``documents`` as ``model``'s own tokenizer makes them, the input of
+    ``after_tokenizer(model)``: ids padded with 0 to its sequence length (int64), or
+    TF-IDF vectors (float32)."""
+    tokenize = tokenizer(model)
+    out = np.zeros((len(documents), tokenize.width), np.dtype(tokenize.dtype))
     for start in range(0, len(documents), batch):
         chunk = np.asarray(documents[start:start + batch])
         ids = tokenize(tf.constant(chunk.astype(bytes))).numpy()

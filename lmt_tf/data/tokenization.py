@@ -261,6 +261,12 @@ class SequenceTokenizer(keras.layers.Layer):
         """Ids of each document before truncation."""
         return _row_lengths(self.pieces, documents)
 
+    @property
+    def width(self) -> int:
+        """Columns of a document's ids padded to the sequence length (what a converted
+        model takes: ``compression.tflite.after_tokenizer``)."""
+        return self.sequence_length
+
     def compute_output_shape(self, input_shape: Any) -> tf.TensorShape:
         return tf.TensorShape([input_shape[0], None])
 
@@ -337,9 +343,19 @@ class BagOfWords(keras.layers.Layer):
         tf_ = tf.where(counts > 0, 1 + tf.math.log(tf.maximum(counts, 1.0)), 0.0)
         return tf.math.l2_normalize(tf_ * self.weights_, axis=-1)
 
+    @property
+    def width(self) -> int:
+        """Columns of a document's vector: the out-of-vocabulary bucket and each word."""
+        return len(self.vocabulary) + 1
+
     def compute_output_shape(self, input_shape: Any) -> tf.TensorShape:
-        return tf.TensorShape([input_shape[0], len(self.vocabulary) + 1])
+        return tf.TensorShape([input_shape[0], self.width])
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "vocabulary": self.vocabulary, "idf": self.idf,
                 "standardize": self.standardize}
+
+
+# The layers that take a model's documents, whatever ``Tokenizer.kind`` made them: what
+# comes after one is a network on numbers (ids, or TF-IDF vectors).
+TOKENIZER_LAYERS = (SequenceTokenizer, BagOfWords)

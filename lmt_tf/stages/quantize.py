@@ -7,10 +7,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from lmt_tf.checks import Annotated, OneOf, Range, check, check_arguments
 from lmt_tf.compression.quantization import QuantizationAware
 from lmt_tf.compression.report import tflite_row
-from lmt_tf.compression.tflite import MODES, after_tokenizer, convert, measure, token_ids
+from lmt_tf.compression.tflite import MODES, after_tokenizer, convert, measure, tokenized
 from lmt_tf.models.saved import export_saved_model, load_saved_model
 from lmt_tf.stages.context import RunContext, Stage, model_ready, prefixed
 from lmt_tf.stages.fine_tune import Epochs, FineTune
@@ -48,7 +50,8 @@ class QAT(FineTune):
 class TFLite(Stage):
     """Converts the current model to TFLite once per mode and measures each file in the
     LiteRT interpreter: test accuracy, mean latency per example at batch 1, bytes. A text
-    model converts without its tokenizer: the ``.tflite`` takes token ids.
+    model converts without its tokenizer: the ``.tflite`` takes token ids (words,
+    WordPiece) or TF-IDF vectors (a bag of words).
     Logged as ``tflite/<mode>/...`` metrics and ``tflite/model_<mode>.tflite`` artifacts.
 
     Args:
@@ -97,11 +100,13 @@ class TFLite(Stage):
         if network is not None:
             # String ops are not TFLite builtins: the network after the tokenizer
             # converts, fed (and calibrated) with the ids the model's own tokenizer makes.
-            x, representative = token_ids(model, x), token_ids(model, representative)
+            x, representative = tokenized(model, x), tokenized(model, representative)
             model = network
-            context.echo(f"lmt: tflite: the .tflite files take token ids ({x.shape[1]} int64 "
-                         f"per document, padded with 0), made by the model's tokenizer, "
-                         f"which stays in the SavedModel")
+            takes = (f"token ids ({x.shape[1]} int64 per document, padded with 0)"
+                     if x.dtype == np.int64
+                     else f"TF-IDF vectors ({x.shape[1]} float32 per document)")
+            context.echo(f"lmt: tflite: the .tflite files take {takes}, made by the model's "
+                         f"tokenizer, which stays in the SavedModel")
         weights = model.get_weights()
         keras_accuracy = context.test_metrics.get("accuracy")
         sizes = {}

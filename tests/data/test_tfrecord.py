@@ -204,8 +204,8 @@ def test_text_shards_fit_the_same_tokenizer_and_train_a_transformer(in_tmp: Path
     from lmt_tf.data.tokenization import Tokenizer
     from lmt_tf.experiment import Experiment, prepare
     from lmt_tf.invocation import Configs
-    from lmt_tf.models.transformer import build_transformer
     from lmt_tf.training.train_config import TrainConfig
+    from tests.tiny_text import tiny_transformer
 
     train, test = _r8_jsonl(in_tmp)
     files = ["--gin_param", f"load_text.train = '{train}'",
@@ -218,8 +218,7 @@ def test_text_shards_fit_the_same_tokenizer_and_train_a_transformer(in_tmp: Path
     assert stored.test.sample(2).tolist() == memory.test.x[[0, 3]].tolist()  # dealt by 3
 
     preprocess = Preprocessing(tokenizer=Tokenizer(vocabulary_size=3000, sequence_length=64))
-    tiny = functools.partial(build_transformer, embed_dim=16, num_heads=2, num_blocks=1,
-                             ff_dim=32, dropout=0.0)
+    tiny = functools.partial(tiny_transformer, dropout=0.0)
     configs = Configs(train=TrainConfig(epochs=3, global_batch_size=30, verbose=0),
                       preprocess=preprocess)
     setup = prepare(Experiment(lambda: load_tfrecords("shards"), tiny, configs=configs),

@@ -14,26 +14,19 @@ import tensorflow as tf
 import tf_keras as keras
 
 from lmt_tf.data.preprocessing import Preprocessing
-from lmt_tf.data.sources import few_shot
 from lmt_tf.data.splits import Splits
-from lmt_tf.data.text import load_reuters
 from lmt_tf.data.tokenization import Tokenizer
-from lmt_tf.models.transformer import build_transformer
 from lmt_tf.runtime.env import set_seed
 from lmt_tf.runtime.strategy import default_strategy, mirrored_strategy
 from lmt_tf.training.train_config import TrainConfig
 from lmt_tf.training.trainer import Trainer
 from tests.conftest import all_runs, mlflow_client
 from tests.runtime.test_launcher import Launch
+from tests.tiny_text import r8_few_shot, r8_few_shot_gin, tiny_text_gin, tiny_transformer
 
 SEQUENCE = 512  # tokens: long enough that the replicas' halves pad to different lengths
 ORDER = 2  # seed of the data order: a first batch whose halves differ in length
-TINY_TRANSFORMER = functools.partial(build_transformer, embed_dim=16, num_heads=2,
-                                     num_blocks=1, ff_dim=32, dropout=0.0)
-
-
-def _r8(per_class: int) -> Splits:
-    return few_shot(functools.partial(load_reuters, validation_fraction=0.0), per_class)
+TINY_TRANSFORMER = functools.partial(tiny_transformer, dropout=0.0)
 
 
 def _one_step(strategy: tf.distribute.Strategy, splits: Splits) -> tuple[float, list]:
@@ -51,7 +44,7 @@ def _one_step(strategy: tf.distribute.Strategy, splits: Splits) -> tuple[float, 
 
 
 def test_one_mirrored_step_on_documents_equals_one_default_step() -> None:
-    splits = _r8(per_class=4)
+    splits = r8_few_shot(per_class=4)
     loss, single = _one_step(default_strategy(), splits)
     mirrored_loss, mirrored = _one_step(mirrored_strategy(2), splits)
     assert mirrored_loss == pytest.approx(loss, rel=1e-5)
@@ -73,19 +66,7 @@ def test_one_mirrored_step_on_documents_equals_one_default_step() -> None:
     assert max(np.abs(a - b).max() for a, b in zip(initial, single, strict=True)) > 1e-3
 
 
-TEXT = """
-include 'gin/preprocessing/words.gin'
-include 'gin/models/transformer.gin'
-run_experiment.data = @few_shot
-few_shot.data = @load_reuters
-few_shot.per_class = 4
-load_reuters.validation_fraction = 0.0
-Tokenizer.vocabulary_size = 200
-Tokenizer.sequence_length = 32
-build_transformer.embed_dim = 16
-build_transformer.num_heads = 2
-build_transformer.num_blocks = 1
-build_transformer.ff_dim = 32
+TEXT = tiny_text_gin(200, 32) + r8_few_shot_gin(4) + """
 build_transformer.dropout = 0.0
 TrainConfig.optimizer = @keras.optimizers.Adam
 keras.optimizers.Adam.learning_rate = 0.01

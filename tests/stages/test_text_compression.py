@@ -1,11 +1,11 @@
 """Compression of a tiny Reuters R8 transformer, tokenizer in front: pruning reaches the
 target in the attention projections and leaves the embeddings, layer norms and custom
-layers dense; the ``.tflite`` takes the tokenizer's ids, and their padding is inert; QAT
-refuses in one line before training; the distilled student has the teacher's tokenizer."""
+layers dense; the ``.tflite`` takes the tokenizer's ids, and their padding is inert (a
+WordPiece model's ids too, a bag of words' TF-IDF vectors); QAT refuses in one line before
+training; the distilled student has the teacher's tokenizer."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,14 +17,12 @@ import tf_keras as keras
 from lmt_tf import experiment
 from lmt_tf.cli import main
 from lmt_tf.compression.pruning import check_m_by_n, pruned_layers
-from lmt_tf.compression.tflite import inner_dtypes, predict, token_ids
+from lmt_tf.compression.tflite import inner_dtypes, interpreter, predict, tokenized, tokenizer
 from lmt_tf.data.preprocessing import Preprocessing
-from lmt_tf.data.splits import Split, Splits
-from lmt_tf.data.text import load_reuters
-from lmt_tf.data.tokenization import Tokenize, Tokenizer
+from lmt_tf.data.tokenization import BagOfWords, Tokenize, Tokenizer, WordPieceTokenize
 from lmt_tf.errors import ConfigError
 from lmt_tf.invocation import Configs, ExportConfig, RunOptions
-from lmt_tf.models.transformer import build_bag_of_embeddings, build_transformer
+from lmt_tf.models.transformer import build_bag_of_embeddings
 from lmt_tf.runtime.strategy import default_strategy
 from lmt_tf.stages import Train
 from lmt_tf.stages.context import RunContext, Stage
@@ -33,25 +31,17 @@ from lmt_tf.stages.prune import Prune
 from lmt_tf.stages.quantize import TFLite
 from lmt_tf.training.train_config import TrainConfig
 from tests.conftest import all_runs, mlflow_client
+from tests.tiny_text import (
+    TOKENS,
+    r8_few_shot_gin,
+    tiny_r8,
+    tiny_text_configs,
+    tiny_text_gin,
+    tiny_text_model,
+    tiny_transformer,
+)
 
-TOKENS = 32  # the tokenizer's sequence length
 PROJECTIONS = ("query", "key", "value", "attention_output")
-
-
-def _tiny_r8() -> Splits:
-    """The first 300 / 100 / 200 documents of R8's training, validation and test splits."""
-    splits = load_reuters()
-
-    def first(split: Split, n: int) -> Split:
-        return Split(split.x[:n], split.y[:n])
-
-    return dataclasses.replace(splits, train=first(splits.train, 300),
-                               validation=first(splits.validation, 100),
-                               test=first(splits.test, 200))
-
-
-def _tiny_transformer(**kwargs) -> keras.Model:
-    return build_transformer(embed_dim=16, num_heads=2, num_blocks=1, ff_dim=32, **kwargs)
 
 
 class _Keep(Stage):
@@ -87,7 +77,7 @@ def text_run(tmp_path_factory: pytest.TempPathFactory):
         patch.chdir(directory)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         result = experiment.run_experiment(
-            _tiny_r8, _tiny_transformer, name="text", strategy=default_strategy,
+            tiny_r8, tiny_transformer, name="text", strategy=default_strategy,
             stages=stages, configs=configs, options=RunOptions(echo=lambda _: None))
     (run,) = all_runs(directory)
     return directory, run, result, kept.model
@@ -120,7 +110,7 @@ def test_pruning_reaches_the_target_in_every_attention_projection(text_run) -> N
 
 
 def test_layers_to_prune_by_pattern_and_what_cannot_be_pruned() -> None:
-    model = _tiny_transformer(input_shape=(TOKENS,), num_classes=8, vocabulary_size=100)
+    model = tiny_transformer(input_shape=(TOKENS,), num_classes=8, vocabulary_size=100)
     assert pruned_layers(model, ("block*_attention", "block*_ffn*")) == [
         "block0_attention", "block0_ffn1", "block0_ffn2"]
     # TF-MOT's choice by default: every kernel it prunes, the embedding's included; no
@@ -156,8 +146,8 @@ def test_the_tflite_model_takes_token_ids_and_their_padding_is_inert(text_run) -
     directory, run, _, pruned = text_run
     flat = (directory / "lmt_work").glob("text/*/stages/tflite/model_float.tflite")
     flat = next(flat).read_bytes()
-    documents = _tiny_r8().test.x
-    ids = token_ids(pruned, documents)
+    documents = tiny_r8().test.x
+    ids = tokenized(pruned, documents)
     assert ids.shape == (len(documents), TOKENS) and ids.dtype == np.int64
     lite = predict(flat, ids)
     # Each short document alone in Keras (no padding at all) against its ids padded
@@ -197,21 +187,15 @@ def test_the_distilled_student_has_the_teachers_tokenizer(text_run) -> None:
     fitted = json.loads(_artifact(directory, run, "preprocessing/fitted.json"))
     assert tokenize.vocabulary == fitted["steps"][0]["vocabulary"]
     assert tokenize.sequence_length == TOKENS
-    documents = _tiny_r8().test.x[:4]
+    documents = tiny_r8().test.x[:4]
     assert student.predict(documents, verbose=0).shape == (4, 8)  # raw strings in
     assert 0 < run.data.metrics["distill/test_accuracy"] <= 1
 
 
 def test_qat_refuses_the_transformer_in_one_line_before_training(gin_file, in_tmp: Path,
                                                                  capsys) -> None:
-    gin_file("include 'gin/data/reuters_r8.gin'\n"
-             "include 'gin/preprocessing/words.gin'\n"
-             "include 'gin/models/transformer.gin'\n"
-             "include 'gin/strategies/default.gin'\n"
-             "run_experiment.data = @few_shot\nfew_shot.data = @load_reuters\n"
-             "few_shot.per_class = 5\nTrainConfig.global_batch_size = 8\n"
-             "Tokenizer.sequence_length = 32\n"
-             "build_transformer.embed_dim = 16\nbuild_transformer.num_blocks = 1\n"
+    gin_file("include 'gin/strategies/default.gin'\n" + tiny_text_gin(2000, TOKENS)
+             + r8_few_shot_gin(5) + "TrainConfig.global_batch_size = 8\n"
              "TrainConfig.verbose = 0\nExportConfig.mlflow_model = False\n"
              "run_experiment.stages = [@train(), @qat(), @tflite()]\n")
     assert main(["run", "exp.gin"]) == 2
@@ -224,3 +208,38 @@ def test_qat_refuses_the_transformer_in_one_line_before_training(gin_file, in_tm
         assert named in err[0], (named, err[0])
     (run,) = all_runs(in_tmp)
     assert run.info.status == "FAILED" and "loss" not in run.data.metrics  # nothing trained
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "tf_idf"])
+def test_a_wordpiece_or_bag_of_words_model_converts_behind_its_tokenizer(
+        kind: str, in_tmp: Path) -> None:
+    """WordPiece ids, like words', go to the network after the tokenizer, which converts;
+    a bag of words' TF-IDF vectors likewise (its string ops are not TFLite builtins
+    either). The ``.tflite`` answers on them as the Keras model does on the documents."""
+    echoed: list[str] = []
+    result = experiment.run_experiment(
+        tiny_r8, tiny_text_model(kind), name=kind, strategy=default_strategy,
+        stages=[Train(), TFLite(modes=("float",))], configs=tiny_text_configs(kind),
+        options=RunOptions(echo=echoed.append))
+    model = result.model
+    tokenize = tokenizer(model)
+    documents = tiny_r8().test.x
+    x = tokenized(model, documents)
+    if kind == "wordpiece":
+        assert isinstance(tokenize, WordPieceTokenize)
+        assert x.dtype == np.int64 and x.shape == (len(documents), TOKENS)
+        takes = f"take token ids ({TOKENS} int64 per document, padded with 0)"
+    else:
+        assert isinstance(tokenize, BagOfWords)
+        width = len(tokenize.vocabulary) + 1
+        assert x.dtype == np.float32 and x.shape == (len(documents), width)
+        takes = f"take TF-IDF vectors ({width} float32 per document)"
+    assert any(takes in line for line in echoed), echoed
+    flat = (result.run_dir / "stages" / "tflite" / "model_float.tflite").read_bytes()
+    (entry,) = interpreter(flat).get_input_details()
+    assert entry["dtype"] == x.dtype and entry["shape"][1] == x.shape[1]
+    np.testing.assert_allclose(predict(flat, x), model.predict(documents, verbose=0),
+                               atol=1e-5)
+    (run,) = all_runs(in_tmp)
+    assert run.data.metrics["tflite/float/test_accuracy"] == pytest.approx(
+        result.test_metrics["accuracy"], abs=1e-6)
