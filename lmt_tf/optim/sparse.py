@@ -113,6 +113,27 @@ _DENSE_INSTEAD = {
 }
 
 
+_ALLOWED = "@SparseAdagrad, @SparseFtrl or @keras.optimizers.SGD without momentum"
+
+
+def check_row_sparse_class(cls: type) -> None:
+    """Raises ConfigError unless instances of ``cls`` can update only the looked-up
+    rows (SGD: if without momentum, which ``check_row_sparse`` checks on the instance).
+
+    Raises:
+      ConfigError: naming the class, what it does instead and what is allowed.
+    """
+    name = cls.__name__
+    check(issubclass(cls, keras.optimizers.Optimizer), SETTING,
+          f"must make a keras.optimizers optimizer (one of {_ALLOWED}), got {name}")
+    if issubclass(cls, (*_ROW_SPARSE, keras.optimizers.SGD)):
+        return
+    why = next((reason for dense, reason in _DENSE_INSTEAD.items() if issubclass(cls, dense)),
+               "updates every row (its slots decay everywhere)")
+    raise ConfigError(f"{SETTING} must update only the looked-up rows: {name} {why}; "
+                      f"use {_ALLOWED}")
+
+
 def check_row_sparse(optimizer: Any) -> None:
     """Raises ConfigError unless ``optimizer`` updates only the looked-up rows of a
     sparse gradient (and its slots only there).
@@ -120,18 +141,12 @@ def check_row_sparse(optimizer: Any) -> None:
     Raises:
       ConfigError: naming the optimizer, what it does instead and what is allowed.
     """
+    check_row_sparse_class(type(optimizer))
     name = type(optimizer).__name__
-    allowed = "@SparseAdagrad, @SparseFtrl or @keras.optimizers.SGD without momentum"
-    check(isinstance(optimizer, keras.optimizers.Optimizer), SETTING,
-          f"must make a keras.optimizers optimizer (one of {allowed}), got {name}")
-    if isinstance(optimizer, keras.optimizers.SGD) and not optimizer.momentum:
-        pass
-    elif not isinstance(optimizer, _ROW_SPARSE):
-        why = next((reason for cls, reason in _DENSE_INSTEAD.items()
-                    if isinstance(optimizer, cls)), "updates every row (its slots decay "
-                                                    "everywhere)")
-        raise ConfigError(f"{SETTING} must update only the looked-up rows: {name} {why}; "
-                          f"use {allowed}")
+    if isinstance(optimizer, keras.optimizers.SGD) and not isinstance(optimizer, _ROW_SPARSE):
+        check(not optimizer.momentum, SETTING,
+              f"must update only the looked-up rows: SGD {_DENSE_INSTEAD[keras.optimizers.SGD]}"
+              f"; use {_ALLOWED}")
     for option, why in (("weight_decay", "decays every row"),
                         ("use_ema", "averages every row")):
         check(not getattr(optimizer, option, None), SETTING,
@@ -161,6 +176,8 @@ class EmbeddingOptimizer(Technique):
     kept_for_students = True
 
     def validate(self, config: Any) -> None:
+        if isinstance(self.embedding_optimizer, type):  # a class bound in gin: check now
+            check_row_sparse_class(self.embedding_optimizer)
         check(config.precision != "mixed_float16", SETTING,
               "cannot be combined with TrainConfig.precision 'mixed_float16': loss scaling "
               "skips a step only in TrainConfig.optimizer; use 'mixed_bfloat16' or 'float32'")

@@ -158,6 +158,16 @@ def test_an_optimizer_that_is_not_row_sparse_is_refused(optimizer, message: str)
         _build(default_strategy(), optimizer)
 
 
+@pytest.mark.parametrize("cls, message", [
+    (keras.optimizers.Ftrl, "Ftrl runs its dense update for every row"),
+    (keras.optimizers.Adagrad, "Adagrad makes its accumulators' initial values"),
+    (keras.optimizers.legacy.Adagrad, "must make a keras.optimizers optimizer"),
+])
+def test_a_class_bound_in_gin_is_refused_before_anything_is_built(cls, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"TrainConfig.embedding_optimizer .*{message}"):
+        TrainConfig(embedding_optimizer=cls)
+
+
 def test_plain_sgd_is_row_sparse() -> None:
     _, model = _build(default_strategy(), lambda: keras.optimizers.SGD(0.1))
     assert isinstance(model.embedding_optimizer, keras.optimizers.SGD)
