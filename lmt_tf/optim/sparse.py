@@ -173,8 +173,6 @@ class EmbeddingOptimizer(Technique):
     # None: one optimizer for every variable.
     embedding_optimizer: Callable[..., Any] | None = None
 
-    kept_for_students = True
-
     def validate(self, config: Any) -> None:
         if isinstance(self.embedding_optimizer, type):  # a class bound in gin: check now
             check_row_sparse_class(self.embedding_optimizer)
