@@ -31,7 +31,7 @@ from lmt_tf.stages import RunContext, Setup, Stage, default_stages
 from lmt_tf.stages.context import check_order
 from lmt_tf.tracking.credentials import redact_credentials
 from lmt_tf.tracking.store import run_links
-from lmt_tf.training.trainer import Trainer
+from lmt_tf.training.trainer import Trainer, optimizers
 
 
 @dataclass
@@ -151,7 +151,7 @@ def run(setup: Setup, options: RunOptions) -> RunResult:
                              report=CompressionReport(session.run, compressing, options.echo)
                              if compressing else None)
         log_setup(session, options, setup.info, role, _derived(setup, context.model),
-                  context.model.variables, setup.splits)
+                  context.model.variables, setup.splits, optimizers(trainable))
         if setup.preprocessing.steps:
             session.run.log_text(setup.preprocessing.as_json(), "preprocessing/fitted.json")
         for stage in setup.stages:

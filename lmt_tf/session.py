@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,10 +156,12 @@ def config_path(run_dir: RunDir, file: str) -> str:
 
 
 def log_setup(session: Session, options: RunOptions, info: StrategyInfo, role: Role,
-              derived: Mapping[str, Any], variables: list[Any], splits: Splits) -> None:
+              derived: Mapping[str, Any], variables: list[Any], splits: Splits,
+              optimizers: Sequence[Any] = ()) -> None:
     """Params, tags, the data set and the config as given and as resolved, before the
-    first stage. A resumed run keeps its first params and config artifacts; a resume's
-    go beside them."""
+    first stage; where the model's ``variables`` and the ``optimizers``' slots live
+    (``placement.json``, slots named ``<optimizer>/<slot>``). A resumed run keeps its
+    first params and config artifacts; a resume's go beside them."""
     run, own = session.run, session.own
     run.log_params({**options.params, **derived})
     if not options.resume:
@@ -173,4 +175,8 @@ def log_setup(session: Session, options: RunOptions, info: StrategyInfo, role: R
         run.log_text("\n".join(options.bindings) + "\n", config_path(own, "given/bindings.gin"))
     if options.config_text:
         run.log_text(options.config_text, config_path(own, "config.gin"))
-    run.log_text(json.dumps(variable_placement(variables), indent=2) + "\n", "placement.json")
+    placement = variable_placement(variables)
+    for optimizer in optimizers:
+        placement.update({f"{optimizer.name}/{name}": devices for name, devices
+                          in variable_placement(list(optimizer.variables)).items()})
+    run.log_text(json.dumps(placement, indent=2) + "\n", "placement.json")

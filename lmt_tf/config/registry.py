@@ -27,7 +27,7 @@ from lmt_tf.federated.server_optimizers import ServerAdam, ServerAveraging, Serv
 from lmt_tf.federated.transport import FlowerTLS
 from lmt_tf.invocation import Configs, ExportConfig
 from lmt_tf.models import cnn, dlrm, mlp, recommender, transformer
-from lmt_tf.optim import schedules, transforms
+from lmt_tf.optim import schedules, sparse, transforms
 from lmt_tf.runtime import strategy
 from lmt_tf.stages import Export, Train
 from lmt_tf.stages.clustering import Cluster
@@ -68,6 +68,8 @@ _KERAS = {
                                    keras.optimizers.schedules.CosineDecay,
                                    keras.optimizers.schedules.PiecewiseConstantDecay],
     "keras.callbacks": [keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau],
+    # lmt's row-sparse Keras optimizers for embedding tables (TrainConfig.embedding_optimizer).
+    "lmt.optim": [sparse.SparseAdagrad, sparse.SparseFtrl],
 }
 
 

@@ -55,6 +55,8 @@ class StepSpec:
     unfreeze_epochs: dict[str, int] = field(default_factory=dict)  # block -> first epoch
     layer_decay: float = 1.0  # update factor per transformer block below the head
     loss_terms: list[LossTerm] = field(default_factory=list)
+    # Makes the optimizer of the embedding tables (optim.sparse), None: one optimizer.
+    embedding_optimizer: Callable[..., Any] | None = None
 
     @classmethod
     def of(cls, techniques: Sequence[Technique]) -> StepSpec:

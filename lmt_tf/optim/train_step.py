@@ -14,6 +14,12 @@ update scaled by its factor when layer-wise multipliers, unfreezing or layer-wis
 decay are configured.
 Loss terms (FedProx's, distillation's) add to the loss of each micro-batch.
 
+With an embedding optimizer (``optim.sparse``), the gradients of the embedding tables
+stay ``tf.IndexedSlices`` (the looked-up rows) through every one of these steps — summed
+over micro-batches by concatenating rows, aggregated as rows, clipped by their rows'
+norms — and that optimizer updates only those rows; every other gradient is dense and
+goes to the step's own optimizer.
+
 k micro-batches of size b give the update of one batch of k*b (without BatchNorm), and
 learning-rate schedules see one optimizer step per k micro-batches. ``Accumulation``,
 the technique behind ``TrainConfig.micro_batches``, lives here too.
@@ -28,8 +34,9 @@ from typing import Any
 import tensorflow as tf
 import tf_keras as keras
 
-from lmt_tf.checks import check
+from lmt_tf.checks import check, configured_call
 from lmt_tf.errors import ConfigError
+from lmt_tf.optim import sparse
 from lmt_tf.optim.layerwise import BlockSchedule, rescale_updates
 from lmt_tf.optim.model_transforms import ModelTransform
 from lmt_tf.optim.technique import StepSpec, Technique
@@ -87,6 +94,11 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         # Set by LocalSGD: each replica applies its own gradient, unaggregated.
         self.local_updates = False
         self.update_factors: UpdateFactors | None = None  # see fuse_rescaling
+        # The embedding tables' own optimizer, and the ids of the variables it updates.
+        self.embedding_optimizer = None
+        self._sparse: frozenset[int] = frozenset()
+        if spec.embedding_optimizer is not None:
+            self._bind_embedding_optimizer(spec.embedding_optimizer)
         for transform in self.transforms:
             if hasattr(transform, "bind"):
                 transform.bind(inner)
@@ -97,6 +109,50 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
 
     def call(self, inputs, training=None):
         return self.inner(inputs, training=training)
+
+    def _bind_embedding_optimizer(self, make: Any) -> None:
+        """Makes the embedding tables' optimizer (in the strategy's scope, as the step is
+        built) and learns which variables it updates.
+
+        Raises:
+          ConfigError: for an optimizer that is not row-sparse, a model without
+            embedding tables, or a block update factor on a table.
+        """
+        tables = sparse.embedding_variables(self.inner)
+        check(bool(tables), sparse.SETTING,
+              f"is set, but model {self.inner.name!r} has no keras.layers.Embedding layer")
+        optimizer = configured_call(make, sparse.SETTING)
+        sparse.check_row_sparse(optimizer)
+        # Its update is a gather and scatters of a few rows, nothing for XLA to fuse; and
+        # under parameter servers XLA cannot reach the tables on other tasks.
+        optimizer.jit_compile = False
+        self.embedding_optimizer = optimizer
+        self._sparse = frozenset(id(v) for v in tables)
+        if self.schedule is not None:
+            scaled = [v.name for v, _ in self.schedule.scaled(tables)]
+            check(not scaled, sparse.SETTING,
+                  f"cannot be combined with block update factors on embedding tables "
+                  f"({', '.join(scaled)}): rescaling an update copies the whole table each "
+                  f"step; leave the embedding layers out of TrainConfig.update_multipliers, "
+                  f"unfreeze_epochs and layer_decay")
+
+    def _is_sparse(self, variable: tf.Variable) -> bool:
+        """Whether the embedding optimizer updates ``variable`` (its gradient stays sparse)."""
+        return id(variable) in self._sparse
+
+    def build_optimizers(self) -> None:
+        """Creates every optimizer's slots, each for the variables it updates (in the
+        strategy's scope, so that they sit beside their variables)."""
+        variables = self.inner.trainable_variables
+        self.optimizer.build([v for v in variables if not self._is_sparse(v)])
+        if self.embedding_optimizer is not None:
+            self.embedding_optimizer.build([v for v in variables if self._is_sparse(v)])
+
+    @property
+    def optimizers(self) -> list[keras.optimizers.Optimizer]:
+        """The step's optimizer, and the embedding tables' if any."""
+        return [self.optimizer, *([self.embedding_optimizer] if self.embedding_optimizer
+                                   else [])]
 
     def _loss_and_gradients(self, x, y, sample_weight, variables):
         with tf.GradientTape() as tape:
@@ -114,8 +170,22 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         if isinstance(self.optimizer, keras.mixed_precision.LossScaleOptimizer):
             gradients = self.optimizer.get_unscaled_gradients(gradients)
         self.compiled_metrics.update_state(y, y_pred, sample_weight)
-        return [tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
+        return [self._sparse_gradient(g, v) if self._is_sparse(v)
+                else tf.convert_to_tensor(g) if g is not None else tf.zeros_like(v)
                 for g, v in zip(gradients, variables, strict=True)]
+
+    @staticmethod
+    def _sparse_gradient(gradient: Any, variable: tf.Variable) -> tf.IndexedSlices:
+        """An embedding table's gradient as rows (int64 indices): none if it was not
+        looked up, never the dense table."""
+        shape = tf.constant(variable.shape.as_list(), tf.int64)
+        if gradient is None:
+            return tf.IndexedSlices(tf.zeros([0, *variable.shape[1:]], variable.dtype),
+                                    tf.zeros([0], tf.int64), shape)
+        if not isinstance(gradient, tf.IndexedSlices):
+            raise ConfigError(f"{sparse.SETTING}: the gradient of {variable.name} is dense "
+                              f"(a layer other than the lookup reads the whole table)")
+        return tf.IndexedSlices(gradient.values, tf.cast(gradient.indices, tf.int64), shape)
 
     def _forward(self, x):
         """The trained model's predictions on ``x`` (a loss term may replace the pass)."""
@@ -148,14 +218,23 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
             part = tf.nest.map_structure(lambda t: t[i], xs)
             weight = None if ws is None else ws[i]
             grads = self._loss_and_gradients(part, ys[i], weight, variables)
-            return i + 1, [a + g for a, g in zip(accumulated, grads, strict=True)]
+            # A table's rows are concatenated: the rows of the k micro-batches together
+            # are those of the one big batch (their duplicates summed by the update).
+            return i + 1, [(tf.concat([a[0], g.values], 0), tf.concat([a[1], g.indices], 0))
+                           if isinstance(g, tf.IndexedSlices) else a + g
+                           for a, g in zip(accumulated, grads, strict=True)]
 
-        zeros = [tf.zeros_like(v) for v in variables]
+        start = [(tf.zeros([0, *v.shape[1:]], v.dtype), tf.zeros([0], tf.int64))
+                 if self._is_sparse(v) else tf.zeros_like(v) for v in variables]
+        invariants = [(tf.TensorShape([None, *v.shape[1:]]), tf.TensorShape([None]))
+                      if self._is_sparse(v) else v.shape for v in variables]
         # A while loop (not an unrolled one) runs micro-batches one after another, so
         # activations of only one are alive at a time.
-        _, summed = tf.while_loop(lambda i, _: i < k, body, [tf.constant(0), zeros],
+        _, summed = tf.while_loop(lambda i, _: i < k, body, [tf.constant(0), start],
+                                  shape_invariants=[tf.TensorShape([]), invariants],
                                   parallel_iterations=1)
-        return summed
+        return [tf.IndexedSlices(s[0], s[1], tf.constant(v.shape.as_list(), tf.int64))
+                if self._is_sparse(v) else s for s, v in zip(summed, variables, strict=True)]
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -169,7 +248,9 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
         transformed, norm = transform_lazily(self.transforms, gradients, variables)
         if self.update_factors is not None:  # the optimizer's update multiplies them
             self.update_factors.assign(variables, transformed.factors)
-            gradients = transformed.raw
+            # ... but not the embedding optimizer's: a table's rows are rescaled here.
+            gradients = [transformed.gradient(i) if self._is_sparse(v) else transformed.raw[i]
+                         for i, v in enumerate(variables)]
         else:
             gradients = transformed.gradients()
         finite = tf.math.is_finite(norm)
@@ -177,8 +258,13 @@ class MicroBatchTrainStep(TrainingOnlyMetrics):
                                         sample_weight=tf.cast(finite, tf.float32))
         scaled = ([(v, tf.identity(v), factor) for v, factor in self.schedule.scaled(variables)]
                   if self.schedule else [])
-        self.optimizer.apply_gradients(zip(gradients, variables, strict=True),
+        pairs = list(zip(gradients, variables, strict=True))
+        self.optimizer.apply_gradients([(g, v) for g, v in pairs if not self._is_sparse(v)],
                                        skip_gradients_aggregation=True)
+        if self.embedding_optimizer is not None:
+            self.embedding_optimizer.apply_gradients(
+                [(g, v) for g, v in pairs if self._is_sparse(v)],
+                skip_gradients_aggregation=True)
         if scaled:
             rescale_updates(scaled)
         return {m.name: m.result() for m in self.metrics}

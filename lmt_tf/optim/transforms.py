@@ -24,12 +24,38 @@ import tf_keras as keras
 from lmt_tf.checks import Annotated, Range, check_types
 from lmt_tf.optim.technique import StepSpec, Technique
 
-Gradients = list[tf.Tensor]
+Gradients = list[tf.Tensor | tf.IndexedSlices]
 Transform = Callable[[Gradients, Sequence[tf.Variable]], Gradients]
 
 
+def summed(gradient: tf.Tensor | tf.IndexedSlices) -> tf.Tensor | tf.IndexedSlices:
+    """A sparse gradient (an embedding lookup's) with each row once, its duplicates
+    summed: the rows of the dense gradient that are not zero, so that norms and
+    element-wise clipping see the dense gradient's values. A dense one as it is."""
+    if not isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
+    rows, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(rows)[0])
+    return tf.IndexedSlices(values, rows, gradient.dense_shape)
+
+
+def map_values(function: Callable[[tf.Tensor], tf.Tensor],
+               gradient: tf.Tensor | tf.IndexedSlices) -> tf.Tensor | tf.IndexedSlices:
+    """``function`` of a dense gradient, or of a sparse one's rows (kept sparse)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(function(gradient.values), gradient.indices,
+                                gradient.dense_shape)
+    return function(gradient)
+
+
+def _values(gradient: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
 def _dense(gradients: Sequence[tf.Tensor | tf.IndexedSlices]) -> Gradients:
-    return [tf.convert_to_tensor(g) for g in gradients]
+    """Dense gradients as tensors, sparse ones (embedding tables') kept sparse, each row
+    once (``summed``)."""
+    return [summed(g) for g in gradients]
 
 
 # Rows per block of a unit-norm reduction (see ``unitwise_norm``).
@@ -62,7 +88,8 @@ def unitwise_norm(x: tf.Tensor) -> tf.Tensor:
 
 class GradientNorms:
     """Gradients as raw tensors times factors that are constant over each output unit
-    (``None`` is 1), and the norms of those products.
+    (``None`` is 1), and the norms of those products. A sparse gradient (``IndexedSlices``,
+    an embedding table's) stays sparse: its norms are those of its rows.
 
     Norms of the raw gradients are computed once, when first asked for; a norm of a
     rescaled gradient follows from them (a unit's norm scales with its factor).
@@ -78,7 +105,7 @@ class GradientNorms:
 
     def _raw_unit(self, i: int) -> tf.Tensor:
         if i not in self._units:
-            self._units[i] = unitwise_norm(self.raw[i])
+            self._units[i] = unitwise_norm(_values(self.raw[i]))
         return self._units[i]
 
     def _raw_tensor(self, i: int) -> tf.Tensor:
@@ -86,7 +113,7 @@ class GradientNorms:
             if self.unit_wise or i in self._units:
                 self._tensors[i] = tf.norm(self._raw_unit(i))
             else:
-                self._tensors[i] = tf.sqrt(2.0 * tf.nn.l2_loss(self.raw[i]))
+                self._tensors[i] = tf.sqrt(2.0 * tf.nn.l2_loss(_values(self.raw[i])))
         return self._tensors[i]
 
     def unit(self, i: int) -> tf.Tensor:
@@ -120,9 +147,15 @@ class GradientNorms:
             old = self.factors[i]
             self.factors[i] = factor if old is None else old * factor
 
+    def gradient(self, i: int) -> tf.Tensor | tf.IndexedSlices:
+        """Gradient ``i`` rescaled (a sparse one: its rows)."""
+        factor = self.factors[i]
+        return self.raw[i] if factor is None else map_values(lambda g: g * factor,
+                                                               self.raw[i])
+
     def gradients(self) -> Gradients:
         """The rescaled gradients: one multiply per rescaled tensor."""
-        return [g if f is None else g * f for g, f in zip(self.raw, self.factors, strict=True)]
+        return [self.gradient(i) for i in range(len(self.raw))]
 
 
 class Rescaling:
@@ -190,8 +223,9 @@ class ClipByValue(_Clip):
     scale (clipped to +-limit it would be applied, and the scale would never drop)."""
 
     def __call__(self, gradients: Gradients, variables: Sequence[tf.Variable]) -> Gradients:
-        return [tf.where(tf.math.is_finite(g), tf.clip_by_value(g, -self.limit, self.limit), g)
-                for g in _dense(gradients)]
+        return [map_values(lambda g: tf.where(tf.math.is_finite(g),
+                                              tf.clip_by_value(g, -self.limit, self.limit), g),
+                           g) for g in _dense(gradients)]
 
 
 class ClipByNorm(_Clip, Rescaling):

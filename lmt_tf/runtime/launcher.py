@@ -4,7 +4,10 @@ its own ``TF_CONFIG``, output prefixed with its role, and nothing left running a
 Multi-worker mirrored (no ps): N workers, worker 0 is the chief; the job succeeds when
 every worker succeeds and fails when any fails. Parameter server (M >= 1 ps): a chief
 (the coordinator), N workers and M ps; the job is the chief's: a lost worker is not fatal
-(the coordinator reschedules its steps), a lost ps is.
+(the coordinator reschedules its steps), a lost ps is: its shards of the variables are
+gone, so the other tasks are killed at once (nothing is left to save, and a coordinator
+that lost a ps hangs in TensorFlow's teardown until killed) and a restart continues from
+the last checkpoint.
 
 A job names its run (``--run-name``), so a restart resumes exactly the run this job
 made, never another run of the same experiment. When the job is stopped (timeout,
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -115,6 +119,8 @@ def _outcome(cluster: ProcessGroup, parameter_server: bool,
                      f"reschedules its steps on the other workers")
             continue
         echo(f"lmt launch: {task.name} exited with status {code}; stopping the cluster")
+        if parameter_server and task.task_type == "ps" and code != EXIT_USER_ERROR:
+            cluster.signal_all(signal.SIGKILL)  # its variables are gone: nothing to save
         return code
     deciders = [t for t in codes
                 if t.task_type in ("chief" if parameter_server else "worker", "evaluator")]

@@ -237,9 +237,13 @@ def _with_role(strategy: tf.distribute.Strategy,
 
 def variable_placement(variables: list[tf.Variable]) -> dict[str, list[str]]:
     """Where each variable lives: one device per shard (partitioned variables on
-    parameter servers) or per replica (mirrored variables)."""
+    parameter servers) or per replica (mirrored variables). A partitioned variable given
+    whole (an optimizer's slot of a partitioned table) is listed by its shards."""
     placement = {}
     for variable in variables:
+        if isinstance(variable, tf.__internal__.distribute.ShardedVariable):
+            placement.update(variable_placement(list(variable.variables)))
+            continue
         parts = getattr(variable, "variables", None) or getattr(variable, "values", None)
         placement[variable.name] = [p.device for p in (parts or [variable])]
     return placement

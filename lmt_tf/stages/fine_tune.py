@@ -77,7 +77,9 @@ class FineTune(Stage):
                                       [transform] if transform else [],
                                       self.techniques(context))
         source = context.resumed(self.name)
-        start = (trainer.restore(trained, source.checkpoints, setup.plan.steps_per_epoch)
+        start = (trainer.restore(trained, source.checkpoints, setup.plan.steps_per_epoch,
+                                 lambda metrics, step: context.run.log_metrics(
+                                     prefixed(metrics, self.name), step))
                  if source is not None else StartAt())
         return trainer, transform, trained, start
 
@@ -98,7 +100,8 @@ class FineTune(Stage):
         guard = divergence_guard(context.strategy, steps)
         own = context.stage_dir(self.name)
         callbacks = [guard, EpochMetrics(log),
-                     EpochCheckpoint(trainer.checkpoint_manager(trained, own.checkpoints))]
+                     EpochCheckpoint(trainer.checkpoint_manager(trained, own.checkpoints),
+                                     sink=log)]
         context.echo(f"lmt: {self.describe()}")
         trainer.fit(trained, context.splits, context.setup.seed, start, callbacks)
         test = trainer.evaluate(trained, context.splits.test)

@@ -42,7 +42,8 @@ class Train(Stage):
         if source is None:
             return StartAt()
         return context.setup.trainer.restore(context.trainable, source.checkpoints,
-                                             context.setup.plan.steps_per_epoch)
+                                             context.setup.plan.steps_per_epoch,
+                                             context.run.log_metrics)
 
     def work(self, context: RunContext) -> None:
         setup, own, run = context.setup, context.session.own, context.run
@@ -66,7 +67,7 @@ class Train(Stage):
                      Throughput(run.log_metrics, plan.examples_per_epoch),
                      EpochMetrics(run.log_metrics),
                      EpochCheckpoint(trainer.checkpoint_manager(model, own.checkpoints),
-                                     saved if chief else None)]
+                                     saved if chief else None, run.log_metrics)]
         tracking = setup.configs.tracking
         every = tracking.log_every_n_steps
         if every:
@@ -116,7 +117,8 @@ def _fit(context: RunContext, start: StartAt, callbacks: list[keras.callbacks.Ca
         except TrainingDiverged as e:
             if rollback == retries:
                 raise
-            start = trainer.restore(model, own.checkpoints, context.setup.plan.steps_per_epoch)
+            start = trainer.restore(model, own.checkpoints, context.setup.plan.steps_per_epoch,
+                                    context.run.log_metrics)
             lowered = trainer.lower_learning_rate(model, initial, rollback + 1)
             event = (f"step {e.step} (epoch {e.epoch}): loss {e.value}; rolled back to epoch "
                      f"{start.epoch + 1}, step {start.step + 1}; {lowered}")

@@ -20,6 +20,7 @@ import tf_keras as keras
 
 from lmt_tf.errors import LmtError
 from lmt_tf.process import TRIAL_ENV, Pruned
+from lmt_tf.training.checkpoints import timed_save
 
 MetricsSink = Callable[[Mapping[str, float], int], None]
 
@@ -202,16 +203,22 @@ class StepDivergenceGuard(DivergenceGuard):
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves model and optimizer after every epoch as checkpoint number ``epoch + 1``,
-    then calls ``on_saved(epochs_completed)``."""
+    sends its save seconds and bytes to ``sink`` (``checkpoints.SAVE_SECONDS``,
+    ``checkpoints.BYTES``) at step ``epoch + 1``, then calls
+    ``on_saved(epochs_completed)``."""
 
     def __init__(self, manager: tf.train.CheckpointManager,
-                 on_saved: Callable[[int], None] | None = None):
+                 on_saved: Callable[[int], None] | None = None,
+                 sink: MetricsSink | None = None):
         super().__init__()
         self._manager = manager
         self._on_saved = on_saved
+        self._sink = sink
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        self._manager.save(checkpoint_number=epoch + 1)
+        cost = timed_save(self._manager, epoch + 1)
+        if self._sink:
+            self._sink(cost, epoch + 1)
         if self._on_saved:
             self._on_saved(epoch + 1)
 

@@ -24,13 +24,15 @@ from lmt_tf.optim.decoupled import DecoupledBlocks
 from lmt_tf.optim.layerwise import LayerwiseUpdates
 from lmt_tf.optim.local_sgd import LocalSGD
 from lmt_tf.optim.schedules import WarmupCosineDecay
+from lmt_tf.optim.sparse import EmbeddingOptimizer
 from lmt_tf.optim.technique import Technique
 from lmt_tf.optim.train_step import Accumulation
 from lmt_tf.optim.transforms import GradientTransforms
 
 # The techniques a TrainConfig configures, in the order they shape the train step.
 TECHNIQUES: tuple[type[Technique], ...] = (
-    Accumulation, GradientTransforms, LayerwiseUpdates, DecoupledBlocks, LocalSGD)
+    Accumulation, GradientTransforms, LayerwiseUpdates, DecoupledBlocks, LocalSGD,
+    EmbeddingOptimizer)
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Metric names that model.compile() maps to the loss's own variant.
 _COMPILE_METRIC_NAMES = {"accuracy", "acc", "crossentropy", "ce"}

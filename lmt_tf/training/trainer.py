@@ -25,7 +25,8 @@ from lmt_tf.optim.model_transforms import ModelTransform
 from lmt_tf.optim.schedules import ScaledSchedule
 from lmt_tf.optim.technique import Technique
 from lmt_tf.optim.train_step import MicroBatchTrainStep, step_transforms
-from lmt_tf.training.callbacks import LearningRate
+from lmt_tf.training.callbacks import LearningRate, MetricsSink
+from lmt_tf.training.checkpoints import timed_restore
 from lmt_tf.training.preemption import PREEMPTED_DIR, StartAt
 from lmt_tf.training.train_config import TrainConfig
 
@@ -117,7 +118,10 @@ class Trainer:
                                      self.config.exclude_from_weight_decay)
             # Slots exist before a checkpoint restore, so restore is immediate, not deferred.
             with technique.variables(techniques):  # e.g. optimizer state per replica
-                model.optimizer.build(model.trainable_variables)
+                if isinstance(model, MicroBatchTrainStep):  # its optimizers' own variables
+                    model.build_optimizers()
+                else:
+                    model.optimizer.build(model.trainable_variables)
         return model
 
     def _scheduled(self, optimizer: keras.optimizers.Optimizer, splits: Splits
@@ -153,9 +157,12 @@ class Trainer:
         return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=keep)
 
     @staticmethod
-    def restore(model: keras.Model, directory: Path, steps_per_epoch: int) -> StartAt:
+    def restore(model: keras.Model, directory: Path, steps_per_epoch: int,
+                sink: MetricsSink | None = None) -> StartAt:
         """Restores the newest checkpoint in ``directory`` into ``model`` and its optimizer:
         the one saved on preemption if it is further along than the last per-epoch one.
+        Its restore seconds and bytes go to ``sink`` (``checkpoints.RESTORE_SECONDS``,
+        ``checkpoints.BYTES``) at step = the epochs it completed.
 
         Returns:
           Where training continues (epoch 0, step 0 if there is no checkpoint).
@@ -169,8 +176,9 @@ class Trainer:
             start = StartAt(epochs, 0)
         if latest is None:
             return StartAt()
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        cost = timed_restore(tf.train.Checkpoint(model=model, optimizer=model.optimizer), latest)
+        if sink:
+            sink(cost, start.epoch)
         return start
 
     def fit(self, model: keras.Model, splits: Splits, seed: int,
@@ -247,6 +255,12 @@ class Trainer:
         if self.config.verbose is not None:
             return self.config.verbose
         return 1 if sys.stdout.isatty() else 2
+
+
+def optimizers(model: keras.Model) -> list[keras.optimizers.Optimizer]:
+    """Every optimizer that trains ``model`` (the model in its training wrappers): its
+    own, and the embedding tables' if it has one."""
+    return list(getattr(model, "optimizers", None) or [model.optimizer])
 
 
 def _learning_rate(optimizer: keras.optimizers.Optimizer) -> Any:

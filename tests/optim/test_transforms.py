@@ -213,3 +213,23 @@ def test_factors_stay_out_of_local_sgd_whose_replicas_step_alone() -> None:
                          local_steps=2, gradient_transforms=(ClipByGlobalNorm(0.5),))
     model = Trainer(config, mirrored_strategy(2)).build_model(build_mlp, load_digits())
     assert model.update_factors is None
+
+
+@pytest.mark.parametrize("chain", [(ClipByGlobalNorm(1.0),), (ClipByNorm(0.5),),
+                                   (ClipByValue(0.3), ClipByGlobalNorm(2.0))])
+def test_a_sparse_gradient_is_clipped_as_its_dense_form_and_stays_sparse(chain) -> None:
+    """An embedding table's gradient (rows, one of them twice) beside a dense one: the
+    chain gives the rows of what it gives the dense form, and no dense table."""
+    rows = tf.IndexedSlices(tf.constant([[1.0, -2.0], [0.5, 0.5], [0.25, 3.0]]),
+                            tf.constant([4, 1, 4], tf.int64), tf.constant([6, 2], tf.int64))
+    dense = tf.constant([[3.0, -4.0], [0.5, 0.0]])
+    variables = [tf.Variable(tf.ones((6, 2))), tf.Variable(tf.ones((2, 2)))]
+    (sparse_out, dense_out), norm = apply_transforms(chain, [rows, dense], variables)
+    (expected, expected_dense), expected_norm = apply_transforms(
+        chain, [tf.convert_to_tensor(rows), dense], variables)
+    assert isinstance(sparse_out, tf.IndexedSlices)
+    assert sorted(sparse_out.indices.numpy().tolist()) == [1, 4]  # each row once
+    np.testing.assert_allclose(tf.convert_to_tensor(sparse_out).numpy(), expected.numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(dense_out.numpy(), expected_dense.numpy(), rtol=1e-6)
+    assert float(norm) == pytest.approx(float(expected_norm), rel=1e-6)

@@ -14,6 +14,7 @@ import tf_keras as keras
 from lmt_tf.data.sources import load_digits
 from lmt_tf.errors import ConfigError
 from lmt_tf.models.mlp import build_mlp
+from lmt_tf.optim.sparse import SparseAdagrad
 from lmt_tf.optim.technique import LossTerm, StepSpec, Technique
 from lmt_tf.optim.transforms import ClipByGlobalNorm
 from lmt_tf.runtime.env import set_seed
@@ -25,7 +26,8 @@ from lmt_tf.training.trainer import Trainer
 # until it is listed here).
 ASKING = {"micro_batches": 2, "gradient_transforms": (ClipByGlobalNorm(1.0),),
           "update_multipliers": {"dense_0": 0.5}, "unfreeze_epochs": {"dense_0": 1},
-          "layer_decay": 0.8, "decoupled_blocks": ("dense_0",), "local_steps": 4, "sync_steps": 2}
+          "layer_decay": 0.8, "decoupled_blocks": ("dense_0",), "local_steps": 4, "sync_steps": 2,
+          "embedding_optimizer": SparseAdagrad}
 
 
 def test_train_config_is_the_basic_settings_and_every_technique_s() -> None:
@@ -43,7 +45,8 @@ def test_train_config_is_the_basic_settings_and_every_technique_s() -> None:
 
 
 def test_fine_tuning_turns_every_technique_off_but_those_it_keeps() -> None:
-    config = TrainConfig(**{k: v for k, v in ASKING.items() if k != "decoupled_blocks"})
+    config = TrainConfig(**{k: v for k, v in ASKING.items()
+                            if k not in ("decoupled_blocks", "embedding_optimizer")})
     assert len(config.techniques()) == 4
     plain = config.without_techniques(epochs=3)
     assert plain.techniques() == [] and plain.epochs == 3
@@ -54,7 +57,7 @@ def test_fine_tuning_turns_every_technique_off_but_those_it_keeps() -> None:
 
 def test_a_technique_that_replaces_the_step_combines_with_no_other() -> None:
     with pytest.raises(ConfigError, match="TrainConfig.decoupled_blocks cannot be combined "
-                                          "with micro_batches, .* or sync_steps"):
+                                          "with micro_batches, .* or embedding_optimizer"):
         TrainConfig(decoupled_blocks=("dense_0",), local_steps=2)
 
 
