@@ -89,7 +89,7 @@ class ClickLogConfig:
     # Pairs of categorical features (0-based, among the K) whose ids interact: each pair
     # adds a weight per pair of ids to the logit.
     crosses: tuple[tuple[int, int], ...] = ((0, 1), (4, 5), (10, 12), (17, 18))
-    bias: float = -1.8  # the logit's constant: sets the click rate (~0.21 by default)
+    bias: float = -1.8  # the logit's constant: sets the click rate (0.245 by default)
     categorical_scale: Annotated[float, Range(ge=0)] = 0.22  # sd of each id's weight
     cross_scale: Annotated[float, Range(ge=0)] = 0.5  # sd of each pair of ids' weight
     dense_scale: Annotated[float, Range(ge=0)] = 0.2  # sd of each dense feature's weight
