@@ -110,6 +110,9 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
          f"{plan.steps_per_epoch} steps per epoch")
     echo(f"lmt: data {splits.name}: "
          + ", ".join(f"{k} {v:,}" for k, v in splits.sizes().items()))
+    if splits.reference:  # what the data's own optimum scores (logged as data/*)
+        echo("lmt: data reference: " + ", ".join(f"{k} {v:.4f}"
+                                                 for k, v in splits.reference.items()))
     if preprocessing.steps or preprocessing.carried:
         echo(f"lmt: preprocessing in the model: {preprocessing.describe()}")
     bucket_lengths(splits.train, configs.input.bucket_by_length)  # refuses non-documents

@@ -166,6 +166,8 @@ def log_setup(session: Session, options: RunOptions, info: StrategyInfo, role: R
     run.log_params({**options.params, **derived})
     if not options.resume:
         run.log_dataset(splits.name, splits.digest(), splits.source, splits.sizes())
+        if splits.reference:  # what the data's own optimum scores: data/bayes_test_auc
+            run.log_metrics({f"data/{k}": v for k, v in splits.reference.items()}, step=0)
     run.set_tags({**host_tags(), **role.tags(), "lmt.strategy": info.name,
                   "lmt.replicas": info.replicas,
                   "mlflow.source.name": " ".join(options.config_files) or "run_experiment"})

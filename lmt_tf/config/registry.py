@@ -15,7 +15,7 @@ import tf_keras as keras
 
 from lmt_tf import transfer
 from lmt_tf.checks import Annotated, Range, parameter_hints
-from lmt_tf.data import files, sources, text, tfrecord
+from lmt_tf.data import clicklog, files, sources, text, tfrecord
 from lmt_tf.data.pipeline import InputConfig
 from lmt_tf.data.preprocessing import Preprocessing
 from lmt_tf.data.tokenization import Tokenizer
@@ -47,7 +47,7 @@ _PROJECT = {
                  sources.load_movielens, tfrecord.load_tfrecords, sources.few_shot,
                  text.load_reuters, text.load_20newsgroups, text.load_rotten_tomatoes,
                  text.load_text,
-                 Preprocessing, Tokenizer],
+                 Preprocessing, Tokenizer, clicklog.load_clicklog, clicklog.ClickLogConfig],
     "lmt.optim": [transforms.ClipByValue, transforms.ClipByNorm, transforms.ClipByGlobalNorm,
                   transforms.AdaptiveGradientClipping, schedules.WarmupCosineDecay],
     "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],

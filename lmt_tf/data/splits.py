@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -73,10 +74,14 @@ class Splits:
     # Classification: each class's name, in label order (the model's output columns);
     # empty where a source knows none (then the label ids are the names).
     class_names: tuple[str, ...] = ()
+    # Numbers a run is measured against, known from how the data were made (a synthetic
+    # source's Bayes-optimal test log-loss, its click rate): logged as metrics data/<name>.
+    reference: Mapping[str, float] = field(default_factory=dict)
 
     def digest(self) -> str:
         """A fingerprint of the data: SHA-256 (first 16 hex digits) of every in-memory
-        split's examples and labels; of a file-backed split's file names and counts."""
+        split's examples and labels; of a file-backed split's file names and counts (and
+        the files' SHA-256, where its manifest lists them)."""
         sha = hashlib.sha256()
         for part in (self.train, self.validation, self.test):
             if isinstance(part, Split) and is_text(part.x):
@@ -88,6 +93,7 @@ class Splits:
             else:
                 sha.update(repr((getattr(part, "files", ()), getattr(part, "counts", ())))
                            .encode())
+                sha.update("".join(getattr(part, "checksums", ())).encode())
         return sha.hexdigest()[:16]
 
     @property

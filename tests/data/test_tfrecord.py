@@ -249,3 +249,37 @@ def test_bucketing_is_refused_for_examples_read_from_files(shards: Path, gin_fil
 
 def test_shards_keep_the_class_names(shards: Path) -> None:
     assert load_tfrecords(str(shards), verify=False).class_names == tuple("0123456789")
+
+
+@pytest.mark.parametrize("labels", ["int64", "float32", "negative"])
+def test_records_parse_as_tensorflow_parses_its_own(labels: str) -> None:
+    """The NumPy encoder's records, read by TensorFlow's Example parser: ids across
+    varint widths (127/128, 16383/16384), multi-dimensional rows, any label."""
+    from lmt_tf.data.tfrecord import encode_examples
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**40, (300, 3, 2))
+    y = {"int64": rng.integers(0, 300, 300), "negative": rng.integers(-3, 3, 300),
+         "float32": rng.normal(size=300).astype(np.float32)}[labels]
+    for start in (0, 16250, 2**40):
+        for i, record in enumerate(encode_examples(start, x, y)):
+            feature = tf.train.Example.FromString(record).features.feature
+            assert feature["id"].int64_list.value == [start + i]
+            assert feature["x"].bytes_list.value == [x[i].tobytes()]
+            got = feature["y"].float_list.value if labels == "float32" \
+                else feature["y"].int64_list.value
+            assert got == [y[i]]
+
+
+def test_reshards_a_directory_keeping_order_and_reference(shards: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    stored = load_tfrecords(str(shards))
+    write_shards(dataclasses.replace(stored, reference={"bayes_test_auc": 0.75}),
+                 tmp_path / "three", shards=3, echo=lambda _: None)
+    again = load_tfrecords(str(tmp_path / "three"))
+    assert again.sizes() == stored.sizes() and again.reference == {"bayes_test_auc": 0.75}
+    original = load_digits()
+    rows = np.concatenate([x for x, _ in again.test.chunks(100)])
+    np.testing.assert_array_equal(rows, original.test.x)  # the order of the ids
+    assert again.digest() != stored.digest()  # other files, other checksums
