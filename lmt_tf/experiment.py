@@ -33,10 +33,11 @@ from lmt_tf.runtime.footprint import (
     describe_model,
     layout_of,
     on_one_host,
+    pieces_of,
     placed_bytes,
     plan,
 )
-from lmt_tf.runtime.memory import task_cap
+from lmt_tf.runtime.memory import format_size, task_cap
 from lmt_tf.runtime.strategy import default_strategy, describe, role_of
 from lmt_tf.session import config_path, log_setup, open_session
 from lmt_tf.stages import RunContext, Setup, Stage, default_stages
@@ -166,7 +167,12 @@ def _preflight(strategy: tf.distribute.Strategy, model_fn: Callable[..., keras.M
     footprint = plan(description, layout_of(strategy))
     resolver = getattr(strategy, "cluster_resolver", None)
     cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    warning = check_fits(footprint, task_cap(), same_host=bool(cluster) and on_one_host(cluster))
+    cap = task_cap()
+    warning = check_fits(footprint, cap, same_host=bool(cluster) and on_one_host(cluster))
+    largest = footprint.largest
+    echo(f"lmt: memory: {footprint.model.contents()}; the largest share, {largest.task}'s, "
+         f"is {format_size(largest.bytes)}, within the {format_size(cap.bytes)} a task may "
+         f"use ({cap.source})")
     if warning:
         echo(warning)
     return footprint
@@ -210,8 +216,8 @@ def run(setup: Setup, options: RunOptions) -> RunResult:
         log_setup(session, options, setup.info, role, _derived(setup, context.model),
                   context.model.variables, setup.splits)
         if setup.footprint is not None:
-            session.run.log_text(_footprint_record(setup.footprint, trainable),
-                                 "footprint.json")
+            session.run.log_text(_footprint_record(setup.footprint, context.model,
+                                                   trainable), "footprint.json")
         if setup.preprocessing.steps:
             session.run.log_text(setup.preprocessing.as_json(), "preprocessing/fitted.json")
         for stage in setup.stages:
@@ -294,22 +300,27 @@ def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
     }
 
 
-def _footprint_record(footprint: Footprint, trainable: keras.Model) -> str:
+def _footprint_record(footprint: Footprint, model: keras.Model, trainable: keras.Model
+                      ) -> str:
     """``footprint.json``: each task's predicted share (and the model's totals) beside the
-    bytes the built variables and slots really hold on each task."""
+    bytes the built variables and slots really hold on each task, and the model's
+    weights' predicted pieces beside the real ones (name, task, bytes), in its order."""
     optimizer = getattr(trainable, "optimizer", None)
     built = [*trainable.weights, *(optimizer.variables() if optimizer is not None else [])]
-    model = footprint.model
+    described, predicted = footprint.model, dict(footprint.placement)
     return json.dumps({
         "layout": footprint.layout.describe(),
-        "parameters": model.parameters,
-        "variable_bytes": model.variable_bytes,
-        "slot_bytes": model.slot_bytes,
-        "optimizer": model.optimizer,
-        "unknown_slots": model.unknown_slots,
+        "parameters": described.parameters,
+        "variable_bytes": described.variable_bytes,
+        "slot_bytes": described.slot_bytes,
+        "optimizer": described.optimizer,
+        "unknown_slots": described.unknown_slots,
         "predicted": footprint.per_task(),
         "predicted_initialising": {t.name: t.bytes + t.initialising for t in footprint.tasks},
         "built": by_task(placed_bytes(built)),
-        "placement": {name: [list(piece) for piece in pieces]
-                      for name, pieces in footprint.placement},
+        # Piece by piece (a partitioned weight's shards are listed one by one by Keras).
+        "pieces": {"predicted": [[name, *piece] for name in described.weights
+                                 for piece in predicted[name]],
+                   "built": [[weight.name, *piece] for weight in model.weights
+                             for piece in pieces_of(weight)]},
     }, indent=2) + "\n"

@@ -66,6 +66,7 @@ class ModelDescription:
     optimizer: str | None = None  # the optimizer's class name; None: no optimizer
     # Why the optimizer's slots could not be described (then counted as none), or None.
     unknown_slots: str | None = None
+    weights: tuple[str, ...] = ()  # the model's weights (names above), in its own order
 
     @property
     def variable_bytes(self) -> int:
@@ -111,7 +112,7 @@ def describe_model(build_model: Callable[[], keras.Model],
       ``unknown_slots`` instead.
     """
     created: list[tf.Variable] = []
-    slot_of: dict[int, str] = {}
+    slot_of: dict[int, str] = {}  # a slot's model variable (by its handle's name)
 
     def record(next_creator: Callable[..., Any], **kwargs: Any) -> Any:
         variable = next_creator(**kwargs)
@@ -127,18 +128,26 @@ def describe_model(build_model: Callable[[], keras.Model],
             optimizer = build_optimizer() if build_optimizer is not None else None
             unknown = _build_slots(optimizer, model, slot_of) if optimizer else None
             parameters = int(model.count_params())
-            weights = {w.handle.name for w in model.weights}
+            # The weights by the names they have outside this graph (which makes a name
+            # unique by numbering it: dense_0_2/kernel for a builder's second dense_0).
+            names = {w.handle.name: f"{layer.name}/{_name(w).rsplit('/', 1)[-1]}"
+                     for layer in model.layers for w in layer.weights}
+            order = tuple(names.get(w.handle.name, _name(w)) for w in model.weights)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     specs = []
     for index, variable in enumerate(created):
         reference = slot_of.get(id(variable))
         kind = ("slot" if reference else "optimizer" if index >= in_model
-                else "model" if variable.handle.name in weights else "transient")
-        specs.append(VariableSpec(_name(variable), _shape(variable),
-                                  _element_bytes(variable.dtype), kind, reference))
+                else "model" if variable.handle.name in names else "transient")
+        name = names.get(variable.handle.name, _name(variable))
+        if reference:  # m/dense_0_2/kernel: the slot's kind, then its variable's name
+            reference = names.get(reference, reference)
+            name = f"{name.split('/', 1)[0]}/{reference}"
+        specs.append(VariableSpec(name, _shape(variable), _element_bytes(variable.dtype),
+                                  kind, reference))
     return ModelDescription(model.name, parameters, tuple(specs),
-                            type(optimizer).__name__ if optimizer else None, unknown)
+                            type(optimizer).__name__ if optimizer else None, unknown, order)
 
 
 def _build_slots(optimizer: Any, model: keras.Model, slot_of: dict[int, str]) -> str | None:
@@ -150,7 +159,7 @@ def _build_slots(optimizer: Any, model: keras.Model, slot_of: dict[int, str]) ->
 
     def recording(model_variable: Any, *args: Any, **kwargs: Any) -> Any:
         slot = make_slot(model_variable, *args, **kwargs)
-        slot_of[id(slot)] = _name(model_variable)
+        slot_of[id(slot)] = model_variable.handle.name
         return slot
 
     optimizer.add_variable_from_reference = recording  # this instance only
@@ -269,7 +278,8 @@ class Footprint:
         table = "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
                           .rstrip() for r in rows)
         name, size, pieces = self.biggest_piece
-        shards = f" (1 of {pieces} pieces)" if pieces > 1 else ""
+        kind = "shards" if self.layout.strategy == PS_STRATEGY else "copies"
+        shards = f" (1 of {pieces} {kind})" if pieces > 1 else ""
         return (f"memory per task under {self.layout.describe()}: "
                 f"{format_size(self.model.bytes)} in all ({self.model.contents()})\n"
                 f"{table}\n  largest variable or shard: {name}, {format_size(size)}{shards}")
@@ -295,7 +305,10 @@ def plan(model: ModelDescription, layout: Layout) -> Footprint:
             shares += [TaskShare(task, d, variables, slots, extra) for d in layout.devices]
         else:
             shares.append(TaskShare(task, "host", copies * variables, copies * slots, extra))
-    placement = tuple((v.name, tuple((t.name, v.bytes) for t in shares if t.bytes))
+    # One piece per copy: per replica on the host's logical CPUs, per GPU.
+    per_task = len(layout.devices)
+    placement = tuple((v.name, tuple((task, v.bytes) for task in tasks
+                                     for _ in range(per_task)))
                       for v in model.variables if v.kind != "transient")
     return Footprint(model, layout, tuple(shares), placement)
 
@@ -454,6 +467,15 @@ def _remedies(footprint: Footprint, cap: Cap) -> str:
     options.append(f"a cap of at least {needed} (--task-memory)" if cap.source == "--task-memory"
                    else f"a machine with more than {needed} of memory")
     return " or ".join(options)
+
+
+def pieces_of(variable: Any) -> list[tuple[str, int]]:
+    """Where a real (built) variable's pieces are, as ``Footprint.placement`` predicts
+    them: (task, bytes) per shard of a partitioned variable or copy of a mirrored one."""
+    parts = (getattr(variable, "variables", None) or getattr(variable, "values", None)
+             or [variable])
+    return [(task_of(p.device), p.shape.num_elements() * _element_bytes(p.dtype))
+            for p in parts]
 
 
 def placed_bytes(variables: Iterable[Any]) -> dict[str, int]:

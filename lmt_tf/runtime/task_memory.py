@@ -40,15 +40,17 @@ class Peak:
 class TaskMemory:
     """One job's cap, its enforcement, and its tasks' peaks (over every attempt)."""
 
-    def __init__(self, cap: int | None, echo: Callable[[str], None]):
-        """Makes the job's cgroup where a cap is given and the launcher may write it;
-        otherwise says, in one line, that the cap is measured and reported only."""
+    def __init__(self, cap: int | None, echo: Callable[[str], None],
+                 cgroups: Callable[[int], JobCgroups] = JobCgroups):
+        """Makes the job's cgroup (``cgroups(cap)``) where a cap is given and the launcher
+        may write it; otherwise says, in one line, that the cap is measured and reported
+        only."""
         self.cap = cap
         self.cgroups: JobCgroups | None = None
         self.enforcement = "none"
         if cap is not None:
             try:
-                self.cgroups = JobCgroups(cap)
+                self.cgroups = cgroups(cap)
                 self.enforcement = self.cgroups.description
                 echo(f"lmt launch: each task may use {format_size(cap)} (--task-memory), "
                      f"enforced by a memory {self.enforcement} per task")

@@ -299,6 +299,6 @@ def test_the_table_names_every_task() -> None:
     assert lines[0].startswith("memory per task under ParameterServerStrategy, 2 ps, "
                                "MinSizePartitioner(16.0 KB, 2 shards)")
     assert [line.split()[0] for line in lines[2:6]] == ["chief:0", "worker:0", "ps:0", "ps:1"]
-    assert lines[-1] == "  largest variable or shard: table, 31.2 KB (1 of 2 pieces)"
+    assert lines[-1] == "  largest variable or shard: table, 31.2 KB (1 of 2 shards)"
     assert np.isclose(sum(plan(_hand_description(), layout).per_task().values()),
                       2 * VARIABLES + 4)
