@@ -91,6 +91,28 @@ def test_a_task_over_its_cap_is_killed_said_in_one_line_and_leaves_no_group(
 
 
 @pytest.mark.slow
+def test_a_model_too_large_to_initialise_under_the_cap_is_warned_of_then_killed(
+        gin_file, in_tmp: Path) -> None:
+    """286 MB of variables and SGD's slot of as much fit a 1 GB cap, so the pre-flight
+    lets the run start, warning that initialising them (a random draw of 3x the kernel,
+    the preprocessing's first copy of the model) may not fit; the kernel then kills it."""
+    if not _cgroups_writable():
+        pytest.skip("memory cgroups cannot be written here")
+    before = _groups()
+    exp = gin_file(TINY + "build_mlp.hidden_units = (1000000,)\nTrainConfig.epochs = 1\n")
+    launch = Launch(["--workers", "1", "--task-memory", "1G", "--timeout", "90", exp], in_tmp)
+    assert launch.wait(150) != 0, launch.output
+    assert ("[worker:0] lmt: warning: worker:0 holds 572.2 MB of variables and slots, within "
+            "the 1.0 GB it may use (--task-memory), but may need about") in launch.output
+    assert ("lmt launch: worker:0 was killed by the kernel for going over its memory cap of "
+            "1.0 GB (--task-memory, cgroup v1)") in launch.output
+    (run,) = all_runs(in_tmp)
+    assert run.info.status == "KILLED" and "loss" not in run.data.metrics
+    assert run.data.metrics["memory/peak_charged_bytes/worker_0"] <= 1 << 30
+    assert _groups() == before
+
+
+@pytest.mark.slow
 def test_a_parameter_server_job_logs_every_tasks_peak_and_matches_its_footprint(
         in_tmp: Path) -> None:
     """MovieLens' tables partitioned over 2 ps: the footprint predicted before the model
