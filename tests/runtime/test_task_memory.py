@@ -160,3 +160,30 @@ def test_a_parameter_server_job_logs_every_tasks_peak_and_matches_its_footprint(
     assert re.search(rf"\[chief:0\] lmt: memory: .* Adam slots; the largest share, ps:\d's, "
                      rf"is {format_size(largest)}, within the 2.0 GB a task may use "
                      rf"\(--task-memory\)", launch.output), launch.output
+
+
+@pytest.mark.slow
+def test_partitioned_layers_behind_preprocessing_are_where_the_footprint_puts_them(
+        gin_file, in_tmp: Path) -> None:
+    """Digits' MLP with its rescaling in front, on 3 ps with 1 KB shards: the
+    preprocessing first builds the model and then a copy of it (whose variables are the
+    model's), so the copy's pieces start where the first one's left the round-robin
+    count. Every piece of every weight is where the footprint said."""
+    exp = gin_file(TINY + "build_mlp.hidden_units = (64, 30)\nTrainConfig.epochs = 1\n"
+                          "parameter_server_strategy.min_shard_bytes = 1024\n"
+                          "run_experiment.stages = [@train()]\n")
+    launch = Launch(["--workers", "1", "--ps", "3", "--timeout", "150", exp], in_tmp)
+    assert launch.wait(200) == 0, launch.output
+    (run,) = all_runs(in_tmp)
+    record = json.loads(Path(mlflow_client(in_tmp).download_artifacts(
+        run.info.run_id, "footprint.json", str(in_tmp))).read_text())
+    predicted, built = record["pieces"]["predicted"], record["pieces"]["built"]
+    assert [piece[1:] for piece in predicted] == [piece[1:] for piece in built]
+    kernel = [task for name, task, _ in built if name.startswith("dense_0/kernel/part_")]
+    assert sorted(kernel) == ["ps:0", "ps:1", "ps:2"] and kernel[0] != "ps:0"
+    assert set(record["built"]) == {"ps:0", "ps:1", "ps:2"}  # nothing on chief or worker
+    for task, held in record["built"].items():  # all but the optimizer's scalars
+        assert abs(record["predicted"][task] - held) <= 64
+    assert run.data.tags["lmt.task_memory"] == "none"
+    assert {f"memory/peak_rss_bytes/{t}" for t in ("chief_0", "worker_0", "ps_0", "ps_1",
+                                                   "ps_2")} <= set(run.data.metrics)
