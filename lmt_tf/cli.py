@@ -137,6 +137,11 @@ def _experiment_commands(commands: Any, gin_options: argparse.ArgumentParser,
                         help="isolated (default): the tasks run in a network namespace of "
                              "the job's own, unreachable from other hosts; host: this "
                              "machine's network (needed to reach a tracking server)")
+    launch.add_argument("--task-memory", default=None, metavar="SIZE",
+                        help="memory each task may use, e.g. 2G or 512M: checked before "
+                             "training against each task's share of the variables and "
+                             "optimizer slots, and enforced with a memory cgroup per task "
+                             "where lmt may write them (else measured and reported)")
 
 
 

@@ -138,10 +138,13 @@ def launch(args: argparse.Namespace) -> int:
     run_args = _gin_args(args)
     if args.allow_changes:
         run_args.append("--allow-changes")
+    from lmt_tf.runtime.memory import parse_size
+
     job = launcher.Job(run_args, args.workers, args.ps, args.restarts, args.timeout,
                        args.evaluator, resume=args.resume, run_name=args.run_name,
                        network=args.network, gpus_per_worker=args.gpus_per_worker,
-                       share_gpus=args.share_gpus)
+                       share_gpus=args.share_gpus,
+                       task_memory=parse_size(args.task_memory) if args.task_memory else None)
     return launcher.launch(job, echo=lambda line: print(line, flush=True),
                            echo_error=lambda line: print(line, file=sys.stderr, flush=True))
 

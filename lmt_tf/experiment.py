@@ -6,6 +6,7 @@ dry run, a Flower client, a side-car evaluator)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,24 @@ from lmt_tf.checks import configured_call
 from lmt_tf.compression.report import CompressionReport
 from lmt_tf.data.pipeline import Padding, bucket_lengths, padding
 from lmt_tf.data.splits import Split, Splits
-from lmt_tf.errors import ConfigError
+from lmt_tf.errors import ConfigError, LmtError
 from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.optim.model_transforms import inference_model
 from lmt_tf.rundir import check_name
 from lmt_tf.runtime.devices import unseen_gpus
 from lmt_tf.runtime.env import set_seed
+from lmt_tf.runtime.footprint import (
+    Footprint,
+    by_task,
+    check_fits,
+    describe_model,
+    layout_of,
+    on_one_host,
+    pieces_of,
+    placed_bytes,
+    plan,
+)
+from lmt_tf.runtime.memory import format_size, task_cap
 from lmt_tf.runtime.strategy import default_strategy, describe, role_of
 from lmt_tf.session import config_path, log_setup, open_session
 from lmt_tf.stages import RunContext, Setup, Stage, default_stages
@@ -119,17 +132,67 @@ def prepare(experiment: Experiment, options: RunOptions) -> Setup:
     padded = _padding(splits, plan, experiment.seed, configs, preprocessing.steps)
     if padded:
         echo(f"lmt: {padded.describe()}")
-    return Setup(name, strategy, info, role_of(strategy), splits, preprocessing,
-                 preprocessing.wrap(experiment.model), trainer, plan, experiment.seed,
-                 experiment.work_dir, configs, stages)
+    model_fn = preprocessing.wrap(experiment.model)
+    return Setup(name, strategy, info, role_of(strategy), splits, preprocessing, model_fn,
+                 trainer, plan, experiment.seed, experiment.work_dir, configs, stages,
+                 _preflight(strategy, model_fn, splits, configs, echo))
+
+
+def _preflight(strategy: tf.distribute.Strategy, model_fn: Callable[..., keras.Model],
+               splits: Splits, configs: Configs, echo: Callable[[str], None]
+               ) -> Footprint | None:
+    """The pre-flight size check, before any model is built: each task's share of the
+    variables and optimizer slots under the strategy (the chief of a cluster works out
+    every task's), against the memory a task may use (``lmt launch --task-memory``, else
+    this machine's).
+
+    Returns:
+      The footprint; None (said in one line) where the model cannot be described in a
+      graph, which skips the check.
+
+    Raises:
+      ConfigError: in one line, for a task whose share does not fit its cap.
+    """
+    try:
+        description = describe_model(
+            lambda: configured_call(model_fn, "run_experiment.model",
+                                    input_shape=splits.input_shape,
+                                    num_classes=splits.num_classes),
+            lambda: configured_call(configs.train.optimizer, "TrainConfig.optimizer"),
+            configs.train.precision)
+    except LmtError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a builder that only works eagerly: no check)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        echo(f"lmt: the model's size could not be worked out before building it "
+             f"({type(e).__name__}: {reason}); the pre-flight size check is skipped")
+        return None
+    footprint = plan(description, layout_of(strategy))
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    cap = task_cap()
+    warning = check_fits(footprint, cap, same_host=bool(cluster) and on_one_host(cluster))
+    largest = footprint.largest
+    echo(f"lmt: memory: {footprint.model.contents()}; the largest share, {largest.task}'s, "
+         f"is {format_size(largest.bytes)}, within the {format_size(cap.bytes)} a task may "
+         f"use ({cap.source})")
+    if warning:
+        echo(warning)
+    return footprint
 
 
 def describe_run(setup: Setup, options: RunOptions) -> None:
-    """The dry run: what ``run`` would do, with the model built (its parameters) and the
-    resolved config; nothing is trained or logged."""
-    built = inference_model(setup.trainer.build_model(setup.model_fn, setup.splits))
+    """The dry run: what ``run`` would do: the model's parameters and each task's share
+    of its variables and slots (worked out without building it), the stages and the
+    resolved config; nothing is allocated, trained or logged."""
     echo = options.echo
-    echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
+    if setup.footprint is not None:
+        model = setup.footprint.model
+        echo(f"lmt: model {model.name}: {model.parameters:,} parameters")
+        echo(f"lmt: {setup.footprint.describe()}")
+    else:  # a model that cannot be described in a graph is built to be counted
+        built = inference_model(setup.trainer.build_model(setup.model_fn, setup.splits))
+        echo(f"lmt: model {built.name}: {built.count_params():,} parameters")
     echo(f"lmt: stages: {', '.join(stage.describe() for stage in setup.stages)}")
     echo(f"lmt: would train {setup.configs.train.epochs} epoch(s) in "
          f"{setup.work_dir}/{setup.name}; resolved config:\n"
@@ -155,6 +218,9 @@ def run(setup: Setup, options: RunOptions) -> RunResult:
                              if compressing else None)
         log_setup(session, options, setup.info, role, _derived(setup, context.model),
                   context.model.variables, setup.splits, optimizers(trainable))
+        if setup.footprint is not None:
+            session.run.log_text(_footprint_record(setup.footprint, context.model,
+                                                   trainable), "footprint.json")
         if setup.preprocessing.steps:
             session.run.log_text(setup.preprocessing.as_json(), "preprocessing/fitted.json")
         for stage in setup.stages:
@@ -226,10 +292,38 @@ def _derived(setup: Setup, model: keras.Model) -> dict[str, Any]:
         "derived.global_batch_size": plan.global_batch_size,
         "derived.per_replica_batch_size": plan.per_replica_batch_size,
         "derived.steps_per_epoch": plan.steps_per_epoch,
-        "derived.parameters": model.count_params(),
+        # From the graph-built description where there is one (as the dry run counts).
+        "derived.parameters": (setup.footprint.model.parameters if setup.footprint
+                               else model.count_params()),
         "derived.dataset": splits.name,
         "derived.preprocessing": preprocessing.describe(),
         "derived.model_input_features": int(np.prod(preprocessing.output_shape)),
         **{f"derived.{k}_examples": v for k, v in splits.sizes().items()},
         **(padded.params() if padded else {}),  # documents: the share of padding
     }
+
+
+def _footprint_record(footprint: Footprint, model: keras.Model, trainable: keras.Model
+                      ) -> str:
+    """``footprint.json``: each task's predicted share (and the model's totals) beside the
+    bytes the built variables and slots really hold on each task, and the model's
+    weights' predicted pieces beside the real ones (name, task, bytes), in its order."""
+    optimizer = getattr(trainable, "optimizer", None)
+    built = [*trainable.weights, *(optimizer.variables() if optimizer is not None else [])]
+    described, predicted = footprint.model, dict(footprint.placement)
+    return json.dumps({
+        "layout": footprint.layout.describe(),
+        "parameters": described.parameters,
+        "variable_bytes": described.variable_bytes,
+        "slot_bytes": described.slot_bytes,
+        "optimizer": described.optimizer,
+        "unknown_slots": described.unknown_slots,
+        "predicted": footprint.per_task(),
+        "predicted_initialising": {t.name: t.bytes + t.initialising for t in footprint.tasks},
+        "built": by_task(placed_bytes(built)),
+        # Piece by piece (a partitioned weight's shards are listed one by one by Keras).
+        "pieces": {"predicted": [[name, *piece] for name in described.weights
+                                 for piece in predicted[name]],
+                   "built": [[weight.name, *piece] for weight in model.weights
+                             for piece in pieces_of(weight)]},
+    }, indent=2) + "\n"

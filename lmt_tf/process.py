@@ -25,6 +25,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT)
 # says why).
 JOB_FILE_ENV = "LMT_JOB_FILE"
 JOB_NETWORK_ENV = "LMT_JOB_NETWORK"
+# Set by `lmt launch --task-memory` in every task's environment: the bytes each task may
+# use, against which a task's pre-flight size check compares its share of the model
+# (without it, `lmt run` compares against the machine's memory).
+TASK_MEMORY_ENV = "LMT_TASK_MEMORY"
 # Set by `lmt sweep` for its trials: the MLflow run they are nested under, and (JSON)
 # the Optuna trial a pruned sweep's child reports each epoch to.
 PARENT_RUN_ENV = "LMT_PARENT_RUN_ID"

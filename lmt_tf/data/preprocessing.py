@@ -271,8 +271,20 @@ class PreprocessedModel:
         # layer has this graph as its only one and `layer.input` means this model's.
         flat = keras.Model(raw, core.call(x), name=core.name)
         model = keras.models.clone_model(flat)
-        model.set_weights(flat.get_weights())
+        _copy_weights(flat, model)
         return model
+
+
+def _copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """``source``'s weights into ``target``'s, variable to variable (shard to shard for
+    partitioned ones): never the whole model through this process's memory as
+    ``get_weights``/``set_weights`` would (a model's variables on parameter servers), and
+    nothing run in a graph (where ``runtime.footprint`` describes a model without
+    initialising it)."""
+    for to, of in zip(target.weights, source.weights, strict=True):
+        for part, value in zip(getattr(to, "variables", None) or [to],
+                               getattr(of, "variables", None) or [of], strict=True):
+            part.assign(value)
 
 
 def _check_takes(model_fn: Callable[..., keras.Model], extra: dict[str, Any]) -> None:

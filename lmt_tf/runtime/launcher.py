@@ -4,10 +4,15 @@ its own ``TF_CONFIG``, output prefixed with its role, and nothing left running a
 Multi-worker mirrored (no ps): N workers, worker 0 is the chief; the job succeeds when
 every worker succeeds and fails when any fails. Parameter server (M >= 1 ps): a chief
 (the coordinator), N workers and M ps; the job is the chief's: a lost worker is not fatal
-(the coordinator reschedules its steps), a lost ps is: its shards of the variables are
-gone, so the other tasks are killed at once (nothing is left to save, and a coordinator
-that lost a ps hangs in TensorFlow's teardown until killed) and a restart continues from
-the last checkpoint.
+(the coordinator reschedules its steps) unless it was the last, a lost ps is: its shards
+of the variables are gone, so the other tasks are killed at once (nothing is left to
+save, and a coordinator that lost a ps hangs in TensorFlow's teardown until killed) and
+a restart continues from the last checkpoint.
+
+With ``--task-memory`` every task is told its cap (its pre-flight size check compares its
+share of the model against it) and, where the launcher may write the kernel's memory
+cgroups, kept to it (``task_memory``); each task's peak memory is printed at the end and
+logged into the job's run.
 
 A job names its run (``--run-name``), so a restart resumes exactly the run this job
 made, never another run of the same experiment. When the job is stopped (timeout,
@@ -37,6 +42,7 @@ from lmt_tf.process import (
 from lmt_tf.runtime.devices import DevicePlan, plan_cluster, visible_gpus
 from lmt_tf.runtime.netns import JobNamespace
 from lmt_tf.runtime.processes import ProcessGroup, Task, free_ports
+from lmt_tf.runtime.task_memory import TaskMemory
 from lmt_tf.tracking.credentials import redact_uri
 from lmt_tf.tracking.store import end_orphaned_runs
 
@@ -60,6 +66,7 @@ class Job:
     network: str = "isolated"
     gpus_per_worker: int | None = None  # None: the visible GPUs split evenly (devices.py)
     share_gpus: bool = False  # let more workers than GPUs share them
+    task_memory: int | None = None  # bytes each task may use (--task-memory); None: no cap
 
     def devices(self) -> DevicePlan:
         """Each task's GPUs on this host (see ``devices.plan_cluster``).
@@ -88,16 +95,20 @@ def cluster_spec(workers: int, ps: int, ports: Sequence[int],
 
 def start_cluster(spec: dict[str, list[str]], command: Sequence[str],
                    echo: Callable[[str], None], echo_error: Callable[[str], None],
-                   environment: dict[str, str], devices: DevicePlan) -> ProcessGroup:
+                   environment: dict[str, str], devices: DevicePlan,
+                   wrap: Callable[[str, Sequence[str]], list[str]] | None = None
+                   ) -> ProcessGroup:
     """One ``command`` per task of ``spec``, each with its ``TF_CONFIG`` and its part of
-    the host's GPUs (``devices``)."""
+    the host's GPUs (``devices``), as ``wrap(task name, command)`` runs it (its memory
+    cgroup) if given."""
     group = ProcessGroup(echo, echo_error)
     # The training tasks' TF_CONFIG does not list the evaluator; its own does.
     training = {job: addresses for job, addresses in spec.items() if job != "evaluator"}
     for task_type, addresses in spec.items():
         for task_id in range(len(addresses)):
             cluster = spec if task_type == "evaluator" else training
-            group.start(Task(task_type, task_id), command, {
+            task = Task(task_type, task_id)
+            group.start(task, wrap(task.name, command) if wrap else command, {
                 **environment, **devices.task(f"{task_type}:{task_id}").environment(),
                 "GRPC_FAIL_FAST": "use_caller",
                 "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
@@ -106,17 +117,28 @@ def start_cluster(spec: dict[str, list[str]], command: Sequence[str],
 
 
 def _outcome(cluster: ProcessGroup, parameter_server: bool,
-             echo: Callable[[str], None], lost: set[Task]) -> int | None:
-    """The job's exit status once decided, else None."""
+             echo: Callable[[str], None], lost: set[Task],
+             killed_by_cap: Callable[[str, int], str | None] = lambda task, code: None
+             ) -> int | None:
+    """The job's exit status once decided, else None. A task the memory cap killed is
+    said so (``killed_by_cap``) before what follows from its end."""
     codes = {task: p.poll() for task, p in cluster.processes.items()}
     for task, code in codes.items():
         if code is None or code == 0:
             continue
+        if task not in lost:
+            cause = killed_by_cap(task.name, code)
+            if cause:
+                echo(cause)
         if parameter_server and task.task_type == "worker":
             if task not in lost:
                 lost.add(task)
                 echo(f"lmt launch: {task.name} exited with status {code}; the coordinator "
                      f"reschedules its steps on the other workers")
+            if all(t in lost for t in codes if t.task_type == "worker"):
+                # Nothing restarts a lost worker: with none left no step can run.
+                echo("lmt launch: no worker is left to run steps; stopping the cluster")
+                return code
             continue
         echo(f"lmt launch: {task.name} exited with status {code}; stopping the cluster")
         if parameter_server and task.task_type == "ps" and code != EXIT_USER_ERROR:
@@ -169,26 +191,44 @@ def launch(job: Job, echo: Callable[[str], None] = print,
                        f"other hosts: see the README's security section)")
     devices = job.devices()
     echo(f"lmt launch: devices: {devices.describe()}")
+    if job.task_memory is not None and job.task_memory <= 0:
+        raise LmtError(f"--task-memory must be a positive size, got {job.task_memory}")
     run_name = job.run_name
     if run_name is None and not job.resume:
         run_name = f"{Path(job.run_args[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    memory = TaskMemory(job.task_memory, echo)
+    try:
+        return _attempts(job, run_name, devices, memory, echo, echo_error or echo)
+    finally:
+        memory.close()  # its tasks are gone: every attempt reaps them
+        if memory.peaks:
+            echo(memory.table())
+
+
+def _attempts(job: Job, run_name: str | None, devices: DevicePlan, memory: TaskMemory,
+              echo: Callable[[str], None], echo_error: Callable[[str], None]) -> int:
+    """The job's attempts: the first, then a restart (``--resume``) after each failure
+    a restart can help, up to ``job.restarts``; returns the last one's status."""
     resume = job.resume
     status = 1
     with tempfile.TemporaryDirectory(prefix="lmt-launch-") as scratch:
         report = Path(scratch) / "run.json"
         for attempt in range(job.restarts + 1):
             command = task_command(job, run_name, resume)
-            environment = {JOB_FILE_ENV: str(report), JOB_NETWORK_ENV: job.network}
+            environment = {JOB_FILE_ENV: str(report), JOB_NETWORK_ENV: job.network,
+                           **memory.environment()}
+            memory.start_attempt()
             if job.network == "isolated":
                 with JobNamespace() as namespace:
                     status = _attempt(namespace.command(command), job, echo,
-                                      echo_error or echo, environment, devices)
+                                      echo_error, environment, devices, memory)
             else:
-                status = _attempt(command, job, echo, echo_error or echo, environment,
-                                  devices)
+                status = _attempt(command, job, echo, echo_error, environment, devices,
+                                  memory)
             made = json.loads(report.read_text()) if report.is_file() else None
             if status != 0 and made:
                 _end_orphaned_run(made, echo)
+            memory.log(made, memory.end_attempt(), attempt + 1, echo)
             if run_name is None and made:  # resumed the latest: keep to it
                 run_name = made["run_name"]
             if status in (0, EXIT_INTERRUPTED) or attempt == job.restarts:
@@ -212,15 +252,23 @@ def _end_orphaned_run(made: dict[str, str], echo: Callable[[str], None]) -> None
 
 def _attempt(command: Sequence[str], job: Job, echo: Callable[[str], None],
              echo_error: Callable[[str], None], environment: dict[str, str],
-             devices: DevicePlan) -> int:
+             devices: DevicePlan, memory: TaskMemory) -> int:
     tasks = job.workers + (1 + job.ps if job.ps else 0) + (1 if job.evaluator else 0)
     spec = cluster_spec(job.workers, job.ps, free_ports(tasks), job.evaluator)
     echo(f"lmt launch: cluster {json.dumps(spec)}")
-    cluster = start_cluster(spec, command, echo, echo_error, environment, devices)
+    cluster = start_cluster(spec, command, echo, echo_error, environment, devices,
+                            memory.command)
     lost: set[Task] = set()
-    return cluster.supervise(lambda: _outcome(cluster, job.ps > 0, cluster.echo, lost),
-                             job.timeout, f"lmt launch: no result after {job.timeout:g} s; "
-                                          f"stopping the cluster")
+
+    def outcome() -> int | None:
+        memory.sample(cluster.processes)
+        status = _outcome(cluster, job.ps > 0, cluster.echo, lost, memory.killed_by_cap)
+        if status is not None:  # the last look before the cluster is stopped
+            memory.sample(cluster.processes, force=True)
+        return status
+
+    return cluster.supervise(outcome, job.timeout, f"lmt launch: no result after "
+                                                   f"{job.timeout:g} s; stopping the cluster")
 
 
 def project_file(path: str) -> Path:

@@ -88,6 +88,7 @@ def mirrored_strategy(
 
 
 _ROLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PARTITIONING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMMUNICATION = {
     "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
     "ring": tf.distribute.experimental.CommunicationImplementation.RING,
@@ -171,9 +172,10 @@ def parameter_server_strategy(max_shards: Annotated[int, Range(ge=1)] | None = N
         serve(resolver)
     partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
         min_shard_bytes=min_shard_bytes, max_shards=max_shards or role.ps)
-    return _with_role(
-        tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner),
-        resolver)
+    strategy = tf.distribute.ParameterServerStrategy(resolver,
+                                                     variable_partitioner=partitioner)
+    _PARTITIONING[strategy] = Partitioning(min_shard_bytes, max_shards)
+    return _with_role(strategy, resolver)
 
 
 def serve(resolver: tf.distribute.cluster_resolver.ClusterResolver) -> None:
@@ -210,6 +212,21 @@ def describe(strategy: tf.distribute.Strategy) -> StrategyInfo:
     name = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy",
             "ParameterServerStrategyV2": "ParameterServerStrategy"}.get(name, name)
     return StrategyInfo(name, strategy.num_replicas_in_sync, devices)
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """How ``parameter_server_strategy`` splits variables over the ps tasks: TensorFlow's
+    ``MinSizePartitioner(min_shard_bytes, max_shards or <number of ps>)``."""
+
+    min_shard_bytes: int
+    max_shards: int | None  # None: one shard per ps task
+
+
+def partitioning_of(strategy: tf.distribute.Strategy) -> Partitioning | None:
+    """The partitioning ``parameter_server_strategy`` gave ``strategy``; None for any
+    other strategy."""
+    return _PARTITIONING.get(strategy)
 
 
 def role_of(strategy: tf.distribute.Strategy) -> Role:

@@ -19,6 +19,7 @@ from lmt_tf.data.splits import Splits
 from lmt_tf.errors import ConfigError
 from lmt_tf.invocation import Configs, RunOptions
 from lmt_tf.rundir import RunDir
+from lmt_tf.runtime.footprint import Footprint
 from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
 from lmt_tf.session import Session
@@ -46,6 +47,9 @@ class Setup:
     work_dir: str
     configs: Configs
     stages: Sequence[Stage]
+    # Each task's share of the variables and slots, worked out before the model is built
+    # (None where the model could not be described without building it).
+    footprint: Footprint | None = None
 
 
 @dataclass
