@@ -57,22 +57,28 @@ def test_the_dry_run_prints_each_tasks_share_and_counts_without_building(
     assert all_runs(in_tmp) == []
 
 
+@pytest.mark.parametrize("strategy, copies, share", [("default_strategy", 1, "18.8 KB"),
+                                                      ("mirrored_strategy", 2, "37.7 KB")])
 def test_a_run_logs_the_described_parameters_and_its_footprint(gin_file, in_tmp: Path,
-                                                               capsys) -> None:
+                                                               capsys, strategy: str,
+                                                               copies: int, share: str) -> None:
+    """TINY: 2,410 float32 parameters (9.4 KB) and SGD's momentum slot of as much, once
+    per process or once per replica on the host's two logical CPUs."""
     import json
 
-    exp = gin_file(TINY)
-    assert main(["run", exp]) == 0
+    exp = gin_file(TINY + "TrainConfig.epochs = 1\nExportConfig.mlflow_model = False\n")
+    assert main(["run", exp, "--gin_param", f"run_experiment.strategy = @{strategy}"]) == 0
     out = capsys.readouterr().out
-    assert ("lmt: memory: 9.4 KB variables + 9.4 KB SGD slots; the largest share, "
-            "chief:0's, is 18.8 KB, within the") in out
+    assert (f"lmt: memory: 9.4 KB variables + 9.4 KB SGD slots; the largest share, "
+            f"chief:0's, is {share}, within the") in out
     (run,) = all_runs(in_tmp)
     assert run.data.params["derived.parameters"] == "2410"  # as count_params counts
     record = json.loads(Path(mlflow_client(in_tmp).download_artifacts(
         run.info.run_id, "footprint.json", str(in_tmp))).read_text())
     pieces = record["pieces"]
     assert [p[1:] for p in pieces["predicted"]] == [p[1:] for p in pieces["built"]]
-    assert abs(record["predicted"]["chief:0"] - record["built"]["chief:0"]) <= 64
+    assert len(pieces["built"]) == 4 * copies  # a copy of each weight per replica
+    assert abs(record["predicted"]["chief:0"] - record["built"]["chief:0"]) <= 64 * copies
 
 
 @pytest.mark.parametrize("cap", ["1", "oops"])

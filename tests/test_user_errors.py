@@ -329,8 +329,17 @@ def test_a_user_mistake_is_one_line_exit_2_and_no_running_run(
 def test_a_run_that_fails_before_training_is_failed_with_its_error(gin_file, in_tmp: Path,
                                                                    capsys) -> None:
     gin_file(TINY)
-    assert main(["run", "exp.gin", "--gin_param", "build_mlp.activation = 'wiggly'"]) == 2
+    # (A model builder's error comes before the run, from the pre-flight size check; a
+    # technique's check of the strategy comes as the trainer builds, inside the run.)
+    assert main(["run", "exp.gin", "--gin_param", "TrainConfig.local_steps = 2"]) == 2
     (run,) = all_runs(in_tmp)  # the model is built once the run has started
     assert run.info.status == "FAILED"
-    assert "run_experiment.model:" in run.data.tags["lmt.error"]
+    assert "TrainConfig.local_steps cannot be used" in run.data.tags["lmt.error"]
     assert "test_loss" not in run.data.metrics
+
+
+def test_a_model_builders_error_comes_before_any_run(gin_file, in_tmp: Path, capsys) -> None:
+    gin_file(TINY)
+    assert main(["run", "exp.gin", "--gin_param", "build_mlp.activation = 'wiggly'"]) == 2
+    assert "lmt: error: run_experiment.model:" in capsys.readouterr().err
+    assert all_runs(in_tmp) == []  # described (and refused) before the run started

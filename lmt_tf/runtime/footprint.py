@@ -362,8 +362,9 @@ def _parameter_servers(model: ModelDescription, layout: Layout) -> Footprint:
                 held[ps][3] = max(held[ps][3], size)
             else:
                 biggest_slot = max(biggest_slot, size)
-    # The coordinator makes each slot's initial value (zeros) itself and sends it to the
-    # ps task: one slot piece at a time passes through its memory.
+    # The coordinator makes each slot's initial value (tf-keras' zeros, an eager tensor)
+    # itself and sends it to the ps task: a slot piece at a time passes through its
+    # memory (a lower bound: building, evaluating and saving on the coordinator add theirs).
     shares = [TaskShare("chief:0", initialising=biggest_slot)]
     shares += [TaskShare(f"worker:{i}") for i in range(layout.workers)]
     shares += [TaskShare(f"ps:{i}", "host", v, s, t + (RANDOM_INIT_FACTOR - 1) * big)

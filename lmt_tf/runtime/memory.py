@@ -120,13 +120,13 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and every process descended from it (from ``/proc``)."""
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from ``/proc`` (one pass, for several trees)."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return [pid]
+        return children
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -136,6 +136,13 @@ def process_tree(pid: int) -> list[int]:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after the name
         children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """``pid`` and every process descended from it (``children``: from
+    ``children_by_parent``, read now if not given)."""
+    children = children_by_parent() if children is None else children
     tree, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -144,9 +151,9 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_hwm(pid: int) -> int | None:
+def tree_hwm(pid: int, children: dict[int, list[int]] | None = None) -> int | None:
     """The summed peak resident sets of ``pid``'s process tree (an upper bound of the
     tree's peak: its processes may peak at different times); None once ``pid`` is gone."""
-    peaks = [vm_hwm(p) for p in process_tree(pid)]
+    peaks = [vm_hwm(p) for p in process_tree(pid, children)]
     known = [p for p in peaks if p is not None]
     return sum(known) if peaks and peaks[0] is not None else None

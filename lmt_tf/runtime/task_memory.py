@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lmt_tf.errors import LmtError
 from lmt_tf.process import TASK_MEMORY_ENV
 from lmt_tf.runtime.cgroups import CgroupUnavailable, JobCgroups
-from lmt_tf.runtime.memory import format_size, tree_hwm
+from lmt_tf.runtime.memory import children_by_parent, format_size, tree_hwm
 from lmt_tf.runtime.processes import Task
 
 SAMPLE_SECONDS = 1.0  # between reads of the tasks' VmHWM (a high-water mark: none is lost
@@ -90,9 +90,10 @@ class TaskMemory:
         if not force and now - self._sampled < SAMPLE_SECONDS:
             return
         self._sampled = now
+        children = children_by_parent()
         for task, process in processes.items():
             if process.poll() is None:
-                rss = tree_hwm(process.pid)
+                rss = tree_hwm(process.pid, children)
                 if rss is not None:
                     peak = self._attempt.get(task.name, Peak())
                     self._attempt[task.name] = peak.merge(Peak(rss=rss))
