@@ -7,9 +7,9 @@
   (b) examples/s of training it with `lmt launch --workers 2 --ps 4 --task-memory CAP`
       for a fixed number of steps, and the same at 1/100 of the size
       (experiments/clicklog_dlrm_ps.gin: same data, same batch);
-  (c) every task's peak RSS (each below the full table's bytes), the checkpoint's bytes
-      and save seconds, and a restore's seconds (the job resumed once for one more epoch,
-      which also exports);
+  (c) every task's peak RSS (each below the full table's bytes while training), the
+      checkpoint's bytes and save seconds, and a restore's seconds and peaks (the job
+      resumed once, under --resume-cap: a restore briefly holds a ps task's share twice);
   (d) the export: the SavedModel's bytes, its load seconds and peak RSS in a fresh
       process (a serving process holds the whole table), and raw rows answered;
   (e) quality: test log-loss and AUC of experiments/clicklog_dlrm.gin's DLRM (default
@@ -132,32 +132,37 @@ def preflight(root: Path, cap: str) -> dict[str, Any]:
             "mirrored_refusal": refusal, "mirrored_exit_status": code}
 
 
-def train_on_ps(root: Path, file: str, name: str, cap: str, steps: int, resume: bool,
-                timeout: float) -> dict[str, Any]:
+def train_on_ps(root: Path, file: str, name: str, cap: str, steps: int, timeout: float,
+                export: bool = True, resume_cap: str | None = None) -> dict[str, Any]:
     """(b), (c): ``file`` trained for ``steps`` steps on 2 workers and 4 ps under the cap
-    (no export), then, with ``resume``, resumed for one more epoch of as many steps,
-    which restores the checkpoint and exports the SavedModel."""
+    (the SavedModel exported if ``export``); with ``resume_cap``, the finished job is
+    resumed once (``--resume``: the checkpoint restored, nothing left to train) under that
+    cap, to time a restore. A restore holds a ps task's share twice for a moment (its
+    variables, and the tensors TensorFlow's RestoreV2 reads for all of them at once), so
+    it needs a larger cap than training."""
     cwd = root / name
-    base = ["--workers", "2", "--ps", "4", "--task-memory", cap, "--run-name", name,
+    base = ["--workers", "2", "--ps", "4", "--run-name", name,
             "--gin_param", f"TrainConfig.steps_per_epoch = {steps}",
-            *data_bindings(root)]
-    first = ["launch", str(REPO / file), *base]
-    if resume:
-        first += ["--gin_param", "ExportConfig.saved_model = False",
-                  "--gin_param", "ExportConfig.mlflow_model = False"]
-    else:
-        first += ["--gin_param", "ExportConfig.mlflow_model = False"]
-    code, out, seconds = lmt(first, cwd, root / f"{name}-1.log", timeout)
+            "--gin_param", "ExportConfig.mlflow_model = False", *data_bindings(root)]
+    if not export:
+        base += ["--gin_param", "ExportConfig.saved_model = False"]
+    code, out, seconds = lmt(["launch", str(REPO / file), "--task-memory", cap, *base], cwd,
+                             root / f"{name}-1.log", timeout)
     result: dict[str, Any] = {"exit_status": [code], "wall_seconds": [round(seconds, 1)],
+                              "caps": [cap],
                               "peaks": [dict((t, r) for t, r, _ in PEAK.findall(out))]}
-    if code == 0 and resume:
-        again = ["launch", str(REPO / file), *base, "--resume", "--allow-changes",
-                 "--gin_param", "TrainConfig.epochs = 2",
-                 "--gin_param", "ExportConfig.mlflow_model = False"]
-        code, out, seconds = lmt(again, cwd, root / f"{name}-2.log", timeout)
+    if code == 0 and resume_cap:
+        code, out, seconds = lmt(["launch", str(REPO / file), "--task-memory", resume_cap,
+                                  *base, "--resume"], cwd, root / f"{name}-2.log", timeout)
         result["exit_status"].append(code)
         result["wall_seconds"].append(round(seconds, 1))
+        result["caps"].append(resume_cap)
         result["peaks"].append(dict((t, r) for t, r, _ in PEAK.findall(out)))
+    return collect(cwd, result)
+
+
+def collect(cwd: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with what the one run in ``cwd`` logged."""
     client, run = only_run(cwd)
     metrics = run.data.metrics
     result.update({
@@ -165,9 +170,10 @@ def train_on_ps(root: Path, file: str, name: str, cap: str, steps: int, resume: 
         "parameters": int(run.data.params.get("derived.parameters", 0)),
         "examples_per_second": [round(v, 1) for v in history(client, run,
                                                                "examples_per_second")],
-        "peak_rss_bytes": {k.rsplit("/", 1)[1]: v for k, v in metrics.items()
+        # one value per launch: training, then the resume
+        "peak_rss_bytes": {k.rsplit("/", 1)[1]: history(client, run, k) for k in metrics
                            if k.startswith("memory/peak_rss_bytes/")},
-        "peak_charged_bytes": {k.rsplit("/", 1)[1]: v for k, v in metrics.items()
+        "peak_charged_bytes": {k.rsplit("/", 1)[1]: history(client, run, k) for k in metrics
                                if k.startswith("memory/peak_charged_bytes/")},
         "checkpoint_bytes": metrics.get("checkpoint/bytes"),
         "checkpoint_save_seconds": history(client, run, "checkpoint/save_seconds"),
@@ -176,8 +182,6 @@ def train_on_ps(root: Path, file: str, name: str, cap: str, steps: int, resume: 
         "test_loss": metrics.get("test_loss"), "test_click_auc": metrics.get("test_click_auc"),
         "bayes_test_logloss": metrics.get("data/bayes_test_logloss"),
         "bayes_test_auc": metrics.get("data/bayes_test_auc"),
-        "peak_rss_history": {k.rsplit("/", 1)[1]: history(client, run, k)
-                             for k in metrics if k.startswith("memory/peak_rss_bytes/")},
     })
     saved = sorted(cwd.glob("lmt_work/*/*/export/saved_model"))
     result["saved_model"] = str(saved[-1]) if saved else None
@@ -245,6 +249,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("/work/bench-billion/run"))
     parser.add_argument("--cap", default="3.5GiB", help="--task-memory of every task")
+    parser.add_argument("--resume-cap", default="5GiB",
+                        help="--task-memory of the resumed job (a restore's transient)")
     parser.add_argument("--steps", type=int, default=200, help="training steps timed")
     parser.add_argument("--quality-rows", type=int, default=4_000_000)
     parser.add_argument("--phases", default="preflight,small,reference,serve,quality")
@@ -272,17 +278,22 @@ def main() -> None:
         save()
     if "small" in phases:
         print("(b) 1/100 size on 2 workers + 4 ps", flush=True)
-        result["small"] = train_on_ps(root, SMALL, "small", args.cap, args.steps, False,
+        result["small"] = train_on_ps(root, SMALL, "small", args.cap, args.steps,
                                       args.timeout)
         save()
     if "reference" in phases:
         print("(b, c) the reference on 2 workers + 4 ps, then resumed once", flush=True)
         result["reference"] = train_on_ps(root, REFERENCE, "reference", args.cap, args.steps,
-                                          True, args.timeout)
+                                          args.timeout, export=False,
+                                          resume_cap=args.resume_cap)
         save()
-    if "serve" in phases and result.get("reference", {}).get("saved_model"):
+        print("(d) the reference trained again and exported", flush=True)
+        result["export"] = train_on_ps(root, REFERENCE, "export", args.cap, args.steps,
+                                       args.timeout)
+        save()
+    if "serve" in phases and result.get("export", {}).get("saved_model"):
         print("(d) the exported reference in a fresh process", flush=True)
-        result["serve"] = serve(result["reference"]["saved_model"],
+        result["serve"] = serve(result["export"]["saved_model"],
                                 root / "data" / "clicklog-billion")
         save()
     if "quality" in phases:
@@ -306,14 +317,14 @@ def report(result: dict[str, Any]) -> None:
         for task, size in pre["per_task_bytes"].items():
             print(f"  pre-flight {task:9s} {_gb(size)}")
         print(f"  mirrored: {pre['mirrored_refusal']}")
-    for key in ("small", "reference"):
+    for key in ("small", "reference", "export"):
         run = result.get(key)
         if not run:
             continue
         print(f"{key}: {run['parameters']:,} parameters; examples/s per epoch "
               f"{run['examples_per_second']}; status {run['run_status']}")
-        for task, peak in sorted(run["peak_rss_bytes"].items()):
-            print(f"  peak RSS {task:9s} {_gb(peak)}")
+        for task, peaks in sorted(run["peak_rss_bytes"].items()):
+            print(f"  peak RSS {task:9s} " + " / ".join(_gb(p) for p in peaks))
         print(f"  checkpoint {_gb(run['checkpoint_bytes'])}, save s "
               f"{[round(s, 1) for s in run['checkpoint_save_seconds']]}, restore s "
               f"{[round(s, 1) for s in run['checkpoint_restore_seconds']]}; SavedModel "
