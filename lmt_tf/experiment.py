@@ -159,7 +159,10 @@ def _preflight(strategy: tf.distribute.Strategy, model_fn: Callable[..., keras.M
                                     input_shape=splits.input_shape,
                                     num_classes=splits.num_classes),
             lambda: configured_call(configs.train.optimizer, "TrainConfig.optimizer"),
-            configs.train.precision)
+            configs.train.precision,
+            (lambda: configured_call(configs.train.embedding_optimizer,
+                                     "TrainConfig.embedding_optimizer"))
+            if configs.train.embedding_optimizer is not None else None)
     except LmtError:
         raise
     except Exception as e:  # noqa: BLE001 (a builder that only works eagerly: no check)

@@ -17,7 +17,7 @@ from lmt_tf import transfer
 from lmt_tf.checks import Annotated, Range, parameter_hints
 from lmt_tf.data import clicklog, files, sources, text, tfrecord
 from lmt_tf.data.pipeline import InputConfig
-from lmt_tf.data.preprocessing import Preprocessing
+from lmt_tf.data.preprocessing import Preprocessing, fitting_builder
 from lmt_tf.data.tokenization import Tokenizer
 from lmt_tf.errors import ConfigError
 from lmt_tf.experiment import Experiment
@@ -40,6 +40,28 @@ from lmt_tf.stages.quantize import QAT, TFLite
 from lmt_tf.tracking.config import TrackingConfig
 from lmt_tf.training.train_config import TrainConfig
 
+
+def _fits_counts(builder: Callable[..., Any]) -> Callable[..., Any]:
+    """``builder`` (build_dlrm, build_wide) fitting its count statistics (dense_mean,
+    dense_std) on the training split, unless they are bound in gin: the mean and
+    standard deviation of log1p(count) of its ``num_dense`` leading columns."""
+    name = builder.__name__
+
+    def setting(parameter: str) -> Any:
+        try:
+            return gin.query_parameter(f"{name}.{parameter}")
+        except ValueError:  # not bound: the builder's default
+            return inspect.signature(builder).parameters[parameter].default
+
+    def fit(rows: Any) -> dict[str, Any]:
+        if setting("dense_mean") is not None or setting("dense_std") is not None:
+            return {}  # the user's own statistics
+        mean, std = dlrm.dense_statistics(rows, setting("num_dense"))
+        return {"dense_mean": mean, "dense_std": std}
+
+    return fitting_builder(builder, fit)
+
+
 _PROJECT = {
     "lmt": [TrainConfig, TrackingConfig, ExportConfig, InputConfig],
     "lmt.data": [sources.load_mnist, sources.load_fashion_mnist, sources.load_digits,
@@ -53,8 +75,8 @@ _PROJECT = {
     "lmt.federated": [FederatedConfig, PartitionConfig, FlowerTLS],
     "lmt.models": [mlp.build_mlp, cnn.build_cnn, recommender.build_recommender,
                    transfer.build_transfer, transformer.build_transformer,
-                   transformer.build_bag_of_embeddings, dlrm.build_dlrm,
-                   dlrm.build_wide],
+                   transformer.build_bag_of_embeddings,
+                   _fits_counts(dlrm.build_dlrm), _fits_counts(dlrm.build_wide)],
     "lmt.strategies": [strategy.default_strategy, strategy.one_device_strategy,
                        strategy.mirrored_strategy, strategy.multi_worker_mirrored_strategy,
                        strategy.parameter_server_strategy],

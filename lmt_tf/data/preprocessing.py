@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -60,6 +60,9 @@ class Preprocessing:
     seed: Annotated[int, Range(ge=0)] = 0  # mutual information's neighbour jitter
     # Text: how documents become token ids (the model's first layer); None for numbers
     tokenizer: Tokenizer | None = None
+    # Training rows a builder that fits its own arguments (fitting_builder: the click
+    # models' count statistics) reads, from the start of the split
+    fit_rows: Annotated[int, Range(ge=1)] = 1_000_000
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -95,6 +98,8 @@ class Preprocessing:
         shape = tuple(splits.input_shape)
         if dtype.kind in "OUS" and tokenizes(model_fn):
             return self._leave_text(splits, model_fn)
+        if fits_arguments(model_fn):
+            return self._fit_builder(splits, model_fn)
         if dtype.kind in "OUS" or self.tokenizer is not None:
             return self._fit_text(splits)
         if not self.impute:
@@ -115,6 +120,24 @@ class Preprocessing:
               f"{unknown} not among the columns of {splits.name}: {names}")
         return _Fitter(self, np.asarray(split.x, np.float64), np.asarray(split.y),
                        names).run()
+
+    def _fit_builder(self, splits: Splits, model_fn: Callable[..., Any]
+                     ) -> FittedPreprocessing:
+        """The builder's own fitted arguments (``fitting_builder``), from the first
+        ``fit_rows`` training rows streamed a chunk at a time; nothing in front of the
+        model (its own layers hold what was fitted).
+
+        Raises:
+          ConfigError: if a tabular step or a tokenizer is configured all the same.
+        """
+        name = getattr(getattr(model_fn, "__wrapped__", model_fn), "__name__", "the model")
+        check(not self.tabular and self.tokenizer is None, "Preprocessing",
+              f"must not be configured: run_experiment.model {name} fits its own "
+              f"feature engineering on the training split")
+        shape = tuple(splits.input_shape)
+        args = model_fn.fit_arguments(_training_rows(splits.train, self.fit_rows))
+        return FittedPreprocessing(shape, shape, tuple(splits.features),
+                                   [_step("builder", arguments=args)])
 
     def _leave_text(self, splits: Splits, model_fn: Callable[..., Any]) -> FittedPreprocessing:
         """Nothing fitted: the model takes the documents and tokenizes them itself.
@@ -204,9 +227,12 @@ class FittedPreprocessing:
 
     def builder_args(self) -> dict[str, Any]:
         """What a model builder needs beyond input shape and classes: the vocabulary
-        size (embedding rows) of a tokenizer."""
+        size (embedding rows) of a tokenizer, or what the builder fitted itself
+        (``fitting_builder``)."""
         if self.text and "sequence_length" in self.steps[0]:
             return {"vocabulary_size": len(self.steps[0]["vocabulary"]) + 2}
+        if self.steps and self.steps[0]["kind"] == "builder":
+            return dict(self.steps[0]["arguments"])
         return {}
 
     def describe(self) -> str:
@@ -217,13 +243,19 @@ class FittedPreprocessing:
             return "none"
         if self.text:
             return "tokenize (" + tokenization.describe(self.steps[0]) + ")"
+        if self.steps[0]["kind"] == "builder":
+            return "the model's own, fitted on the training split: " + ", ".join(
+                self.steps[0]["arguments"])
         kinds = ", ".join(s["kind"] + (f" ({s['how']})" if "how" in s else "")
                           for s in self.steps)
         return f"{kinds}; features {self.input_shape} -> {self.output_shape}"
 
     def wrap(self, model_fn: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
         """``model_fn`` building on the preprocessed features, with the steps in front
-        (itself when there are none)."""
+        (itself when there are none; given the fitted arguments of a builder that fits
+        its own)."""
+        if self.steps and self.steps[0]["kind"] == "builder":
+            return FittedBuilder(model_fn, self.builder_args())
         return PreprocessedModel(model_fn, self) if self.steps else model_fn
 
 
@@ -233,6 +265,50 @@ def tokenizing_builder(builder: Builder) -> Builder:
     a builder fits no tokenizer of its own, and refuses one configured all the same."""
     builder.brings_tokenizer = True
     return builder
+
+
+def fitting_builder(builder: Builder, fit: Callable[[Iterator[np.ndarray]], dict[str, Any]]
+                    ) -> Builder:
+    """Marks a model builder that fits some of its own arguments on the training split:
+    ``fit`` takes the training rows (NumPy batches, streamed) and returns keyword
+    arguments for the builder (plain numbers: logged in preprocessing/fitted.json). The
+    builder keeps them in its layers, so the exported model holds them (the click
+    models' log-count mean and standard deviation)."""
+    builder.fit_arguments = fit
+    return builder
+
+
+def fits_arguments(model_fn: Callable[..., Any] | None) -> bool:
+    """Whether ``model_fn`` (maybe as gin wraps it) fits arguments of its own."""
+    return callable(getattr(model_fn, "fit_arguments", None))
+
+
+class FittedBuilder:
+    """A model builder called with the arguments it fitted on the training split."""
+
+    def __init__(self, model_fn: Callable[..., keras.Model], arguments: dict[str, Any]):
+        self.model_fn = model_fn
+        self.arguments = arguments
+
+    def __call__(self, input_shape: Sequence[int], num_classes: int) -> keras.Model:
+        return configured_call(self.model_fn, "run_experiment.model",
+                               input_shape=input_shape, num_classes=num_classes,
+                               **self.arguments)
+
+
+def _training_rows(split: Any, limit: int) -> Iterator[np.ndarray]:
+    """Up to ``limit`` rows of ``split`` from its start: in memory, or streamed from its
+    files a chunk at a time."""
+    x = getattr(split, "x", None)
+    if x is not None:
+        yield np.asarray(x[:limit])
+        return
+    seen = 0
+    for rows, _ in split.chunks():
+        yield rows[:limit - seen]
+        seen += len(rows)
+        if seen >= limit:
+            return
 
 
 def tokenizes(model_fn: Callable[..., Any] | None) -> bool:

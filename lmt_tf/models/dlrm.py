@@ -207,6 +207,26 @@ class ClickSoftmax(keras.layers.Layer):
         return tf.nn.softmax(tf.concat([tf.zeros_like(logit), logit], axis=-1))
 
 
+@keras.saving.register_keras_serializable(package="lmt")
+class ClickAUC(keras.metrics.AUC):
+    """ROC AUC of the click probability (column 1 of the [no click, click] softmax)
+    against integer 0/1 labels: Keras' AUC takes one probability per example, not a
+    2-class softmax. Bound by name: ``TrainConfig.metrics = ["ClickAUC"]`` (logged as
+    ``test_click_auc``). 1000 thresholds: within about 1e-3 of the exact AUC."""
+
+    def __init__(self, name: str = "click_auc", num_thresholds: int = 1000, **kwargs: Any):
+        super().__init__(name=name, num_thresholds=num_thresholds, **kwargs)
+
+    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor,
+                     sample_weight: tf.Tensor | None = None) -> Any:
+        y_true = tf.reshape(tf.cast(y_true, tf.float32), [-1])
+        return super().update_state(y_true, y_pred[:, 1], sample_weight)
+
+
+# keras.metrics.get (and so TrainConfig.metrics) resolves the name.
+keras.utils.get_custom_objects()["ClickAUC"] = ClickAUC
+
+
 @dataclass(frozen=True)
 class ClickFeatures:
     """The validated settings of the hashed features, shared by both builders."""

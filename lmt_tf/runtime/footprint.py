@@ -97,7 +97,9 @@ class ModelDescription:
 
 def describe_model(build_model: Callable[[], keras.Model],
                    build_optimizer: Callable[[], Any] | None = None,
-                   precision: str = "float32") -> ModelDescription:
+                   precision: str = "float32",
+                   build_embedding_optimizer: Callable[[], Any] | None = None
+                   ) -> ModelDescription:
     """Builds the model (and its optimizer's slots) inside a throw-away graph, where
     variables are described but never initialised, and lists every variable created.
 
@@ -105,6 +107,9 @@ def describe_model(build_model: Callable[[], keras.Model],
       build_model: returns the model, as the trainer builds it.
       build_optimizer: returns the optimizer whose slots to count; None: none.
       precision: the Keras mixed-precision policy the model is built under.
+      build_embedding_optimizer: returns the optimizer of the ``keras.layers.Embedding``
+        layers' variables (``TrainConfig.embedding_optimizer``), whose slots they get
+        instead of ``build_optimizer``'s; None: one optimizer for every variable.
 
     Raises:
       Whatever ``build_model`` or ``build_optimizer`` raise (a ConfigError for a bad
@@ -126,7 +131,15 @@ def describe_model(build_model: Callable[[], keras.Model],
             model = build_model()
             in_model = len(created)
             optimizer = build_optimizer() if build_optimizer is not None else None
-            unknown = _build_slots(optimizer, model, slot_of) if optimizer else None
+            tables = _embedding_variables(model) if build_embedding_optimizer else []
+            rest = [v for v in model.trainable_variables
+                    if not any(v is t for t in tables)]
+            unknown = _build_slots(optimizer, rest, slot_of) if optimizer else None
+            names_of = [type(optimizer).__name__] if optimizer else []
+            if tables:
+                embedding_optimizer = build_embedding_optimizer()
+                unknown = unknown or _build_slots(embedding_optimizer, tables, slot_of)
+                names_of.append(type(embedding_optimizer).__name__)
             parameters = int(model.count_params())
             # The weights by the names they have outside this graph (which makes a name
             # unique by numbering it: dense_0_2/kernel for a builder's second dense_0).
@@ -147,12 +160,20 @@ def describe_model(build_model: Callable[[], keras.Model],
         specs.append(VariableSpec(name, _shape(variable), _element_bytes(variable.dtype),
                                   kind, reference))
     return ModelDescription(model.name, parameters, tuple(specs),
-                            type(optimizer).__name__ if optimizer else None, unknown, order)
+                            " + ".join(names_of) or None, unknown, order)
 
 
-def _build_slots(optimizer: Any, model: keras.Model, slot_of: dict[int, str]) -> str | None:
-    """Builds ``optimizer``'s variables for ``model`` (in the graph), noting which model
-    variable each slot belongs to; why that failed, or None."""
+def _embedding_variables(model: keras.Model) -> list[Any]:
+    """The trainable variables of ``model``'s ``keras.layers.Embedding`` layers: what
+    ``TrainConfig.embedding_optimizer`` updates (as ``optim.sparse`` picks them)."""
+    return [v for layer in model.submodules if isinstance(layer, keras.layers.Embedding)
+            for v in layer.trainable_weights]
+
+
+def _build_slots(optimizer: Any, variables: Sequence[Any], slot_of: dict[int, str]
+                 ) -> str | None:
+    """Builds ``optimizer``'s variables for ``variables`` (in the graph), noting which
+    model variable each slot belongs to; why that failed, or None."""
     make_slot = getattr(optimizer, "add_variable_from_reference", None)
     if make_slot is None or not hasattr(optimizer, "build"):
         return "not a tf_keras optimizer"
@@ -164,7 +185,7 @@ def _build_slots(optimizer: Any, model: keras.Model, slot_of: dict[int, str]) ->
 
     optimizer.add_variable_from_reference = recording  # this instance only
     try:
-        optimizer.build(model.trainable_variables)
+        optimizer.build(list(variables))
     except Exception as e:  # noqa: BLE001 (any optimizer's own failure: described, not fatal)
         return f"{type(e).__name__} building them in a graph"
     finally:

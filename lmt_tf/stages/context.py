@@ -24,7 +24,7 @@ from lmt_tf.runtime.roles import Role
 from lmt_tf.runtime.strategy import StrategyInfo
 from lmt_tf.session import Session
 from lmt_tf.tracking.run import Run
-from lmt_tf.training.callbacks import check_finite
+from lmt_tf.training.callbacks import check_finite_variables
 from lmt_tf.training.trainer import Trainer
 
 
@@ -167,7 +167,8 @@ class Stage:
         # Whatever the stage (train, fine-tuning, federate, one to come): a model that
         # diverged ends the run FAILED here, before any later stage exports it.
         if context.model is not None:
-            check_finite(context.model.get_weights(), f"the model the {self.name} stage left")
+            check_finite_variables(context.model.weights,
+                                   f"the model the {self.name} stage left")
         if not done:
             context.mark_done(self.name)
         if context.report is not None:

@@ -143,6 +143,31 @@ def check_finite(weights: Sequence[Any], what: str) -> None:
                                             f"weights of {what} are NaN or infinite")
 
 
+def check_finite_variables(variables: Sequence[Any], what: str) -> None:
+    """``check_finite`` on variables where they live: each variable (each shard of a
+    partitioned one) counts its NaN and infinite values on its own device, so a table
+    sharded over parameter servers is never read into this process.
+
+    Raises:
+      TrainingDiverged: if any float value of ``variables`` is NaN or infinite.
+    """
+    count, total, first = 0, 0, None
+    for variable in variables:
+        for part in getattr(variable, "variables", None) or [variable]:
+            if not part.dtype.is_floating:
+                continue
+            with tf.device(part.device):
+                bad = tf.math.logical_not(tf.math.is_finite(part))
+                found = int(tf.math.count_nonzero(bad))
+                if found and first is None:
+                    first = float(tf.boolean_mask(part, bad)[0])
+            count += found
+            total += int(np.prod(part.shape))
+    if count:
+        raise TrainingDiverged(first, 0, 0, f"{count:,} of {total:,} weights of {what} "
+                                            f"are NaN or infinite")
+
+
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training when an epoch's training loss is NaN or infinite by raising
     ``TrainingDiverged``; list it before the checkpoint callback so that a diverged

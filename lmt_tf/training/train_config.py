@@ -155,6 +155,19 @@ def with_techniques(base: type, techniques: Sequence[type[Technique]]) -> type:
 TrainConfig = with_techniques(TrainSettings, TECHNIQUES)
 
 
+def compile_metrics(names: Sequence[str]) -> list[Any]:
+    """``TrainConfig.metrics`` as ``model.compile`` takes them: a name that resolves to a
+    registered ``keras.metrics.Metric`` class (e.g. ``ClickAUC``) as a new instance of it
+    (``keras.metrics.get`` hands the class back, which compile would call as a metric
+    function); every other name as it is."""
+    made: list[Any] = []
+    for name in names:
+        found = None if name in _COMPILE_METRIC_NAMES else keras.metrics.get(name)
+        made.append(found() if isinstance(found, type)
+                    and issubclass(found, keras.metrics.Metric) else name)
+    return made
+
+
 def _check_metric(name: Any) -> None:
     """Raises ConfigError unless ``name`` is a metric that ``model.compile`` resolves
     (``keras.metrics.get`` hands an unknown string back instead of failing)."""

@@ -28,7 +28,7 @@ from lmt_tf.optim.train_step import MicroBatchTrainStep, step_transforms
 from lmt_tf.training.callbacks import LearningRate, MetricsSink
 from lmt_tf.training.checkpoints import timed_restore
 from lmt_tf.training.preemption import PREEMPTED_DIR, StartAt
-from lmt_tf.training.train_config import TrainConfig
+from lmt_tf.training.train_config import TrainConfig, compile_metrics
 
 ModelFn = Callable[..., keras.Model]
 
@@ -106,7 +106,7 @@ class Trainer:
             optimizer = self._scheduled(optimizer, splits)
             configured_call(model.compile, "TrainConfig (loss, metrics, optimizer)",
                             optimizer=optimizer, loss=self.config.loss,
-                            metrics=list(self.config.metrics),
+                            metrics=compile_metrics(self.config.metrics),
                             steps_per_execution=self.config.steps_per_execution)
             _compile_update(model.optimizer, self._jit_compile_update(techniques))
             if (getattr(_inner(model.optimizer), "jit_compile", False)

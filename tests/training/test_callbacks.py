@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from lmt_tf import config
 from lmt_tf.cli import main
@@ -138,3 +140,19 @@ def test_a_trial_below_the_median_is_pruned_and_its_run_ends_killed(
     assert run.info.status == "KILLED"
     reported = study.trials[-1].intermediate_values
     assert sorted(reported) == [1]  # reported, then stopped before the second epoch
+
+
+def test_check_finite_variables_counts_on_each_variable_and_shard() -> None:
+    """Each shard counts its own NaN/inf values where it lives (a sharded table is never
+    read whole into the coordinator); integer variables are skipped."""
+    from lmt_tf.training.callbacks import check_finite_variables
+
+    clean = [tf.Variable(np.ones((4, 2), np.float32)), tf.Variable([1, 2], dtype=tf.int64)]
+    check_finite_variables(clean, "x")
+    bad = np.ones((6, 2), np.float32)
+    bad[4, 1], bad[5, 0] = np.nan, np.inf
+    sharded = tf.__internal__.distribute.ShardedVariable(  # two shards of 3 rows
+        [tf.Variable(bad[:3]), tf.Variable(bad[3:])])
+    with pytest.raises(TrainingDiverged, match="2 of 20 weights of the model are NaN or "
+                                               "infinite"):
+        check_finite_variables([*clean[:1], sharded], "the model")
