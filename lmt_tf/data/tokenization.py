@@ -332,7 +332,10 @@ class BagOfWords(keras.layers.Layer):
         self.vocabulary = list(vocabulary)
         self.idf = [float(v) for v in idf]
         self.standardize = standardize
+        # max_tokens fixes the width as a number: built in a graph (the pre-flight size
+        # check builds models there), a vocabulary's size is otherwise a tensor.
         self.vectorizer = keras.layers.TextVectorization(
+            max_tokens=len(self.vocabulary) + 1, pad_to_max_tokens=True,
             standardize=None if standardize == "none" else standardize,
             vocabulary=self.vocabulary, output_mode="count", name="vectorize")
         # Count columns: 0 is the out-of-vocabulary bucket, weighted 0.
